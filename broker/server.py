@@ -1,0 +1,278 @@
+"""The broker process: one poll loop around :class:`~ndpipe.broker.state.BrokerState`.
+
+Frontend ROUTER (masters) and backend ROUTER (workers). Only header frames are read; payload
+frames are stored as ``zmq.Frame`` objects and forwarded untouched. A malformed message is logged
+(rate-limited) and dropped; if it carried a usable task id the master gets a BAD_REQUEST error so
+it does not wait for nothing. Nothing a peer sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgpack
+import zmq
+from ndpipe import protocol as P
+from ndpipe.broker.state import BrokerState, Task
+from ndpipe.config import BrokerConfig
+from ndpipe.errors import ProtocolError
+from ndpipe.runtime import StopSignal
+from ndpipe.transport import configure, frame_bytes, recv_bounded, send_frames, unpack_map
+
+log = logging.getLogger("ndpipe.broker")
+
+BATCH = 256  # messages read from one socket before looking at the other (fairness)
+
+
+class Broker:
+    """Bind both sockets, then :meth:`run` until :meth:`stop` (or a signal) asks it to end."""
+
+    def __init__(self, config: BrokerConfig | None = None, context: zmq.Context[Any] | None = None) -> None:
+        self.cfg = config or BrokerConfig()
+        self.ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self.state = BrokerState(
+            self.cfg.heartbeat_interval, self.cfg.liveness, self.cfg.max_attempts, self.cfg.max_queued
+        )
+        self.frontend = self._router()
+        self.backend = self._router()
+        self.frontend_endpoint = ""
+        self.backend_endpoint = ""
+        self._malformed = 0
+        self._next_warn = 0.0
+
+    def _router(self) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        return configure(sock, self.cfg.hwm, self.cfg.max_frame_bytes, router=True)
+
+    def bind(self) -> None:
+        """Bind both endpoints (``tcp://127.0.0.1:0`` picks a free port; see ``*_endpoint``)."""
+        self.frontend.bind(self.cfg.frontend)
+        self.backend.bind(self.cfg.backend)
+        self.frontend_endpoint = self.frontend.last_endpoint.decode()
+        self.backend_endpoint = self.backend.last_endpoint.decode()
+        log.info("broker %s: masters on %s, workers on %s", self.state.broker_id.hex(),
+                 self.frontend_endpoint, self.backend_endpoint)
+
+    def close(self) -> None:
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def run(self, stop: StopSignal) -> None:
+        """Serve until ``stop.requested``. One poll loop: read, dispatch, housekeeping."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(stop.fd, zmq.POLLIN)
+        interval = self.cfg.heartbeat_interval
+        next_beat = time.monotonic() + interval
+        while not stop.requested:
+            timeout = max(0.0, next_beat - time.monotonic())
+            events = dict(poller.poll(timeout * 1000))
+            if stop.fd in events:
+                stop.clear()
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_master)
+            if self.backend in events:
+                self._drain(self.backend, self._on_worker)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._housekeeping(now)
+                next_beat = now + interval
+            self._flush(now)
+        c = self.state.counters
+        log.info("broker stopping: %d completed, %d failed, %d requeued, %d queued, %d in flight",
+                 c["completed"], c["failed"], c["requeued"],
+                 sum(len(q) for q in self.state.queues.values()),
+                 sum(len(w.inflight) for w in self.state.workers.values()))
+
+    def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = recv_bounded(sock, self.cfg.max_frames + 8)
+            except zmq.Again:
+                return
+            except ProtocolError as exc:
+                self._malformed_msg(exc)
+                continue
+            try:
+                handler(frames)
+            except ProtocolError as exc:
+                self._malformed_msg(exc)
+            except Exception:  # a bug must not kill the broker; say where
+                log.exception("error while handling a message")
+
+    def _malformed_msg(self, exc: Exception) -> None:
+        self._malformed += 1
+        now = time.monotonic()
+        if now >= self._next_warn:
+            log.warning("dropped malformed message (%d so far): %s", self._malformed, exc)
+            self._next_warn = now + 5.0
+
+    # ---- masters --------------------------------------------------------------------------------
+    def _on_master(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 3:
+            raise ProtocolError(f"master message has {len(frames)} frames")
+        ident, msg = frames[0].bytes, frames[1:]
+        command = P.check_header(msg, P.MASTER, 2)
+        now = time.monotonic()
+        session = self.state.master_seen(ident, now)
+        if command == P.SUBMIT:
+            self._on_submit(ident, msg, now)
+        elif command == P.PING:
+            pong = [P.MASTER, P.PONG, session, int(self.cfg.heartbeat_interval * 1000).to_bytes(4, "big")]
+            self._to_master(ident, pong)
+        elif command == P.CANCEL:
+            P.check_header(msg, P.MASTER, 3)
+            self.state.cancel(ident, P.task_id_of(msg[2]))
+        elif command == P.STATUS:
+            body = msgpack.packb(self.state.snapshot(now), use_bin_type=True)
+            self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body])
+        elif command == P.BYE:
+            dropped = self.state.master_gone(ident)
+            log.info("master %s left; %d queued tasks dropped", ident.hex(), dropped)
+        else:
+            raise ProtocolError(f"unknown master command {command!r}")
+
+    def _on_submit(self, ident: bytes, msg: list[zmq.Frame], now: float) -> None:
+        if len(msg) < 3:
+            raise ProtocolError("SUBMIT without task id")
+        tid = P.task_id_of(msg[3]) if len(msg) > 3 else b""
+        try:
+            if len(msg) < 6:
+                raise ProtocolError(f"SUBMIT needs at least 6 frames, got {len(msg)}")
+            if len(msg) - 5 > self.cfg.max_frames:
+                raise ProtocolError(f"SUBMIT has {len(msg) - 5} payload frames (limit {self.cfg.max_frames})")
+            service = P.service_of(msg[2])
+            timeout_ms, max_attempts, _flags = P.parse_options(msg[4])
+        except ProtocolError as exc:
+            if not tid:
+                raise
+            self._error(ident, tid, P.BAD_REQUEST, {"message": str(exc)})
+            return
+        code = self.state.submit(ident, tid, service, msg[5:], now, timeout_ms, max_attempts)
+        if code == P.QUEUE_FULL:
+            details = {"message": f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"}
+            self._error(ident, tid, code, details)
+
+    def _to_master(self, ident: bytes, frames: list[Any]) -> bool:
+        try:
+            send_frames(self.frontend, [ident, *frames], zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError) as exc:  # EHOSTUNREACH: the master is gone
+            log.debug("cannot reach master %s: %s", ident.hex(), exc)
+            return False
+
+    def _error(self, ident: bytes, tid: bytes, code: str, details: dict[str, Any]) -> None:
+        body = msgpack.packb(details, use_bin_type=True)
+        self._to_master(ident, [P.MASTER, P.ERROR, tid, code.encode(), body])
+
+    # ---- workers --------------------------------------------------------------------------------
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 3:
+            raise ProtocolError(f"worker message has {len(frames)} frames")
+        wid, msg = frames[0].bytes, frames[1:]
+        command = P.check_header(msg, P.WORKER, 2)
+        now = time.monotonic()
+        if command == P.READY:
+            self._on_ready(wid, msg, now)
+            return
+        if not self.state.worker_seen(wid, now):
+            if command != P.DISCONNECT:
+                self._to_worker(wid, [P.WORKER, P.DISCONNECT])
+            return
+        if command == P.W_RESULT:
+            P.check_header(msg, P.WORKER, 4)
+            task = self.state.complete(wid, P.task_id_of(msg[2]))
+            if task is not None:
+                self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *msg[3:]])
+        elif command == P.W_ERROR:
+            self._on_worker_error(wid, msg, now)
+        elif command == P.HEARTBEAT:
+            if len(msg) > 2:
+                self.state.worker_seen(wid, now, unpack_map(frame_bytes(msg[2])))
+        elif command == P.DRAIN:
+            self.state.worker_drain(wid)
+            log.info("worker %s draining", wid.hex())
+        elif command == P.DISCONNECT:
+            handed = self.state.worker_gone(wid, now, penalize=False)
+            log.info("worker %s disconnected; %d tasks handed back", wid.hex(), len(handed))
+        else:
+            raise ProtocolError(f"unknown worker command {command!r}")
+
+    def _on_worker_error(self, wid: bytes, msg: list[zmq.Frame], now: float) -> None:
+        P.check_header(msg, P.WORKER, 5)
+        tid, code = P.task_id_of(msg[2]), P.error_code_of(msg[3])
+        task = self.state.fail(wid, tid, code, now)
+        if task is not None:
+            self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), msg[4]])
+
+    def _on_ready(self, wid: bytes, msg: list[zmq.Frame], now: float) -> None:
+        P.check_header(msg, P.WORKER, 3)
+        info = unpack_map(frame_bytes(msg[2]))
+        services, slots = info.get("services"), info.get("slots")
+        if (not isinstance(services, list) or not services or not all(isinstance(s, str) for s in services)
+                or not isinstance(slots, int) or not 0 < slots <= 100_000):
+            raise ProtocolError(f"READY needs services (list of str) and slots (1..100000), got {info!r:.200}")
+        self.state.worker_ready(wid, services, slots, now, info)
+        params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
+                  "broker_id": self.state.broker_id.hex()}
+        self._to_worker(wid, [P.WORKER, P.WELCOME, msgpack.packb(params)])
+        log.info("worker %s ready: %s, %d slots, host %s pid %s", wid.hex(), ",".join(services), slots,
+                 info.get("host"), info.get("pid"))
+
+    def _to_worker(self, wid: bytes, frames: list[Any]) -> bool:
+        try:
+            send_frames(self.backend, [wid, *frames], zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError) as exc:
+            log.debug("cannot reach worker %s: %s", wid.hex(), exc)
+            return False
+
+    # ---- dispatch and time ----------------------------------------------------------------------
+    def _flush(self, now: float) -> None:
+        for task, rec in self.state.dispatch(now):
+            meta = P.META.pack(task.attempt, self._remaining_ms(task, now))
+            frames = [P.WORKER, P.TASK, task.tid, task.service.encode(), meta, *task.payload]
+            if not self._to_worker(rec.wid, frames):
+                self.state.worker_gone(rec.wid, now, penalize=False)
+        for failure in self.state.take_failures():
+            self._error(failure.task.master, failure.task.tid, failure.code, failure.details)
+
+    @staticmethod
+    def _remaining_ms(task: Task, now: float) -> int:
+        if task.deadline is None:
+            return 0
+        return max(1, int((task.deadline - now) * 1000))
+
+    def _housekeeping(self, now: float) -> None:
+        dead, timed_out, gone = self.state.expire(now)
+        for wid in dead:
+            log.warning("worker %s silent for %.1f s: declared dead, its tasks requeued", wid.hex(),
+                        self.state.expiry)
+        for task in timed_out:
+            if task.worker is not None:
+                self._to_worker(task.worker, [P.WORKER, P.W_CANCEL, task.tid])
+        for master in gone:
+            log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
+        for wid in list(self.state.workers):
+            self._to_worker(wid, [P.WORKER, P.HEARTBEAT])
+
+
+def serve(config: BrokerConfig, stop: StopSignal | None = None, ready: Any = None) -> None:
+    """Entry point used by the CLI and tests: bind, serve until signalled, close."""
+    broker = Broker(config)
+    try:
+        broker.bind()
+        if ready is not None:
+            ready(broker)
+        with stop or StopSignal() as sig:
+            broker.run(sig)
+    finally:
+        broker.close()
+

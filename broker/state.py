@@ -1,0 +1,433 @@
+"""Socket-free broker state: fair service queues, the worker table, the in-flight table, expiry.
+
+Every method that depends on time takes ``now`` (a ``time.monotonic()`` value) so the whole state
+machine is unit-tested without sleeping. The poll loop in :mod:`ndpipe.broker.server` reads frames,
+calls these methods and sends what they return; it holds no task bookkeeping of its own.
+
+Task life cycle (PROTOCOL.md §5)::
+
+    submit ──► QUEUED ──dispatch──► INFLIGHT ──result/error──► done (forgotten)
+                 ▲  │                  │
+                 │  └─cancel/timeout/master gone──► dropped
+                 └──── worker dead / crashed / handed back (attempt check) ──┘
+
+Payload frames are stored as received and forwarded untouched; the broker never decodes them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ndpipe import protocol as P
+
+QUEUED = "queued"
+INFLIGHT = "inflight"
+DONE = "done"
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    """One submission as the broker holds it."""
+
+    tid: bytes
+    service: str
+    master: bytes
+    payload: list[Any]
+    max_attempts: int
+    timeout_ms: int = 0
+    deadline: float | None = None  # absolute monotonic time; None = no timeout
+    attempt: int = 0  # dispatches that counted (handed-back tasks do not count)
+    worker: bytes | None = None
+    state: str = QUEUED
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    """A registered worker daemon and its credit (``slots``)."""
+
+    wid: bytes
+    services: tuple[str, ...]
+    slots: int
+    expires: float
+    info: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    inflight: set[bytes] = field(default_factory=set)
+    draining: bool = False
+    last_dispatch: float = 0.0
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else self.slots - len(self.inflight)
+
+
+class ServiceQueue:
+    """FIFO per master, round robin between masters, so one big job cannot starve a small one.
+
+    Removal is lazy: a task whose state is no longer QUEUED is skipped when popped; ``size`` counts
+    only live tasks.
+    """
+
+    def __init__(self) -> None:
+        self._lanes: OrderedDict[bytes, deque[Task]] = OrderedDict()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, task: Task, front: bool = False) -> None:
+        lane = self._lanes.get(task.master)
+        if lane is None:
+            lane = self._lanes[task.master] = deque()
+        if front:
+            lane.appendleft(task)
+            self._lanes.move_to_end(task.master, last=False)
+        else:
+            lane.append(task)
+        self.size += 1
+
+    def discard(self) -> None:
+        """Account for a task that left the queue by a path other than ``pop``."""
+        self.size -= 1
+
+    def pop(self) -> Task | None:
+        while self._lanes:
+            master, lane = next(iter(self._lanes.items()))
+            task = lane.popleft() if lane else None
+            if lane:
+                self._lanes.move_to_end(master)
+            else:
+                del self._lanes[master]
+            if task is not None and task.state == QUEUED:
+                self.size -= 1
+                return task
+        return None
+
+    def drop_master(self, master: bytes) -> list[Task]:
+        lane = self._lanes.pop(master, None) or deque()
+        live = [t for t in lane if t.state == QUEUED]
+        self.size -= len(live)
+        return live
+
+
+@dataclass(slots=True)
+class Failure:
+    """An error the loop must send to a task's master."""
+
+    task: Task
+    code: str
+    details: dict[str, Any]
+
+
+class BrokerState:
+    """Queues, workers, masters and in-flight tasks of one broker instance."""
+
+    def __init__(
+        self,
+        heartbeat_interval: float = P.HEARTBEAT_INTERVAL,
+        liveness: int = P.LIVENESS,
+        max_attempts: int = P.MAX_ATTEMPTS_DEFAULT,
+        max_queued: int = P.MAX_QUEUED,
+    ) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.max_attempts = max_attempts
+        self.max_queued = max_queued
+        self.broker_id = os.urandom(8)
+        self.tasks: dict[bytes, Task] = {}
+        self.queues: dict[str, ServiceQueue] = {}
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.by_service: dict[str, list[WorkerRecord]] = {}
+        self.masters: dict[bytes, tuple[float, int]] = {}  # id -> (expires, session number)
+        self.failures: list[Failure] = []  # filled by state changes, drained by the loop
+        self._sessions = 0
+        self._deadlines: list[tuple[float, bytes]] = []
+        self._dirty: set[str] = set()  # services that may be able to dispatch
+        self.counters = dict.fromkeys(
+            ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled"), 0
+        )
+
+    @property
+    def expiry(self) -> float:
+        return self.heartbeat_interval * self.liveness
+
+    # ---- masters --------------------------------------------------------------------------------
+    def master_seen(self, master: bytes, now: float) -> bytes:
+        """Refresh a master; return its session token (changes when the broker forgot it)."""
+        rec = self.masters.get(master)
+        if rec is None:
+            self._sessions += 1
+            rec = (0.0, self._sessions)
+        self.masters[master] = (now + self.expiry, rec[1])
+        return self.broker_id + rec[1].to_bytes(8, "big")
+
+    def master_gone(self, master: bytes) -> int:
+        """Forget a master (BYE or expiry) and drop its queued tasks; return how many."""
+        self.masters.pop(master, None)
+        dropped = 0
+        for queue in self.queues.values():
+            for task in queue.drop_master(master):
+                task.state = DONE
+                del self.tasks[task.tid]
+                dropped += 1
+        return dropped
+
+    # ---- submissions ----------------------------------------------------------------------------
+    def submit(
+        self,
+        master: bytes,
+        tid: bytes,
+        service: str,
+        payload: list[Any],
+        now: float,
+        timeout_ms: int = 0,
+        max_attempts: int = 0,
+    ) -> str | None:
+        """Queue a task. Return None when queued or a duplicate, else the error code to send."""
+        if tid in self.tasks:
+            self.counters["duplicates"] += 1
+            return None
+        queue = self.queues.get(service)
+        if queue is None:
+            queue = self.queues[service] = ServiceQueue()
+        if len(queue) >= self.max_queued:
+            self.counters["rejected"] += 1
+            return P.QUEUE_FULL
+        deadline = now + timeout_ms / 1000.0 if timeout_ms else None
+        task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline)
+        self.tasks[tid] = task
+        queue.push(task)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, tid))
+        self._dirty.add(service)
+        self.counters["submitted"] += 1
+        return None
+
+    def cancel(self, master: bytes, tid: bytes) -> bool:
+        """Cancel a task that is still queued (in-flight tasks run to completion)."""
+        task = self.tasks.get(tid)
+        if task is None or task.master != master or task.state != QUEUED:
+            return False
+        self._drop_queued(task)
+        self.counters["cancelled"] += 1
+        return True
+
+    def _drop_queued(self, task: Task) -> None:
+        task.state = DONE
+        self.queues[task.service].discard()
+        del self.tasks[task.tid]
+
+    # ---- workers --------------------------------------------------------------------------------
+    def worker_ready(
+        self, wid: bytes, services: Iterable[str], slots: int, now: float, info: dict[str, Any] | None = None
+    ) -> WorkerRecord:
+        """Register a worker (a second READY on the same identity re-registers it)."""
+        if wid in self.workers:
+            self.worker_gone(wid, now, penalize=False)
+        rec = WorkerRecord(wid, tuple(services), slots, now + self.expiry, info or {})
+        self.workers[wid] = rec
+        for service in rec.services:
+            self.by_service.setdefault(service, []).append(rec)
+            self._dirty.add(service)
+        return rec
+
+    def worker_seen(self, wid: bytes, now: float, stats: dict[str, Any] | None = None) -> bool:
+        rec = self.workers.get(wid)
+        if rec is None:
+            return False
+        rec.expires = now + self.expiry
+        if stats is not None:
+            rec.stats = stats
+        return True
+
+    def worker_drain(self, wid: bytes) -> None:
+        rec = self.workers.get(wid)
+        if rec is not None:
+            rec.draining = True
+
+    def worker_gone(self, wid: bytes, now: float, penalize: bool = True) -> list[Task]:
+        """Remove a worker; requeue its in-flight tasks at the head of their queues.
+
+        ``penalize`` is False for a graceful DISCONNECT: handed-back tasks keep their attempt count.
+        Returns the tasks requeued.
+        """
+        rec = self.workers.pop(wid, None)
+        if rec is None:
+            return []
+        for service in rec.services:
+            peers = self.by_service.get(service, [])
+            if rec in peers:
+                peers.remove(rec)
+        requeued = []
+        for tid in rec.inflight:
+            task = self.tasks.get(tid)
+            if task is not None and task.worker == wid and task.state == INFLIGHT:
+                if self._requeue(task, penalize, "worker lost while running the task"):
+                    requeued.append(task)
+        return requeued
+
+    def _requeue(self, task: Task, penalize: bool, why: str) -> bool:
+        if not penalize:
+            task.attempt -= 1
+        elif task.attempt >= task.max_attempts:
+            self._finish(task)
+            details = {"message": f"{why}, {task.attempt} of {task.max_attempts} attempts", "attempts": task.attempt}
+            self.failures.append(Failure(task, P.MAX_ATTEMPTS, details))
+            self.counters["failed"] += 1
+            return False
+        task.state = QUEUED
+        task.worker = None
+        self.queues[task.service].push(task, front=True)
+        self._dirty.add(task.service)
+        self.counters["requeued"] += 1
+        return True
+
+    def _finish(self, task: Task) -> None:
+        task.state = DONE
+        self.tasks.pop(task.tid, None)
+
+    # ---- results --------------------------------------------------------------------------------
+    def _release(self, wid: bytes, tid: bytes) -> Task | None:
+        rec = self.workers.get(wid)
+        if rec is not None and tid in rec.inflight:
+            rec.inflight.discard(tid)
+            for service in rec.services:
+                self._dirty.add(service)
+        task = self.tasks.get(tid)
+        if task is None:
+            return None
+        if task.state == QUEUED:  # a late answer for a requeued task: take it
+            self.queues[task.service].discard()
+        return task
+
+    def complete(self, wid: bytes, tid: bytes) -> Task | None:
+        """A worker answered; return the task to deliver, or None if nobody waits for it any more.
+
+        A late answer from a worker presumed dead still counts: the first answer wins.
+        """
+        task = self._release(wid, tid)
+        if task is not None:
+            self._finish(task)
+            self.counters["completed"] += 1
+        return task
+
+    def fail(self, wid: bytes, tid: bytes, code: str, now: float) -> Task | None:
+        """A worker reported an error. CRASHED is retried (attempt check); others go to the master.
+
+        Returns the task whose error must be forwarded, or None (requeued or unknown).
+        """
+        task = self._release(wid, tid)
+        if task is None:
+            return None
+        if code == P.CRASHED:
+            if task.state == INFLIGHT and task.worker == wid:
+                self._requeue(task, True, "compute process died while running the task")
+            return None
+        self._finish(task)
+        self.counters["failed"] += 1
+        return task
+
+    # ---- dispatch -------------------------------------------------------------------------------
+    def dispatch(self, now: float) -> Iterator[tuple[Task, WorkerRecord]]:
+        """Yield (task, worker) pairs to send: least-loaded worker with credit, ties LRU."""
+        while self._dirty:
+            service = self._dirty.pop()
+            queue = self.queues.get(service)
+            peers = self.by_service.get(service)
+            if not queue or not peers:
+                continue
+            while len(queue):
+                best = None
+                best_key = (2.0, 0.0)
+                for rec in peers:
+                    if rec.free > 0:
+                        key = (len(rec.inflight) / rec.slots, rec.last_dispatch)
+                        if key < best_key:
+                            best, best_key = rec, key
+                if best is None:
+                    break
+                task = queue.pop()
+                if task is None:
+                    break
+                task.state = INFLIGHT
+                task.worker = best.wid
+                task.attempt += 1
+                best.inflight.add(task.tid)
+                best.last_dispatch = now
+                yield task, best
+
+    # ---- time -----------------------------------------------------------------------------------
+    def expire(self, now: float) -> tuple[list[bytes], list[Task], list[bytes]]:
+        """Housekeeping: returns (dead workers, timed-out in-flight tasks, expired masters).
+
+        Dead workers' tasks are requeued; timed-out tasks are reported in ``failures`` with
+        TIMEOUT; expired masters lose their queued tasks.
+        """
+        dead = [w.wid for w in self.workers.values() if w.expires <= now]
+        for wid in dead:
+            self.worker_gone(wid, now)
+        timed_out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, tid = heapq.heappop(self._deadlines)
+            task = self.tasks.get(tid)
+            if task is None or task.deadline != deadline:
+                continue
+            if task.state == QUEUED:
+                self._drop_queued(task)
+            else:
+                timed_out.append(task)
+                self._finish(task)
+                rec = self.workers.get(task.worker or b"")
+                if rec is not None:
+                    rec.inflight.discard(tid)
+                    self._dirty.update(rec.services)
+            details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
+            self.failures.append(Failure(task, P.TIMEOUT, details))
+            self.counters["failed"] += 1
+        gone = [m for m, (expires, _) in self.masters.items() if expires <= now]
+        for master in gone:
+            self.master_gone(master)
+        return dead, timed_out, gone
+
+    def take_failures(self) -> list[Failure]:
+        out, self.failures = self.failures, []
+        return out
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A plain-data view for STATUS replies and logs."""
+        services: dict[str, dict[str, int]] = {}
+        for name in set(self.queues) | set(self.by_service):
+            peers = self.by_service.get(name, [])
+            services[name] = {
+                "queued": len(self.queues.get(name) or ()),
+                "inflight": sum(len(w.inflight) for w in peers),
+                "workers": len(peers),
+                "slots": sum(w.slots for w in peers),
+            }
+        workers = [
+            {
+                "id": w.wid.hex(),
+                "services": list(w.services),
+                "slots": w.slots,
+                "inflight": len(w.inflight),
+                "draining": w.draining,
+                "expires_in": round(w.expires - now, 3),
+                "info": w.info,
+                "stats": w.stats,
+            }
+            for w in self.workers.values()
+        ]
+        return {
+            "broker_id": self.broker_id.hex(),
+            "heartbeat_interval": self.heartbeat_interval,
+            "liveness": self.liveness,
+            "masters": len(self.masters),
+            "tasks": len(self.tasks),
+            "services": services,
+            "workers": workers,
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,25 @@
+"""ndpipe: a ZeroMQ task pipeline for numpy work.
+
+``from ndpipe import Master`` is the user-facing API; the daemons are started with the ``ndpipe``
+command (``ndpipe broker``, ``ndpipe worker``, ``ndpipe demo`` …).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ndpipe.master.client import Master
+
+__all__ = ["Master", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import ndpipe.broker` does not pull in the master's thread machinery.
+    if name == "Master":
+        from ndpipe.master.client import Master
+
+        return Master
+    raise AttributeError(name)

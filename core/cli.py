@@ -1,0 +1,204 @@
+"""The ``ndpipe`` command: one entry point, one subcommand per role.
+
+Exit codes (named so scripts can rely on them): 0 OK, 1 a task failed, 2 bad usage or config,
+3 broker unreachable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ndpipe import __version__
+from ndpipe.config import Config, default_config_path, dump_config, load_config
+from ndpipe.errors import BrokerUnreachable, ConfigError, NdpipeError, TaskError
+from ndpipe.logsetup import setup_logging
+
+EXIT_OK, EXIT_TASK, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+log = logging.getLogger("ndpipe.cli")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config or default_config_path(os.environ)
+    cfg = load_config(path)
+    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
+    return cfg
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from ndpipe.broker import serve
+
+    cfg = _load(args)
+    serve(cfg.broker)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ndpipe.worker import serve
+
+    cfg = _load(args)
+    update: dict[str, Any] = {}
+    if args.processes is not None:
+        update["processes"] = args.processes
+    if args.broker:
+        update["broker"] = args.broker
+    serve(cfg.worker.model_copy(update=update) if update else cfg.worker)
+    return EXIT_OK
+
+
+def _master(args: argparse.Namespace, cfg: Config) -> Any:
+    from ndpipe.master import Master
+
+    return Master(args.broker or cfg.master.broker, config=cfg.master)
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    """Run a job function ``package.module:function`` with a connected Master as its argument."""
+    from ndpipe.worker.compute import resolve
+
+    cfg = _load(args)
+    job = resolve(args.job)
+    with _master(args, cfg) as master:
+        result = job(master, *args.job_args)
+    if result is not None:
+        print(result)
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    cfg = _load(args)
+    try:
+        data = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--input {args.input}: cannot load a .npy array: {exc}") from exc
+    if not -data.ndim <= args.axis < max(1, data.ndim):
+        raise ConfigError(f"--axis {args.axis} is out of range for an array of shape {data.shape}")
+    with _master(args, cfg) as master, tqdm(total=args.shards, unit="shard", disable=args.quiet) as bar:
+        result = master.scatter(args.service, data, args.shards, args.axis, timeout=args.timeout,
+                                progress=bar.update)
+    np.save(args.output, result, allow_pickle=False)
+    if not args.quiet:
+        print(f"{args.output}: {result.dtype} {result.shape}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    with _master(args, cfg) as master:
+        status = master.status(timeout=args.timeout)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return EXIT_OK
+    print(f"broker {status['broker_id']}  masters {status['masters']}  tasks held {status['tasks']}")
+    print(f"{'service':24} {'queued':>8} {'inflight':>9} {'workers':>8} {'slots':>6}")
+    for name, s in sorted(status["services"].items()):
+        print(f"{name:24} {s['queued']:8} {s['inflight']:9} {s['workers']:8} {s['slots']:6}")
+    print(f"{'worker':34} {'host':16} {'pid':>7} {'slots':>5} {'busy':>5} {'cpu%':>6} {'rss MiB':>8}")
+    for w in status["workers"]:
+        st, info = w.get("stats", {}), w.get("info", {})
+        print(f"{w['id']:34} {str(info.get('host', '?'))[:16]:16} {info.get('pid', '?'):>7} {w['slots']:5} "
+              f"{w['inflight']:5} {st.get('cpu', 0):6} {st.get('rss', 0) / 2**20:8.1f}")
+    counters = "  ".join(f"{k} {v}" for k, v in status["counters"].items())
+    print(counters)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ndpipe.demo import run_demo
+
+    setup_logging(args.log_level or "WARNING")
+    return run_demo(workers=args.workers, processes=args.processes, rows=args.rows, shards=args.shards)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path = args.config or default_config_path(os.environ)
+    cfg = load_config(path)
+    if args.action == "show":
+        print(dump_config(cfg), end="")
+    else:
+        print(f"{path or '(built-in defaults)'}: OK")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ndpipe", description="ZeroMQ task pipeline for numpy work.")
+    parser.add_argument("--version", action="version", version=f"ndpipe {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (default: $NDPIPE_CONFIG, else built-in defaults)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", parents=[common], help="run the broker")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("worker", parents=[common], help="run a worker daemon and its compute processes")
+    p.add_argument("--processes", type=int, help="compute processes (overrides worker.processes)")
+    p.add_argument("--broker", help="broker backend endpoint (overrides worker.broker)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("master", parents=[common], help="run a job function with a connected Master")
+    p.add_argument("job", help="package.module:function, called as function(master, *job_args)")
+    p.add_argument("job_args", nargs="*")
+    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
+    p.set_defaults(func=cmd_master)
+
+    p = sub.add_parser("submit", parents=[common], help="scatter a .npy array over a service, gather the result")
+    p.add_argument("service")
+    p.add_argument("--input", required=True, help=".npy file to split")
+    p.add_argument("--output", required=True, help=".npy file for the concatenated result")
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--axis", type=int, default=0)
+    p.add_argument("--timeout", type=float, help="per-shard timeout in seconds")
+    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", parents=[common], help="show the broker's services, queues and workers")
+    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", parents=[common], help="local broker + workers + a data-parallel MLP job")
+    p.add_argument("--workers", type=int, default=2, help="worker daemons")
+    p.add_argument("--processes", type=int, default=1, help="compute processes per worker")
+    p.add_argument("--rows", type=int, default=16384)
+    p.add_argument("--shards", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", parents=[common], help="check or show the effective configuration")
+    p.add_argument("action", choices=["check", "show"])
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"ndpipe: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BrokerUnreachable as exc:
+        print(f"ndpipe: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TaskError as exc:
+        print(f"ndpipe: {exc}", file=sys.stderr)
+        return EXIT_TASK
+    except NdpipeError as exc:
+        print(f"ndpipe: {exc}", file=sys.stderr)
+        return EXIT_TASK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Socket set-up and framing helpers shared by broker, worker and master.
+
+Defaults that bite (ANCHORS §3) are set here once: LINGER 0 so ``close`` never hangs, explicit
+high-water marks, MAXMSGSIZE per frame, ROUTER_MANDATORY so an unknown peer raises instead of
+silently dropping, and a frame-count cap enforced while reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import zmq
+from ndpipe.errors import ProtocolError
+
+ZERO_COPY_MIN = 64 * 1024  # below this, copying a frame is cheaper than zero-copy (pyzmq #1032)
+
+
+def configure(
+    sock: zmq.Socket[Any], hwm: int = 100_000, max_frame_bytes: int = -1, router: bool = False
+) -> zmq.Socket[Any]:
+    """Apply ndpipe's socket defaults; ``router`` adds ROUTER_MANDATORY and ROUTER_HANDOVER."""
+    sock.linger = 0
+    sock.sndhwm = hwm
+    sock.rcvhwm = hwm
+    if max_frame_bytes > 0:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    if router:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    return sock
+
+
+def recv_bounded(sock: zmq.Socket[Any], max_frames: int) -> list[zmq.Frame]:
+    """Read one multipart message without blocking, refusing more than ``max_frames`` frames.
+
+    Raises ``zmq.Again`` when nothing is waiting, ``ProtocolError`` (after draining the rest of
+    the message, so the stream stays aligned) when the cap is exceeded.
+    """
+    frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+    too_many = False
+    while sock.rcvmore:
+        frame = sock.recv(copy=False)
+        if len(frames) < max_frames:
+            frames.append(frame)
+        else:
+            too_many = True
+    if too_many:
+        raise ProtocolError(f"message has more than {max_frames} frames")
+    return frames
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
+    """Send a multipart message; large buffers go zero-copy, small ones are copied."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        more = zmq.SNDMORE if i < last else 0
+        if isinstance(frame, zmq.Frame):
+            sock.send(frame, flags | more, copy=False)
+        else:
+            size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+            sock.send(frame, flags | more, copy=size < ZERO_COPY_MIN)
+
+
+def frame_bytes(frame: Any) -> bytes:
+    """The bytes of a frame, whatever its type."""
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+
+
+def unpack_map(raw: bytes, limit: int = 64 * 1024) -> dict[str, Any]:
+    """Decode a small control map (READY info, stats, error details) with explicit msgpack limits.
+
+    Raises ProtocolError for anything that is not a msgpack map within ``limit`` bytes.
+    """
+    if len(raw) > limit:
+        raise ProtocolError(f"control map of {len(raw)} bytes exceeds {limit}")
+    try:
+        value = msgpack.unpackb(raw, raw=False, max_str_len=limit, max_bin_len=limit, max_array_len=limit,
+                                max_map_len=limit, max_ext_len=0, strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"control map is not valid msgpack: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"control frame is a {type(value).__name__}, not a msgpack map")
+    return value

@@ -1,0 +1,1 @@
+"""Example handlers used by ``ndpipe demo``, the tests and the benchmarks."""

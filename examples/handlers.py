@@ -1,0 +1,88 @@
+"""Handlers referenced from config.yaml (``ndpipe.examples.handlers:NAME``).
+
+A handler is a plain function: arguments and result are numpy arrays, scalars, strings, bytes,
+lists and dicts of these. ``mlp_forward`` is the demo's job: a two-layer MLP whose weights are
+derived from a seed, so workers and the checking master build the same model without shipping it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+
+def echo(*args: Any) -> Any:
+    """Return the argument (or the tuple of arguments) unchanged: the benchmark's identity task."""
+    return args[0] if len(args) == 1 else list(args)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray(a) @ np.asarray(b)
+
+
+def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Zero mean, unit variance along ``axis`` (row-wise for a shard of rows)."""
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std(axis=axis, keepdims=True)
+    return (x - x.mean(axis=axis, keepdims=True)) / np.where(std == 0, 1.0, std)
+
+
+@functools.lru_cache(maxsize=4)
+def mlp_weights(seed: int, d_in: int, d_hidden: int, d_out: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((d_in, d_hidden)) / np.sqrt(d_in)
+    w2 = rng.standard_normal((d_hidden, d_out)) / np.sqrt(d_hidden)
+    return w1, np.zeros(d_hidden), w2, np.zeros(d_out)
+
+
+def mlp_forward(x: np.ndarray, seed: int = 0, d_hidden: int = 512, d_out: int = 64) -> np.ndarray:
+    """softmax(gelu(x @ W1 + b1) @ W2 + b2), row by row: a batch-inference step."""
+    x = np.asarray(x, dtype=np.float64)
+    w1, b1, w2, b2 = mlp_weights(seed, x.shape[1], d_hidden, d_out)
+    h = x @ w1 + b1
+    h = 0.5 * h * (1.0 + np.tanh(0.7978845608028654 * (h + 0.044715 * h**3)))
+    z = h @ w2 + b2
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fail(message: str = "boom") -> None:
+    """Always raises: shows how a handler's exception reaches the master."""
+    raise ValueError(message)
+
+
+def crash(code: int = 0) -> None:
+    """Kill the compute process outright (as a segfault or the OOM killer would)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep(seconds: float, value: Any = None) -> Any:
+    """Sleep, then return ``value``: a stand-in for a long task."""
+    time.sleep(seconds)
+    return value
+
+
+def spin(seconds: float) -> int:
+    """A pure-Python busy loop holding the GIL for ``seconds``."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def pid() -> int:
+    """The compute process's pid (tests use it to pick a victim)."""
+    return os.getpid()
+
+
+def slow_pid(seconds: float) -> int:
+    """Sleep, then return the pid that ran the task."""
+    time.sleep(seconds)
+    return os.getpid()

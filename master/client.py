@@ -1,0 +1,408 @@
+"""The user-facing client: ``Master`` submits tasks and returns ``concurrent.futures.Future``s.
+
+One background I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe); user
+threads encode their arguments (so encoding errors raise at ``submit``) and hand the frames over
+through a deque and a wake-up pipe. The I/O thread keeps every outstanding task until it resolves:
+
+* **window** — at most ``window`` tasks outstanding; ``submit`` blocks beyond that.
+* **exactly once** — a task resolves the first time an answer arrives; later answers for the
+  same id (a task that ran twice after a requeue or a resend) are dropped.
+* **broker liveness** — PING every interval; PONG carries a session token that changes when the
+  broker restarted or forgot us, and then every outstanding task is resent under its own id (the
+  broker drops duplicates it still holds). Silence for ``liveness`` intervals: a new socket, and
+  resend; silence for ``broker_timeout``: every outstanding task fails with BrokerUnreachable.
+* **timeouts** — per task, enforced here (TaskTimeout) and sent to the broker so it can drop a
+  task still queued; ``Future.cancel()`` on a queued task cancels it at the broker too.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+from ndpipe import protocol as P
+from ndpipe.codec import decode, encode_call
+from ndpipe.config import MasterConfig
+from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
+from ndpipe.transport import configure, frame_bytes, recv_bounded, send_frames, unpack_map
+
+log = logging.getLogger("ndpipe.master")
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    tid: bytes
+    service: bytes
+    options: bytes
+    payload: list[Any]
+    future: Future[Any]
+    deadline: float | None
+
+
+class Master:
+    """Connect to a broker's frontend and submit tasks to its services.
+
+    >>> with Master("tcp://127.0.0.1:5555") as m:                 # doctest: +SKIP
+    ...     y = m.submit("matmul", a, b).result()
+    """
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        config: MasterConfig | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        cfg = config or MasterConfig()
+        self.cfg = cfg
+        self.endpoint = broker or cfg.broker
+        self.timeout = timeout if timeout is not None else cfg.timeout
+        self.window = window or cfg.window
+        self._slots = threading.BoundedSemaphore(self.window)
+        self._ident = b"M" + os.urandom(15)
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._io_main, name="ndpipe-master-io", daemon=True)
+        self._error: BaseException | None = None
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise NdpipeError(f"master cannot start: {self._error}") from self._error
+
+    # ---- user API -------------------------------------------------------------------------------
+    def submit(self, service: str, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run ``service(*args, **kwargs)`` on a worker; returns a Future of its result."""
+        return self.call(service, args, kwargs)
+
+    def call(
+        self,
+        service: str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Future[Any]:
+        """Like :meth:`submit`, with per-task ``timeout`` (seconds) and ``max_attempts``."""
+        if self._closed:
+            raise NdpipeError("master is closed")
+        payload = encode_call(list(args), kwargs or {})
+        timeout = self.timeout if timeout is None else timeout
+        attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
+        options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, 0)
+        self._slots.acquire()
+        future: Future[Any] = Future()
+        deadline = time.monotonic() + timeout if timeout else None
+        pending = _Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline)
+        future.add_done_callback(lambda f: self._done(f, pending.tid))
+        self._post("submit", pending)
+        return future
+
+    def map(self, service: str, *iterables: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
+        """``service(*items)`` for items zipped from ``iterables``; results in input order.
+
+        Submission runs ahead of consumption by up to ``window`` tasks. The first error raises; the
+        tasks still queued are then cancelled.
+        """
+        futures: deque[Future[Any]] = deque()
+        try:
+            for args in zip(*iterables, strict=False):
+                futures.append(self.call(service, args, timeout=timeout))
+                while futures and (futures[0].done() or len(futures) >= self.window):
+                    yield futures.popleft().result()
+            while futures:
+                yield futures.popleft().result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def scatter(
+        self,
+        service: str,
+        array: np.ndarray,
+        shards: int,
+        axis: int = 0,
+        *,
+        timeout: float | None = None,
+        progress: Callable[[int], Any] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Split ``array`` into ``shards`` along ``axis``, run ``service(shard, **kwargs)`` on each,
+        and concatenate the results along ``axis`` (``progress(1)`` is called per finished shard)."""
+        if shards < 1:
+            raise ValueError("shards must be >= 1")
+        pieces = np.array_split(np.asarray(array), min(shards, max(1, array.shape[axis])), axis=axis)
+        futures = [self.call(service, (piece,), kwargs, timeout=timeout) for piece in pieces]
+        if progress is not None:
+            for future in futures:
+                future.add_done_callback(lambda _f: progress(1))
+        try:
+            return np.concatenate([f.result() for f in futures], axis=axis)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's view: services, queues, workers with their load, counters."""
+        future: Future[dict[str, Any]] = Future()
+        self._post("status", future)
+        try:
+            return future.result(timeout)
+        except TimeoutError as exc:
+            raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
+
+    def close(self) -> None:
+        """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._post("close", None)
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> Master:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- user thread -> I/O thread --------------------------------------------------------------
+    def _post(self, kind: str, item: Any) -> None:
+        self._inbox.append((kind, item))
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def _done(self, future: Future[Any], tid: bytes) -> None:
+        self._slots.release()
+        if future.cancelled() and not self._closed:
+            self._post("cancel", tid)
+
+    # ---- I/O thread -----------------------------------------------------------------------------
+    def _io_main(self) -> None:
+        try:
+            self._ctx: zmq.Context[Any] = zmq.Context()
+            self._sock = self._new_socket()
+        except Exception as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            _IOLoop(self).run()
+        except Exception:
+            log.exception("master I/O thread failed")
+        finally:
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+    def _new_socket(self) -> zmq.Socket[Any]:
+        sock = configure(self._ctx.socket(zmq.DEALER), hwm=max(100_000, 4 * self.window),
+                         max_frame_bytes=-1)
+        sock.setsockopt(zmq.ROUTING_ID, self._ident)
+        sock.connect(self.endpoint)
+        return sock
+
+
+class _IOLoop:
+    """The master's poll loop (runs in the I/O thread, touches the socket alone)."""
+
+    def __init__(self, master: Master) -> None:
+        self.m = master
+        self.pending: dict[bytes, _Pending] = {}
+        self.deadlines: list[tuple[float, bytes]] = []
+        self.status_waiters: deque[Future[dict[str, Any]]] = deque()
+        cfg = master.cfg
+        self.interval = cfg.heartbeat_interval
+        self.liveness = cfg.liveness
+        self.session: bytes | None = None
+        now = time.monotonic()
+        self.heard = now
+        self.lost_since: float | None = None
+        self.next_ping = now
+        self.closing = False
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.m._wake_r, zmq.POLLIN)
+        poller.register(self.m._sock, zmq.POLLIN)
+        while not self.closing:
+            now = time.monotonic()
+            wake = self.next_ping
+            if self.deadlines:
+                wake = min(wake, self.deadlines[0][0])
+            events = dict(poller.poll(max(0.0, wake - now) * 1000))
+            if self.m._wake_r in events:
+                try:
+                    while os.read(self.m._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            self._inbox()
+            if self.m._sock in events:
+                self._receive()
+            now = time.monotonic()
+            self._expire(now)
+            if now >= self.next_ping:
+                self._ping(now, poller)
+        self._send([P.MASTER, P.BYE])
+        self.m._sock.close(linger=200)
+        self._fail_all(NdpipeError("master closed before the task finished"))
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            send_frames(self.m._sock, frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("broker link full: message held back until resend")
+
+    def _submit(self, p: _Pending) -> None:
+        options = p.options
+        if p.deadline is not None:  # tell the broker what is left, not the original timeout
+            _t, attempts, flags = P.OPTIONS.unpack(options)
+            left = max(1, int((p.deadline - time.monotonic()) * 1000))
+            options = P.OPTIONS.pack(left, attempts, flags)
+        self._send([P.MASTER, P.SUBMIT, p.service, p.tid, options, *p.payload])
+
+    def _inbox(self) -> None:
+        inbox = self.m._inbox
+        while inbox:
+            kind, item = inbox.popleft()
+            if kind == "submit":
+                if item.future.done():
+                    continue
+                self.pending[item.tid] = item
+                if item.deadline is not None:
+                    heapq.heappush(self.deadlines, (item.deadline, item.tid))
+                self._submit(item)
+            elif kind == "cancel":
+                if self.pending.pop(item, None) is not None:
+                    self._send([P.MASTER, P.CANCEL, item])
+            elif kind == "status":
+                self.status_waiters.append(item)
+                self._send([P.MASTER, P.STATUS])
+            elif kind == "close":
+                self.closing = True
+
+    def _receive(self) -> None:
+        sock = self.m._sock
+        for _ in range(1024):
+            try:
+                frames = recv_bounded(sock, P.MAX_FRAMES + 8)
+                self._on_message(frames)
+            except zmq.Again:
+                return
+            except ProtocolError as exc:
+                log.warning("dropped malformed message from broker: %s", exc)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        command = P.check_header(frames, P.MASTER, 2)
+        self.heard = time.monotonic()
+        if self.lost_since is not None:
+            log.info("broker %s reachable again", self.m.endpoint)
+            self.lost_since = None
+        if command == P.RESULT:
+            P.check_header(frames, P.MASTER, 4)
+            p = self.pending.pop(P.task_id_of(frames[2]), None)
+            if p is None:
+                return  # an answer already delivered (task ran twice) or for a cancelled task
+            try:
+                _resolve(p.future, value=decode(frames[3:]))
+            except DecodeError as exc:
+                _resolve(p.future, error=exc)
+        elif command == P.ERROR:
+            P.check_header(frames, P.MASTER, 5)
+            p = self.pending.pop(P.task_id_of(frames[2]), None)
+            if p is None:
+                return
+            try:
+                details = unpack_map(frame_bytes(frames[4]), 16 << 20)
+            except ProtocolError as exc:
+                details = {"message": f"undecodable error details: {exc}"}
+            code = frame_bytes(frames[3]).decode("ascii", "replace")
+            _resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
+        elif command == P.PONG:
+            P.check_header(frames, P.MASTER, 4)
+            session = frame_bytes(frames[2])
+            self.interval = min(self.m.cfg.heartbeat_interval, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
+            if self.session is not None and session != self.session:
+                log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
+                self._resend_all()
+            self.session = session
+        elif command == P.STATUS_REPLY:
+            body = unpack_map(frame_bytes(frames[2]), 64 << 20)
+            if self.status_waiters:
+                _resolve(self.status_waiters.popleft(), value=body)
+        else:
+            raise ProtocolError(f"unknown broker command {command!r}")
+
+    def _resend_all(self) -> None:
+        for p in list(self.pending.values()):
+            self._submit(p)
+
+    def _expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, tid = heapq.heappop(self.deadlines)
+            p = self.pending.get(tid)
+            if p is None or p.deadline != deadline:
+                continue
+            del self.pending[tid]
+            timeout = P.OPTIONS.unpack(p.options)[0] / 1000
+            err = error_from_code(P.TIMEOUT, tid.hex(), {"message": f"no result within {timeout:g} s"})
+            _resolve(p.future, error=err)
+            self._send([P.MASTER, P.CANCEL, tid])
+
+    def _ping(self, now: float, poller: zmq.Poller) -> None:
+        silent = now - self.heard
+        if silent > self.interval * self.liveness:
+            if self.lost_since is None:
+                self.lost_since = self.heard
+                log.warning("broker %s silent for %.1f s: reconnecting", self.m.endpoint, silent)
+            limit = getattr(self.m.cfg, "broker_timeout", 60.0)
+            if limit is not None and now - self.lost_since > limit:
+                self._fail_all(BrokerUnreachable(
+                    f"broker {self.m.endpoint} unreachable for {now - self.lost_since:.1f} s "
+                    f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
+            poller.unregister(self.m._sock)
+            self.m._sock.close(linger=0)
+            self.m._sock = self.m._new_socket()
+            poller.register(self.m._sock, zmq.POLLIN)
+            self.heard = now  # give the new socket a full liveness period
+            self._resend_all()
+        self._send([P.MASTER, P.PING])
+        self.next_ping = now + self.interval
+
+    def _fail_all(self, error: BaseException) -> None:
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            _resolve(p.future, error=error)
+        while self.status_waiters:
+            _resolve(self.status_waiters.popleft(), error=error)
+
+
+def _resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless the user cancelled it meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass

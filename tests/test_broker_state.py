@@ -1,0 +1,241 @@
+"""Pure broker state with an injected clock: queues, fairness, credit, requeue, expiry."""
+
+from __future__ import annotations
+
+import pytest
+from ndpipe import protocol as P
+from ndpipe.broker.state import INFLIGHT, QUEUED, BrokerState, ServiceQueue, Task
+
+pytestmark = pytest.mark.timeout(30)
+M1, M2 = b"master-1", b"master-2"
+
+
+def make(max_queued: int = 100, max_attempts: int = 3) -> BrokerState:
+    return BrokerState(heartbeat_interval=1.0, liveness=3, max_attempts=max_attempts, max_queued=max_queued)
+
+
+def submit(s: BrokerState, tid: bytes, master: bytes = M1, service: str = "svc", now: float = 0.0,
+           timeout_ms: int = 0, max_attempts: int = 0) -> str | None:
+    return s.submit(master, tid, service, [b"payload"], now, timeout_ms, max_attempts)
+
+
+def test_dispatch_goes_to_least_loaded_worker_then_lru() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 2, now=0.0)
+    s.worker_ready(b"w2", ["svc"], 2, now=0.0)
+    for i in range(3):
+        submit(s, b"t%d" % i)
+    sent = [(t.tid, w.wid) for t, w in s.dispatch(now=1.0)]
+    assert [w for _, w in sent] == [b"w1", b"w2", b"w1"]
+    assert all(s.tasks[tid].state == INFLIGHT for tid, _ in sent)
+
+
+def test_no_dispatch_without_credit_and_credit_returns_on_result() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    submit(s, b"b")
+    assert [t.tid for t, _ in s.dispatch(0.0)] == [b"a"]
+    assert list(s.dispatch(0.0)) == []
+    task = s.complete(b"w1", b"a")
+    assert task is not None and task.master == M1
+    assert [t.tid for t, _ in s.dispatch(0.0)] == [b"b"]
+
+
+def test_worker_only_gets_its_services() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["other"], 4, now=0.0)
+    submit(s, b"a")
+    assert list(s.dispatch(0.0)) == []
+    s.worker_ready(b"w2", ["svc"], 1, now=0.0)
+    assert [w.wid for _, w in s.dispatch(0.0)] == [b"w2"]
+
+
+def test_masters_are_served_round_robin() -> None:
+    q = ServiceQueue()
+    for i in range(100):
+        q.push(Task(b"big%d" % i, "svc", M1, [], 3))
+    for i in range(3):
+        q.push(Task(b"small%d" % i, "svc", M2, [], 3))
+    order = [q.pop().tid for _ in range(6)]  # type: ignore[union-attr]
+    assert order == [b"big0", b"small0", b"big1", b"small1", b"big2", b"small2"]
+    assert len(q) == 97
+
+
+def test_duplicate_submission_is_dropped() -> None:
+    s = make()
+    assert submit(s, b"a") is None
+    assert submit(s, b"a") is None
+    assert len(s.queues["svc"]) == 1 and s.counters["duplicates"] == 1
+
+
+def test_queue_full_is_an_explicit_error() -> None:
+    s = make(max_queued=2)
+    assert submit(s, b"a") is None and submit(s, b"b") is None
+    assert submit(s, b"c") == P.QUEUE_FULL
+    assert b"c" not in s.tasks
+
+
+def test_dead_worker_tasks_go_back_to_the_head_with_attempt_plus_one() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    submit(s, b"b")
+    list(s.dispatch(0.0))
+    dead, _, _ = s.expire(now=3.5)  # 3 intervals of silence
+    assert dead == [b"w1"]
+    assert s.tasks[b"a"].state == QUEUED and s.tasks[b"a"].attempt == 1
+    s.worker_ready(b"w2", ["svc"], 1, now=4.0)
+    (task, rec), = list(s.dispatch(4.0))
+    assert task.tid == b"a" and task.attempt == 2 and rec.wid == b"w2"
+
+
+def test_heartbeat_keeps_worker_alive() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    for t in (1.0, 2.0, 3.0, 4.0):
+        assert s.worker_seen(b"w1", t)
+        assert s.expire(t)[0] == []
+    assert s.expire(7.0)[0] == [b"w1"]
+    assert not s.worker_seen(b"w1", 7.1)
+
+
+def test_poison_task_fails_after_max_attempts() -> None:
+    s = make(max_attempts=2)
+    submit(s, b"poison")
+    s.worker_ready(b"w0", ["svc"], 1, now=0.0)
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    for n in range(2):
+        ((task, rec),) = list(s.dispatch(float(n)))
+        assert task.tid == b"poison" and task.attempt == n + 1
+        assert s.fail(rec.wid, b"poison", P.CRASHED, float(n)) is None
+    failures = s.take_failures()
+    assert [(f.task.tid, f.code) for f in failures] == [(b"poison", P.MAX_ATTEMPTS)]
+    assert "2 of 2 attempts" in failures[0].details["message"]
+    assert b"poison" not in s.tasks
+
+
+def test_per_task_max_attempts_overrides_default() -> None:
+    s = make(max_attempts=5)
+    submit(s, b"a", max_attempts=1)
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    list(s.dispatch(0.0))
+    s.fail(b"w", b"a", P.CRASHED, 0.0)
+    assert [f.code for f in s.take_failures()] == [P.MAX_ATTEMPTS]
+
+
+def test_handler_error_is_forwarded_not_retried() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    task = s.fail(b"w", b"a", P.HANDLER_ERROR, 0.0)
+    assert task is not None and task.tid == b"a"
+    assert b"a" not in s.tasks and s.workers[b"w"].free == 1
+
+
+def test_graceful_disconnect_requeues_without_penalty() -> None:
+    s = make(max_attempts=1)
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    requeued = s.worker_gone(b"w", 0.5, penalize=False)
+    assert [t.tid for t in requeued] == [b"a"]
+    assert s.tasks[b"a"].attempt == 0 and s.take_failures() == []
+
+
+def test_draining_worker_gets_no_new_tasks() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 4, now=0.0)
+    s.worker_drain(b"w")
+    submit(s, b"a")
+    assert list(s.dispatch(0.0)) == []
+
+
+def test_late_result_from_presumed_dead_worker_is_delivered_once() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    s.expire(now=3.5)  # w1 declared dead, a requeued
+    s.worker_ready(b"w2", ["svc"], 1, now=3.6)
+    list(s.dispatch(3.6))
+    first = s.complete(b"w1", b"a")  # the frozen worker woke up and answered
+    assert first is not None
+    assert s.complete(b"w2", b"a") is None  # second answer: nobody waits for it
+    assert s.workers[b"w2"].free == 1
+
+
+def test_cancel_only_queued_tasks_of_the_same_master() -> None:
+    s = make()
+    submit(s, b"a")
+    assert not s.cancel(M2, b"a")
+    assert s.cancel(M1, b"a")
+    assert b"a" not in s.tasks and len(s.queues["svc"]) == 0
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    assert list(s.dispatch(0.0)) == []
+
+
+def test_queued_task_times_out_and_is_not_dispatched() -> None:
+    s = make()
+    submit(s, b"a", timeout_ms=500)
+    _, timed_out, _ = s.expire(now=0.6)
+    assert timed_out == []  # it was only queued: dropped, error to master
+    assert [(f.task.tid, f.code) for f in s.take_failures()] == [(b"a", P.TIMEOUT)]
+    s.worker_ready(b"w", ["svc"], 1, now=0.7)
+    assert list(s.dispatch(0.7)) == []
+
+
+def test_inflight_task_times_out_and_frees_credit() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    submit(s, b"a", timeout_ms=500)
+    list(s.dispatch(0.0))
+    s.worker_seen(b"w", 0.5)
+    _, timed_out, _ = s.expire(now=0.6)
+    assert [t.tid for t in timed_out] == [b"a"]
+    assert s.workers[b"w"].free == 1
+    assert s.complete(b"w", b"a") is None  # its late result goes nowhere
+
+
+def test_silent_master_loses_its_queued_tasks() -> None:
+    s = make()
+    s.master_seen(M1, 0.0)
+    s.master_seen(M2, 0.0)
+    for i in range(5):
+        submit(s, b"m1-%d" % i, master=M1)
+    submit(s, b"m2", master=M2)
+    s.master_seen(M2, 2.9)
+    _, _, gone = s.expire(now=3.1)
+    assert gone == [M1]
+    assert list(s.tasks) == [b"m2"] and len(s.queues["svc"]) == 1
+
+
+def test_master_session_token_changes_when_forgotten() -> None:
+    s = make()
+    first = s.master_seen(M1, 0.0)
+    assert s.master_seen(M1, 1.0) == first
+    s.expire(now=10.0)
+    assert s.master_seen(M1, 10.5) != first
+
+
+def test_reregistering_worker_hands_its_tasks_back() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    s.worker_ready(b"w", ["svc"], 1, now=1.0)
+    assert s.tasks[b"a"].state == QUEUED
+    assert [t.tid for t, _ in s.dispatch(1.0)] == [b"a"]
+
+
+def test_snapshot_is_plain_data() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 2, now=0.0, info={"host": "h"})
+    submit(s, b"a")
+    submit(s, b"b")
+    submit(s, b"c")
+    list(s.dispatch(0.0))
+    snap = s.snapshot(0.5)
+    assert snap["services"]["svc"] == {"queued": 1, "inflight": 2, "workers": 1, "slots": 2}
+    assert snap["workers"][0]["info"] == {"host": "h"}

@@ -1,0 +1,297 @@
+"""The worker daemon: one DEALER to the broker, a pool of compute processes, one poll loop.
+
+The daemon never runs handlers itself, so it keeps heartbeating however long a task computes. It
+polls the broker socket, the ROUTER its compute processes connect to, every child's sentinel (a
+child death is seen at once and reported as CRASHED, so the broker retries the task elsewhere
+without waiting for a heartbeat to expire) and the stop signal's pipe.
+
+Broker lost (silent for ``liveness`` intervals): a new socket with a new identity, READY again,
+with exponential back-off between attempts. A broker that does not know us (it restarted) answers
+DISCONNECT and we re-register at once. SIGTERM: DRAIN, finish what is running for up to
+``drain_timeout`` seconds, DISCONNECT (the broker requeues what is left), stop the children.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgpack
+import psutil
+import zmq
+from ndpipe import __version__
+from ndpipe import protocol as P
+from ndpipe.config import WorkerConfig
+from ndpipe.errors import NdpipeError, ProtocolError
+from ndpipe.runtime import StopSignal
+from ndpipe.transport import configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.worker import compute
+from ndpipe.worker.pool import Job, Pool
+
+log = logging.getLogger("ndpipe.worker")
+MAX_QUICK_DEATHS = 5  # children dying before HELLO in a row: the handlers cannot even load
+
+
+class WorkerDaemon:
+    """Run with :meth:`run`; ``stop.request()`` or SIGTERM ends it gracefully."""
+
+    def __init__(self, config: WorkerConfig | None = None, context: zmq.Context[Any] | None = None) -> None:
+        self.cfg = config or WorkerConfig()
+        self.services = {name: spec.handler for name, spec in self.cfg.services.items()}
+        self.timeouts = {name: spec.timeout for name, spec in self.cfg.services.items()}
+        for spec in self.services.values():
+            compute.resolve(spec)  # fail at start, with the handler named, not in every child
+        self.pool = Pool(self.cfg.effective_processes)
+        self.ctx = context or zmq.Context()
+        self._own_ctx = context is None
+        self._tmp = tempfile.mkdtemp(prefix="ndpipe-worker-")
+        self.child_endpoint = f"ipc://{self._tmp}/compute.sock"
+        self.children = configure(self.ctx.socket(zmq.ROUTER), hwm=10_000, router=True)
+        self.children.bind(self.child_endpoint)
+        self.procs: dict[int, BaseProcess] = {}
+        self.sock: zmq.Socket[Any] | None = None
+        self.interval = P.HEARTBEAT_INTERVAL
+        self.liveness = P.LIVENESS
+        self.backoff = self.cfg.reconnect_min
+        self.broker_deadline = 0.0
+        self.next_beat = 0.0
+        self.draining = False
+        self.quick_deaths = 0
+        self.poller = zmq.Poller()
+        self._ps: dict[int, psutil.Process] = {}
+        self._mp = mp.get_context("spawn")
+
+    @property
+    def slots(self) -> int:
+        return self.pool.size + self.cfg.prefetch
+
+    # ---- children -------------------------------------------------------------------------------
+    def _spawn(self, index: int) -> None:
+        proc = self._mp.Process(
+            target=compute.main, name=f"ndpipe-compute-{index}",
+            args=(self.child_endpoint, index, self.services, os.getpid()),
+        )
+        proc.start()
+        self.procs[index] = proc
+        self.poller.register(proc.sentinel, zmq.POLLIN)
+
+    def _on_child_death(self, index: int, now: float) -> None:
+        proc = self.procs[index]
+        self.poller.unregister(proc.sentinel)
+        proc.join(0.1)
+        was_ready = self.pool.slots[index].ready
+        job = self.pool.died(index)
+        code = proc.exitcode
+        why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if job is not None:
+            log.warning("compute process %d (pid %s) died (%s) running task %s: reported CRASHED",
+                        index, proc.pid, why, job.tid.hex())
+            details = {"message": f"compute process died ({why}) while running service {job.service!r}",
+                       "type": "ProcessDied", "pid": proc.pid, "exitcode": code}
+            self._send_broker([P.WORKER, P.W_ERROR, job.tid, P.CRASHED.encode(), msgpack.packb(details)])
+        else:
+            log.info("compute process %d (pid %s) ended (%s)", index, proc.pid, why)
+        self.quick_deaths = 0 if was_ready else self.quick_deaths + 1
+        if self.quick_deaths > MAX_QUICK_DEATHS:
+            raise NdpipeError(f"compute processes die before starting ({why}); check the handlers")
+        if not self.draining:
+            self._spawn(index)
+
+    def _kill_child(self, index: int) -> None:
+        proc = self.procs.get(index)
+        if proc is not None and proc.is_alive():
+            proc.kill()
+
+    def _on_child(self, frames: list[zmq.Frame], now: float) -> None:
+        ident = frames[0].bytes
+        if not ident.startswith(b"c") or not ident[1:].isdigit() or int(ident[1:]) >= self.pool.size:
+            raise ProtocolError(f"unknown compute process {ident!r}")
+        index, kind = int(ident[1:]), frames[1].bytes
+        if kind == P.C_HELLO:
+            self.pool.child_ready(index)
+        elif kind == P.C_RESULT and len(frames) >= 4:
+            if self.pool.finished(index, frames[2].bytes) is not None:
+                self._send_broker([P.WORKER, P.W_RESULT, *frames[2:]])
+        elif kind == P.C_ERROR and len(frames) == 5:
+            if self.pool.finished(index, frames[2].bytes) is not None:
+                self._send_broker([P.WORKER, P.W_ERROR, *frames[2:]])
+        else:
+            raise ProtocolError(f"bad message from compute process {index}")
+
+    def _start_jobs(self, now: float) -> None:
+        while (started := self.pool.next_start(now)) is not None:
+            slot, job = started
+            frames = [b"c%d" % slot.index, P.C_TASK, job.tid, job.service.encode(), *job.payload]
+            send_frames(self.children, frames)
+
+    def _check_deadlines(self, now: float) -> None:
+        for slot in self.pool.overdue(now):
+            job = slot.job
+            assert job is not None and job.timeout is not None
+            slot.reported = True
+            self._kill_child(slot.index)
+            details = {"message": f"service {job.service!r} ran longer than its timeout of {job.timeout:g} s;"
+                       " its compute process was killed and replaced", "type": "TimeoutError"}
+            self._send_broker([P.WORKER, P.W_ERROR, job.tid, P.TIMEOUT.encode(), msgpack.packb(details)])
+
+    # ---- broker ---------------------------------------------------------------------------------
+    def _connect(self, now: float) -> None:
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+        sock = configure(self.ctx.socket(zmq.DEALER), hwm=100_000, max_frame_bytes=self.cfg.max_frame_bytes)
+        sock.connect(self.cfg.broker)
+        self.sock = sock
+        self.poller.register(sock, zmq.POLLIN)
+        info = {"services": sorted(self.services), "slots": self.slots, "processes": self.pool.size,
+                "host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+        self._send_broker([P.WORKER, P.READY, msgpack.packb(info)])
+        self.broker_deadline = now + max(self.interval * self.liveness, self.backoff)
+        self.next_beat = now + self.interval
+
+    def _send_broker(self, frames: list[Any]) -> None:
+        if self.sock is None:
+            return
+        try:
+            send_frames(self.sock, frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("broker link full or down: message dropped (the broker will requeue)")
+
+    def _on_broker(self, frames: list[zmq.Frame], now: float) -> None:
+        command = P.check_header(frames, P.WORKER, 2)
+        self.broker_deadline = now + self.interval * self.liveness
+        self.backoff = self.cfg.reconnect_min
+        if command == P.TASK:
+            P.check_header(frames, P.WORKER, 6)
+            tid, service = P.task_id_of(frames[2]), P.service_of(frames[3])
+            _attempt, timeout_ms = P.parse_meta(frames[4])
+            timeouts = [t for t in (timeout_ms / 1000 if timeout_ms else None, self.timeouts.get(service)) if t]
+            self.pool.add(Job(tid, service, frames[5:], min(timeouts) if timeouts else None))
+        elif command == P.HEARTBEAT:
+            pass
+        elif command == P.WELCOME:
+            params = unpack_map(frame_bytes(frames[2])) if len(frames) > 2 else {}
+            self.interval = float(params.get("heartbeat_interval", self.interval))
+            self.liveness = int(params.get("liveness", self.liveness))
+            log.info("registered with broker %s at %s (heartbeat %.2f s × %d)",
+                     params.get("broker_id"), self.cfg.broker, self.interval, self.liveness)
+        elif command == P.DISCONNECT:
+            dropped = self.pool.drop_pending()
+            log.warning("broker does not know this worker: registering again (%d waiting tasks dropped)", dropped)
+            self._connect(now)
+        elif command == P.W_CANCEL:
+            slot = self.pool.cancel(P.task_id_of(frames[2]))
+            if slot is not None:
+                self._kill_child(slot.index)
+        else:
+            raise ProtocolError(f"unknown broker command {command!r}")
+
+    def _heartbeat(self, now: float) -> None:
+        if now >= self.broker_deadline:
+            log.warning("broker silent for %.1f s: reconnecting (back-off %.1f s)",
+                        self.interval * self.liveness, self.backoff)
+            self.pool.drop_pending()
+            self._connect(now)
+            self.backoff = min(self.backoff * 2, self.cfg.reconnect_max)
+            return
+        self._send_broker([P.WORKER, P.HEARTBEAT, msgpack.packb(self._stats())])
+        self.next_beat = now + self.interval
+
+    def _stats(self) -> dict[str, Any]:
+        cpu = rss = 0.0
+        pids = [os.getpid(), *(p.pid for p in self.procs.values() if p.pid)]
+        for pid in pids:
+            try:
+                proc = self._ps.get(pid) or self._ps.setdefault(pid, psutil.Process(pid))
+                cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                self._ps.pop(pid, None)
+        return {"cpu": round(cpu, 1), "rss": int(rss), "running": self.pool.running,
+                "waiting": len(self.pool.pending), "processes": self.pool.size}
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def run(self, stop: StopSignal) -> None:
+        """Serve until stopped, then drain and hand back."""
+        self.poller.register(self.children, zmq.POLLIN)
+        self.poller.register(stop.fd, zmq.POLLIN)
+        for index in range(self.pool.size):
+            self._spawn(index)
+        now = time.monotonic()
+        self._connect(now)
+        drain_until = float("inf")
+        while True:
+            if stop.requested and not self.draining:
+                self.draining = True
+                drain_until = time.monotonic() + self.cfg.drain_timeout
+                self._send_broker([P.WORKER, P.DRAIN])
+                log.info("stopping: draining %d running, %d waiting tasks (up to %.0f s)",
+                         self.pool.running, len(self.pool.pending), self.cfg.drain_timeout)
+            now = time.monotonic()
+            if self.draining and (not self.pool.busy or now >= drain_until):
+                break
+            wake = min(self.next_beat, drain_until, self.pool.next_deadline() or float("inf"))
+            events = dict(self.poller.poll(max(0.0, wake - now) * 1000))
+            now = time.monotonic()
+            if stop.fd in events:
+                stop.clear()
+            self._dispatch_events(events, now)
+            self._check_deadlines(now)
+            self._start_jobs(now)
+            if now >= self.next_beat:
+                self._heartbeat(now)
+        self._send_broker([P.WORKER, P.DISCONNECT])
+        log.info("stopped: %d tasks handed back to the broker", self.pool.running + len(self.pool.pending))
+
+    def _dispatch_events(self, events: dict[Any, int], now: float) -> None:
+        for sock, handler in ((self.sock, self._on_broker), (self.children, self._on_child)):
+            if sock is None or sock not in events:
+                continue
+            for _ in range(256):
+                try:
+                    frames = recv_bounded(sock, self.cfg.max_frames + 8)
+                    handler(frames, now)
+                except zmq.Again:
+                    break
+                except ProtocolError as exc:
+                    log.warning("dropped malformed message: %s", exc)
+                if sock.closed:  # DISCONNECT made us reconnect: the new socket is polled next pass
+                    break
+        for index, proc in list(self.procs.items()):
+            if proc.sentinel in events:
+                self._on_child_death(index, now)
+
+    def close(self) -> None:
+        """Stop every compute process (TERM, then KILL) and release sockets and the ipc dir."""
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + 2.0
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.children.close(linger=0)
+        if self._own_ctx:
+            self.ctx.term()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def serve(config: WorkerConfig, stop: StopSignal | None = None) -> None:
+    """Entry point for the CLI and tests."""
+    daemon = WorkerDaemon(config)
+    try:
+        with stop or StopSignal() as sig:
+            daemon.run(sig)
+    finally:
+        daemon.close()
