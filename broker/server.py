@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import zmq
+
 from ndpipe import protocol as P
 from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig

@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
 from ndpipe.config import BrokerConfig, MasterConfig, ServiceSpec, WorkerConfig
 from ndpipe.examples.handlers import mlp_forward
-from tqdm import tqdm
 
 SERVICE = "mlp"
 HANDLER = "ndpipe.examples.handlers:mlp_forward"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Final
 
 import zmq
+
 from ndpipe.errors import ProtocolError
 
 # --- protocol headers (frame 0) ------------------------------------------------------------------

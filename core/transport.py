@@ -12,6 +12,7 @@ from typing import Any
 
 import msgpack
 import zmq
+
 from ndpipe.errors import ProtocolError
 
 ZERO_COPY_MIN = 64 * 1024  # below this, copying a frame is cheaper than zero-copy (pyzmq #1032)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+
 from ndpipe import protocol as P
 from ndpipe.codec import decode, encode_call
 from ndpipe.config import MasterConfig
@@ -342,6 +343,7 @@ class _IOLoop:
             P.check_header(frames, P.MASTER, 4)
             session = frame_bytes(frames[2])
             self.interval = min(self.m.cfg.heartbeat_interval, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
+            self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
             if self.session is not None and session != self.session:
                 log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
                 self._resend_all()
@@ -375,7 +377,7 @@ class _IOLoop:
             if self.lost_since is None:
                 self.lost_since = self.heard
                 log.warning("broker %s silent for %.1f s: reconnecting", self.m.endpoint, silent)
-            limit = getattr(self.m.cfg, "broker_timeout", 60.0)
+            limit = self.m.cfg.broker_timeout
             if limit is not None and now - self.lost_since > limit:
                 self._fail_all(BrokerUnreachable(
                     f"broker {self.m.endpoint} unreachable for {now - self.lost_since:.1f} s "

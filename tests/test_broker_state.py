@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ndpipe import protocol as P
 from ndpipe.broker.state import INFLIGHT, QUEUED, BrokerState, ServiceQueue, Task
 

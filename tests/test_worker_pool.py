@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ndpipe.worker.pool import Job, Pool
 
 pytestmark = pytest.mark.timeout(30)

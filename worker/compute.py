@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import zmq
+
 from ndpipe import protocol as P
 from ndpipe.codec import decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError

@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 import psutil
 import zmq
+
 from ndpipe import __version__
 from ndpipe import protocol as P
 from ndpipe.config import WorkerConfig
@@ -180,6 +181,7 @@ class WorkerDaemon:
             params = unpack_map(frame_bytes(frames[2])) if len(frames) > 2 else {}
             self.interval = float(params.get("heartbeat_interval", self.interval))
             self.liveness = int(params.get("liveness", self.liveness))
+            self.next_beat = min(self.next_beat, now + self.interval)
             log.info("registered with broker %s at %s (heartbeat %.2f s × %d)",
                      params.get("broker_id"), self.cfg.broker, self.interval, self.liveness)
         elif command == P.DISCONNECT:
@@ -224,8 +226,7 @@ class WorkerDaemon:
         self.poller.register(stop.fd, zmq.POLLIN)
         for index in range(self.pool.size):
             self._spawn(index)
-        now = time.monotonic()
-        self._connect(now)
+        self.next_beat = float("inf")  # register only once every compute process said HELLO
         drain_until = float("inf")
         while True:
             if stop.requested and not self.draining:
@@ -237,12 +238,14 @@ class WorkerDaemon:
             now = time.monotonic()
             if self.draining and (not self.pool.busy or now >= drain_until):
                 break
-            wake = min(self.next_beat, drain_until, self.pool.next_deadline() or float("inf"))
+            wake = min(self.next_beat, drain_until, self.pool.next_deadline() or float("inf"), now + 1.0)
             events = dict(self.poller.poll(max(0.0, wake - now) * 1000))
             now = time.monotonic()
             if stop.fd in events:
                 stop.clear()
             self._dispatch_events(events, now)
+            if self.sock is None and all(slot.ready for slot in self.pool.slots) and not self.draining:
+                self._connect(now)
             self._check_deadlines(now)
             self._start_jobs(now)
             if now >= self.next_beat:

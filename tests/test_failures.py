@@ -1,0 +1,114 @@
+"""Faults with real processes: every result correct and delivered exactly once, or a clear error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ndpipe.errors import TaskCrashed
+from tests.conftest import FAST, kill9, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_compute_process_killed_mid_task_runs_elsewhere(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # Given one worker with two compute processes and a job of slow tasks
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    w = c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 2)
+        futs = [m.submit("sleep", 0.3, i) for i in range(20)]
+        # When a compute process is killed with SIGKILL while it runs a task
+        wait_until(lambda: m.status()["workers"][0]["stats"].get("running") == 2, what="tasks running")
+        victim = c.compute_pids(w)[0]
+        kill9(victim)
+        # Then every task completes exactly once with the right value, and one was requeued
+        assert [f.result(timeout=60) for f in futs] == list(range(20))
+        assert m.status()["counters"]["requeued"] >= 1
+        assert victim not in c.compute_pids(w) and len(c.compute_pids(w)) == 2  # replaced
+
+
+def test_worker_daemon_killed_tasks_finish_on_other_worker(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    w1 = c.start_worker(processes=2)
+    c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 4, service="sleep")
+        futs = [m.submit("sleep", 0.2, i) for i in range(40)]
+        wait_until(lambda: m.status()["services"]["sleep"]["inflight"] == 4, what="tasks in flight")
+        kill9(w1.pid)
+        assert [f.result(timeout=60) for f in futs] == list(range(40))
+        status = m.status()
+        assert len(status["workers"]) == 1 and status["counters"]["requeued"] >= 1
+
+
+def test_worker_stopped_gracefully_mid_job(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    w1 = c.start_worker(processes=2)
+    c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 4, service="sleep")
+        futs = [m.submit("sleep", 0.2, i) for i in range(40)]
+        wait_until(lambda: m.status()["services"]["sleep"]["inflight"] == 4, what="tasks in flight")
+        w1.send_signal(signal.SIGTERM)
+        assert w1.wait(30) == 0  # it finished its running tasks and left cleanly
+        assert [f.result(timeout=60) for f in futs] == list(range(40))
+        assert m.status()["counters"]["failed"] == 0
+
+
+def test_broker_killed_and_restarted_mid_job(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=FAST, master={"heartbeat_interval": 0.2})
+    c.start_broker()
+    c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 2, service="sleep")
+        futs = [m.submit("sleep", 0.05, i) for i in range(100)]
+        wait_until(lambda: sum(f.done() for f in futs) >= 10, what="some results")
+        kill9(c.broker.pid)  # type: ignore[union-attr]
+        c.broker.wait(10)  # type: ignore[union-attr]
+        time.sleep(0.5)  # a real outage: the broker is away for a while
+        c.start_broker()
+        results = [f.result(timeout=60) for f in futs]
+        assert results == list(range(100))  # each exactly once, in the right future
+
+
+def test_crashing_handler_fails_after_max_attempts(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker={**FAST, "max_attempts": 3})
+    c.start_broker()
+    w = c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 2, service="crash")
+        with pytest.raises(TaskCrashed, match="3 of 3 attempts"):
+            m.submit("crash").result(timeout=60)
+        # the pool recovers: both compute processes are back and serve
+        wait_until(lambda: len(c.compute_pids(w)) == 2, what="compute processes replaced")
+        assert list(m.map("echo", range(20))) == list(range(20))
+        assert w.poll() is None
+
+
+def test_master_reports_unreachable_broker(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    from ndpipe.errors import BrokerUnreachable
+
+    c = make_cluster(master={"heartbeat_interval": 0.1, "liveness": 2, "broker_timeout": 0.5})
+    with c.master() as m:  # no broker was started
+        with pytest.raises(BrokerUnreachable, match="broker_timeout"):
+            m.submit("echo", 1).result(timeout=30)
+
+
+def test_pool_survives_worker_restart_of_compute_processes(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    w = c.start_worker(processes=1)
+    with c.master() as m:
+        c.wait_slots(m, 1)
+        for _ in range(3):
+            pid = m.submit("pid").result(timeout=30)
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda p=pid: c.compute_pids(w) and p not in c.compute_pids(w), what="replacement")
+        assert m.submit("echo", "alive").result(timeout=30) == "alive"
