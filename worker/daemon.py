@@ -37,6 +37,7 @@ from ndpipe.worker import compute
 from ndpipe.worker.pool import Job, Pool
 
 log = logging.getLogger("ndpipe.worker")
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_QUICK_DEATHS = 5  # children dying before HELLO in a row: the handlers cannot even load
 
 
@@ -50,6 +51,8 @@ class WorkerDaemon:
         for spec in self.services.values():
             compute.resolve(spec)  # fail at start, with the handler named, not in every child
         self.pool = Pool(self.cfg.effective_processes)
+        for var in BLAS_THREAD_VARS:  # children inherit: one compute process per core, no oversubscription
+            os.environ.setdefault(var, "1")
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._tmp = tempfile.mkdtemp(prefix="ndpipe-worker-")

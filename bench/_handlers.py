@@ -1,0 +1,26 @@
+"""Handlers for the benchmarks (``ndpipe.bench._handlers:NAME``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def stamped_sleep(seconds: float, marker_dir: str = "") -> dict[str, Any]:
+    """Sleep ``seconds``; return when this run started and which process ran it.
+
+    ``start`` is ``time.monotonic()``: on Linux that is CLOCK_MONOTONIC, one clock for the whole host,
+    so it compares with the master's reading in another process (and, unlike ``time.time()``, an NTP
+    step cannot move it). With ``marker_dir``, a file named after this pid is written at start so the
+    benchmark knows, while the task still runs, which compute process to kill.
+    """
+    start = time.monotonic()
+    pid = os.getpid()
+    if marker_dir:
+        path = os.path.join(marker_dir, str(pid))
+        with open(path + ".tmp", "w") as f:
+            f.write(repr(start))
+        os.replace(path + ".tmp", path)  # the reader never sees a half-written file
+    time.sleep(seconds)
+    return {"start": start, "pid": pid, "ppid": os.getppid()}

@@ -1,0 +1,98 @@
+"""The `ndpipe` command as a user runs it: exit codes, messages, submit/status/master/demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import FAST
+
+pytestmark = pytest.mark.timeout(120)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def ndpipe(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "ndpipe.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def cluster(make_cluster):  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 2)
+    return c
+
+
+def test_config_check_and_show() -> None:
+    done = ndpipe("config", "check", "--config", str(REPO / "config.yaml"))
+    assert done.returncode == 0 and "OK" in done.stdout
+    shown = ndpipe("config", "show", env={"NDPIPE_BROKER__HEARTBEAT_INTERVAL": "0.5"})
+    assert shown.returncode == 0 and "heartbeat_interval: 0.5" in shown.stdout
+
+
+def test_invalid_config_names_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("broker:\n  heartbeat_interval: fast\n  frontend: tcp://nowhere\n")
+    done = ndpipe("broker", "--config", str(bad))
+    assert done.returncode == 2
+    assert "bad.yaml" in done.stderr and "broker.heartbeat_interval" in done.stderr
+    assert "broker.frontend" in done.stderr
+
+
+def test_worker_with_unimportable_handler_fails_at_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("worker:\n  processes: 1\n  services:\n    x: no_such_module.sub:fn\n")
+    done = ndpipe("worker", "--config", str(cfg))
+    assert done.returncode == 2 and "no_such_module" in done.stderr
+
+
+def test_submit_scatters_an_npy_file(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(3).standard_normal((500, 8))
+    np.save(tmp_path / "x.npy", x)
+    done = ndpipe("submit", "normalize", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                  "--shards", "5", "--config", str(cluster.config_path))
+    assert done.returncode == 0, done.stderr
+    y = np.load(tmp_path / "y.npy")
+    assert np.allclose(y, (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True))
+    assert "5/5" in done.stderr  # the progress bar reached the end
+
+
+def test_submit_reports_a_task_error(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    np.save(tmp_path / "x.npy", np.zeros((4, 2)))
+    done = ndpipe("submit", "fail", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                  "--shards", "2", "--config", str(cluster.config_path), "--quiet")
+    assert done.returncode == 1 and "HANDLER_ERROR" in done.stderr and "remote traceback" in done.stderr
+
+
+def test_status_shows_workers(cluster) -> None:  # type: ignore[no-untyped-def]
+    done = ndpipe("status", "--config", str(cluster.config_path))
+    assert done.returncode == 0 and "echo" in done.stdout
+    data = json.loads(ndpipe("status", "--json", "--config", str(cluster.config_path)).stdout)
+    assert data["workers"][0]["slots"] == 2 and data["workers"][0]["info"]["processes"] == 2
+
+
+def test_status_without_broker_exits_3(tmp_short: Path) -> None:
+    done = ndpipe("status", "--broker", f"ipc://{tmp_short}/nobody", "--timeout", "1")
+    assert done.returncode == 3 and "no status" in done.stderr
+
+
+def test_master_runs_a_job_function(cluster) -> None:  # type: ignore[no-untyped-def]
+    done = ndpipe("master", "ndpipe.examples.jobs:normalize_random", "300", "3", "--config", str(cluster.config_path))
+    assert done.returncode == 0, done.stderr
+    assert "normalized 300 rows in 3 shards: OK" in done.stdout
+
+
+def test_demo_runs_and_checks_its_result() -> None:
+    done = ndpipe("demo", "--rows", "2048", "--shards", "8", timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "result matches the single-process forward pass" in done.stdout
