@@ -112,3 +112,57 @@ def test_pool_survives_worker_restart_of_compute_processes(make_cluster) -> None
             os.kill(pid, signal.SIGKILL)
             wait_until(lambda p=pid: c.compute_pids(w) and p not in c.compute_pids(w), what="replacement")
         assert m.submit("echo", "alive").result(timeout=30) == "alive"
+
+
+def test_busy_worker_keeps_heartbeating(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # Given liveness of 0.6 s, When a handler holds the GIL in a Python loop for 2 s
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 2, service="spin")
+        futs = [m.submit("spin", 2.0) for _ in range(2)]
+        assert all(f.result(timeout=30) > 0 for f in futs)
+        # Then the worker was never declared dead and nothing ran twice
+        status = m.status()
+        assert status["counters"]["requeued"] == 0 and len(status["workers"]) == 1
+
+
+def test_killed_master_loses_its_queued_tasks(make_cluster, tmp_short) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    script = tmp_short / "m.py"
+    script.write_text(
+        "import sys\nfrom ndpipe import Master\n"
+        "with Master(sys.argv[1]) as m:\n"
+        "    futs = [m.submit('nobody', i) for i in range(500)]\n"
+        "    print('submitted', flush=True)\n"
+        "    futs[0].result()\n")
+    with subprocess.Popen([sys.executable, str(script), c.frontend], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+            with c.master() as m:
+                wait_until(lambda: m.status()["services"].get("nobody", {}).get("queued") == 500, what="queued")
+                kill9(proc.pid)
+                wait_until(lambda: m.status()["tasks"] == 0, timeout=10, what="broker to drop the dead master's tasks")
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_small_job_is_not_starved_by_a_big_one(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=FAST)
+    c.start_broker()
+    c.start_worker(processes=1)
+    with c.master() as big, c.master() as small:
+        c.wait_slots(big, 1, service="sleep")
+        big_futs = [big.submit("sleep", 0.01, i) for i in range(300)]
+        wait_until(lambda: big.status()["services"]["sleep"]["queued"] > 250, what="big job queued")
+        small_futs = [small.submit("sleep", 0.01, i) for i in range(5)]
+        assert [f.result(timeout=30) for f in small_futs] == list(range(5))
+        # the small job finished while most of the big one was still waiting
+        assert sum(f.done() for f in big_futs) < 100
+        assert [f.result(timeout=60) for f in big_futs] == list(range(300))
