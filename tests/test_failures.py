@@ -60,6 +60,7 @@ def test_worker_stopped_gracefully_mid_job(make_cluster) -> None:  # type: ignor
         assert w1.wait(30) == 0  # it finished its running tasks and left cleanly
         assert [f.result(timeout=60) for f in futs] == list(range(40))
         assert m.status()["counters"]["failed"] == 0
+    assert "disconnected; 0 tasks handed back" in c.logs()  # it said goodbye, it was not timed out
 
 
 def test_broker_killed_and_restarted_mid_job(make_cluster) -> None:  # type: ignore[no-untyped-def]
@@ -166,3 +167,22 @@ def test_small_job_is_not_starved_by_a_big_one(make_cluster) -> None:  # type: i
         # the small job finished while most of the big one was still waiting
         assert sum(f.done() for f in big_futs) < 100
         assert [f.result(timeout=60) for f in big_futs] == list(range(300))
+
+
+def test_stopping_worker_hands_back_what_it_cannot_finish(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # Given workers that wait at most 0.3 s for running tasks when stopped
+    c = make_cluster(broker={**FAST, "max_attempts": 1}, worker={"drain_timeout": 0.3})
+    c.start_broker()
+    w1 = c.start_worker(processes=1)
+    c.start_worker(processes=1)
+    with c.master() as m:
+        c.wait_slots(m, 2, service="sleep")
+        futs = [m.submit("sleep", 1.5, i) for i in range(2)]
+        wait_until(lambda: all(w["stats"].get("running") == 1 for w in m.status()["workers"]), what="both running")
+        # When one is stopped mid-task
+        w1.send_signal(signal.SIGTERM)
+        assert w1.wait(30) == 0
+        # Then its task is handed back and reruns elsewhere; with max_attempts 1 that proves
+        # a hand-back does not count as a failed attempt
+        assert [f.result(timeout=30) for f in futs] == [0, 1]
+    assert "disconnected; 1 tasks handed back" in c.logs()

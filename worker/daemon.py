@@ -286,7 +286,7 @@ class WorkerDaemon:
                 proc.kill()
                 proc.join(1.0)
         if self.sock is not None:
-            self.sock.close(linger=0)
+            self.sock.close(linger=1000)  # let the last results and DISCONNECT reach the broker
         self.children.close(linger=0)
         if self._own_ctx:
             self.ctx.term()
