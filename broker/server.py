@@ -20,7 +20,7 @@ from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig
 from ndpipe.errors import ProtocolError
 from ndpipe.runtime import StopSignal
-from ndpipe.transport import configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 
 log = logging.getLogger("ndpipe.broker")
 
@@ -41,8 +41,7 @@ class Broker:
         self.backend = self._router()
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
-        self._malformed = 0
-        self._next_warn = 0.0
+        self._malformed = Throttle(log)
 
     def _router(self) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -52,8 +51,8 @@ class Broker:
         """Bind both endpoints (``tcp://127.0.0.1:0`` picks a free port; see ``*_endpoint``)."""
         self.frontend.bind(self.cfg.frontend)
         self.backend.bind(self.cfg.backend)
-        self.frontend_endpoint = self.frontend.last_endpoint.decode()
-        self.backend_endpoint = self.backend.last_endpoint.decode()
+        self.frontend_endpoint = frame_bytes(self.frontend.last_endpoint).decode()
+        self.backend_endpoint = frame_bytes(self.backend.last_endpoint).decode()
         log.info("broker %s: masters on %s, workers on %s", self.state.broker_id.hex(),
                  self.frontend_endpoint, self.backend_endpoint)
 
@@ -74,7 +73,7 @@ class Broker:
         next_beat = time.monotonic() + interval
         while not stop.requested:
             timeout = max(0.0, next_beat - time.monotonic())
-            events = dict(poller.poll(timeout * 1000))
+            events = dict(poller.poll(int(timeout * 1000)))
             if stop.fd in events:
                 stop.clear()
             if self.frontend in events:
@@ -82,10 +81,13 @@ class Broker:
             if self.backend in events:
                 self._drain(self.backend, self._on_worker)
             now = time.monotonic()
-            if now >= next_beat:
-                self._housekeeping(now)
-                next_beat = now + interval
-            self._flush(now)
+            try:
+                if now >= next_beat:
+                    self._housekeeping(now)
+                    next_beat = now + interval
+                self._flush(now)
+            except Exception:  # a bug must not stop the broker; the next pass retries
+                log.exception("error in dispatch or housekeeping")
         c = self.state.counters
         log.info("broker stopping: %d completed, %d failed, %d requeued, %d queued, %d in flight",
                  c["completed"], c["failed"], c["requeued"],
@@ -109,11 +111,7 @@ class Broker:
                 log.exception("error while handling a message")
 
     def _malformed_msg(self, exc: Exception) -> None:
-        self._malformed += 1
-        now = time.monotonic()
-        if now >= self._next_warn:
-            log.warning("dropped malformed message (%d so far): %s", self._malformed, exc)
-            self._next_warn = now + 5.0
+        self._malformed.warning("dropped malformed message: %s", exc)
 
     # ---- masters --------------------------------------------------------------------------------
     def _on_master(self, frames: list[zmq.Frame]) -> None:
@@ -147,8 +145,8 @@ class Broker:
         try:
             if len(msg) < 6:
                 raise ProtocolError(f"SUBMIT needs at least 6 frames, got {len(msg)}")
-            if len(msg) - 5 > self.cfg.max_frames:
-                raise ProtocolError(f"SUBMIT has {len(msg) - 5} payload frames (limit {self.cfg.max_frames})")
+            if len(msg) - 6 > self.cfg.max_frames:
+                raise ProtocolError(f"SUBMIT has {len(msg) - 6} payload buffer frames (limit {self.cfg.max_frames})")
             service = P.service_of(msg[2])
             timeout_ms, max_attempts, _flags = P.parse_options(msg[4])
         except ProtocolError as exc:
@@ -183,28 +181,34 @@ class Broker:
         if command == P.READY:
             self._on_ready(wid, msg, now)
             return
-        if not self.state.worker_seen(wid, now):
-            if command != P.DISCONNECT:
-                self._to_worker(wid, [P.WORKER, P.DISCONNECT])
-            return
+        known = self.state.worker_seen(wid, now)
         if command == P.W_RESULT:
-            P.check_header(msg, P.WORKER, 4)
-            task = self.state.complete(wid, P.task_id_of(msg[2]))
-            if task is not None:
-                self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *msg[3:]])
+            self._on_worker_result(wid, msg)
         elif command == P.W_ERROR:
             self._on_worker_error(wid, msg, now)
+        elif command == P.DISCONNECT:
+            if known:
+                handed = self.state.worker_gone(wid, now, penalize=False)
+                log.info("worker %s disconnected; %d tasks handed back", wid.hex(), len(handed))
+            return
         elif command == P.HEARTBEAT:
-            if len(msg) > 2:
+            if known and len(msg) > 2:
                 self.state.worker_seen(wid, now, unpack_map(frame_bytes(msg[2])))
         elif command == P.DRAIN:
-            self.state.worker_drain(wid)
-            log.info("worker %s draining", wid.hex())
-        elif command == P.DISCONNECT:
-            handed = self.state.worker_gone(wid, now, penalize=False)
-            log.info("worker %s disconnected; %d tasks handed back", wid.hex(), len(handed))
+            if known:
+                self.state.worker_drain(wid)
+                log.info("worker %s draining", wid.hex())
         else:
             raise ProtocolError(f"unknown worker command {command!r}")
+        if not known:  # it lost us or we lost it: tell it to register again
+            self._to_worker(wid, [P.WORKER, P.DISCONNECT])
+
+    def _on_worker_result(self, wid: bytes, msg: list[zmq.Frame]) -> None:
+        """Accepted even from a forgotten worker: the first answer wins."""
+        P.check_header(msg, P.WORKER, 4)
+        task = self.state.complete(wid, P.task_id_of(msg[2]))
+        if task is not None:
+            self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *msg[3:]])
 
     def _on_worker_error(self, wid: bytes, msg: list[zmq.Frame], now: float) -> None:
         P.check_header(msg, P.WORKER, 5)
@@ -268,12 +272,12 @@ class Broker:
 def serve(config: BrokerConfig, stop: StopSignal | None = None, ready: Any = None) -> None:
     """Entry point used by the CLI and tests: bind, serve until signalled, close."""
     broker = Broker(config)
-    try:
-        broker.bind()
-        if ready is not None:
-            ready(broker)
-        with stop or StopSignal() as sig:
+    with stop or StopSignal() as sig:
+        try:
+            broker.bind()
+            if ready is not None:
+                ready(broker)
             broker.run(sig)
-    finally:
-        broker.close()
+        finally:
+            broker.close()
 

@@ -292,17 +292,18 @@ class BrokerState:
 
     # ---- results --------------------------------------------------------------------------------
     def _release(self, wid: bytes, tid: bytes) -> Task | None:
+        """Free the reporting worker's slot; return the task if the broker still holds it."""
         rec = self.workers.get(wid)
         if rec is not None and tid in rec.inflight:
             rec.inflight.discard(tid)
-            for service in rec.services:
-                self._dirty.add(service)
-        task = self.tasks.get(tid)
-        if task is None:
-            return None
-        if task.state == QUEUED:  # a late answer for a requeued task: take it
+            self._dirty.update(rec.services)
+        return self.tasks.get(tid)
+
+    def _settle(self, task: Task) -> None:
+        """The task has its answer: take it out of its queue if it was waiting again, forget it."""
+        if task.state == QUEUED:  # a late answer for a requeued task: first answer wins
             self.queues[task.service].discard()
-        return task
+        self._finish(task)
 
     def complete(self, wid: bytes, tid: bytes) -> Task | None:
         """A worker answered; return the task to deliver, or None if nobody waits for it any more.
@@ -311,14 +312,14 @@ class BrokerState:
         """
         task = self._release(wid, tid)
         if task is not None:
-            self._finish(task)
+            self._settle(task)
             self.counters["completed"] += 1
         return task
 
     def fail(self, wid: bytes, tid: bytes, code: str, now: float) -> Task | None:
         """A worker reported an error. CRASHED is retried (attempt check); others go to the master.
 
-        Returns the task whose error must be forwarded, or None (requeued or unknown).
+        Returns the task whose error must be forwarded, or None (requeued, stale or unknown).
         """
         task = self._release(wid, tid)
         if task is None:
@@ -326,8 +327,8 @@ class BrokerState:
         if code == P.CRASHED:
             if task.state == INFLIGHT and task.worker == wid:
                 self._requeue(task, True, "compute process died while running the task")
-            return None
-        self._finish(task)
+            return None  # a stale crash report (the task already moved on) changes nothing
+        self._settle(task)
         self.counters["failed"] += 1
         return task
 
@@ -399,12 +400,16 @@ class BrokerState:
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A plain-data view for STATUS replies and logs."""
+        inflight: dict[str, int] = {}
+        for task in self.tasks.values():
+            if task.state == INFLIGHT:
+                inflight[task.service] = inflight.get(task.service, 0) + 1
         services: dict[str, dict[str, int]] = {}
         for name in set(self.queues) | set(self.by_service):
             peers = self.by_service.get(name, [])
             services[name] = {
                 "queued": len(self.queues.get(name) or ()),
-                "inflight": sum(len(w.inflight) for w in peers),
+                "inflight": inflight.get(name, 0),
                 "workers": len(peers),
                 "slots": sum(w.slots for w in peers),
             }

@@ -8,6 +8,7 @@ in order, and the result is checked against the same forward pass computed here 
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import tempfile
 import time
 from typing import Any
@@ -25,7 +26,9 @@ HANDLER = "ndpipe.examples.handlers:mlp_forward"
 def _broker(cfg: BrokerConfig) -> None:
     from ndpipe.broker import serve
     from ndpipe.logsetup import setup_logging
+    from ndpipe.worker.compute import die_with_parent
 
+    die_with_parent()  # a demo killed outright must not leave its daemons behind
     setup_logging("WARNING")
     serve(cfg)
 
@@ -33,9 +36,15 @@ def _broker(cfg: BrokerConfig) -> None:
 def _worker(cfg: WorkerConfig) -> None:
     from ndpipe.logsetup import setup_logging
     from ndpipe.worker import serve
+    from ndpipe.worker.compute import die_with_parent
 
+    die_with_parent()
     setup_logging("WARNING")
     serve(cfg)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def wait_for_slots(master: Any, service: str, slots: int, timeout: float = 60.0) -> None:
@@ -64,6 +73,7 @@ def run_demo(workers: int = 2, processes: int = 1, rows: int = 16384, shards: in
         for proc in procs:
             proc.start()
         try:
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # run the clean-up below on SIGTERM too
             print(f"ndpipe demo: broker + {workers} worker(s) × {processes} compute process(es) on ipc://{tmp}")
             with Master(bcfg.frontend, config=MasterConfig(broker=bcfg.frontend)) as master:
                 wait_for_slots(master, SERVICE, workers * processes)
@@ -77,6 +87,7 @@ def run_demo(workers: int = 2, processes: int = 1, rows: int = 16384, shards: in
             expected = mlp_forward(x)
             local = time.perf_counter() - t1
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             for proc in procs:
                 proc.terminate()
             for proc in procs:

@@ -92,14 +92,8 @@ class BadRequest(TaskError):
     code = "BAD_REQUEST"
 
 
-class TaskCancelled(TaskError):
-    """The task was cancelled before it ran."""
-
-    code = "CANCELLED"
-
-
 _BY_CODE: dict[str, type[TaskError]] = {
-    cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest, TaskCancelled)
+    cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest)
 }
 
 

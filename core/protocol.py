@@ -29,7 +29,7 @@ CANCEL: Final = b"\x02"  # M->B  task_id
 PING: Final = b"\x03"  # M->B  (nothing)
 STATUS: Final = b"\x04"  # M->B  (nothing)
 BYE: Final = b"\x05"  # M->B  (nothing): the master leaves; its queued tasks are dropped
-PONG: Final = b"\x06"  # B->M  broker_id
+PONG: Final = b"\x06"  # B->M  session token (16 bytes), interval_ms (u32 big-endian)
 RESULT: Final = b"\x07"  # B->M  task_id, payload...
 ERROR: Final = b"\x08"  # B->M  task_id, code, details
 STATUS_REPLY: Final = b"\x09"  # B->M  body (msgpack map)
@@ -54,10 +54,9 @@ TIMEOUT: Final = "TIMEOUT"  # the task's timeout passed
 MAX_ATTEMPTS: Final = "MAX_ATTEMPTS"  # the task was lost with its worker max_attempts times
 QUEUE_FULL: Final = "QUEUE_FULL"  # the service's queue is at its bound
 BAD_REQUEST: Final = "BAD_REQUEST"  # malformed submission or undecodable payload; not retried
-CANCELLED: Final = "CANCELLED"  # cancelled while queued
 CRASHED: Final = "CRASHED"  # W->B only: the compute process died; the broker retries
 ERROR_CODES: Final = frozenset(
-    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CANCELLED, CRASHED}
+    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED}
 )
 
 # --- fixed binary fields --------------------------------------------------------------------------
@@ -77,7 +76,7 @@ MAX_QUEUED: Final = 100_000  # tasks per service
 
 # --- daemon <-> compute process (internal, one host, ipc) -----------------------------------------
 C_HELLO: Final = b"H"  # C->D  the compute process is ready
-C_TASK: Final = b"T"  # D->C  task_id, service, timeout_ms, payload...
+C_TASK: Final = b"T"  # D->C  task_id, service, payload... (the daemon enforces deadlines)
 C_RESULT: Final = b"R"  # C->D  task_id, payload...
 C_ERROR: Final = b"E"  # C->D  task_id, code, details
 
@@ -124,7 +123,8 @@ def parse_options(frame: Frame) -> tuple[int, int, int]:
     raw = _b(frame)
     if len(raw) != OPTIONS.size:
         raise ProtocolError(f"options frame must be {OPTIONS.size} bytes, got {len(raw)}")
-    return OPTIONS.unpack(raw)  # type: ignore[return-value]
+    timeout_ms, max_attempts, flags = OPTIONS.unpack(raw)
+    return timeout_ms, max_attempts, flags
 
 
 def parse_meta(frame: Frame) -> tuple[int, int]:
@@ -132,12 +132,17 @@ def parse_meta(frame: Frame) -> tuple[int, int]:
     raw = _b(frame)
     if len(raw) != META.size:
         raise ProtocolError(f"meta frame must be {META.size} bytes, got {len(raw)}")
-    return META.unpack(raw)  # type: ignore[return-value]
+    attempt, timeout_ms = META.unpack(raw)
+    return attempt, timeout_ms
 
 
 def error_code_of(frame: Frame) -> str:
-    """Validate an error code frame."""
-    code = _b(frame).decode("ascii", "replace")
-    if code not in ERROR_CODES:
-        raise ProtocolError(f"unknown error code {code[:32]!r}")
-    return code
+    """Validate an error code frame: 1..32 upper-case ASCII letters and underscores.
+
+    Codes outside ERROR_CODES are forwarded as they are (the master raises a plain TaskError), so a
+    newer worker's code never leaves a task hanging.
+    """
+    raw = _b(frame)
+    if not 0 < len(raw) <= 32 or not raw.replace(b"_", b"").isalpha() or not raw.isupper():
+        raise ProtocolError(f"bad error code {raw[:32]!r}")
+    return raw.decode("ascii")

@@ -34,9 +34,9 @@ import zmq
 
 from ndpipe import protocol as P
 from ndpipe.codec import decode, encode_call
-from ndpipe.config import MasterConfig
+from ndpipe.config import MAX_TIMEOUT, MasterConfig
 from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
-from ndpipe.transport import configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 
 log = logging.getLogger("ndpipe.master")
 
@@ -103,9 +103,13 @@ class Master:
         """Like :meth:`submit`, with per-task ``timeout`` (seconds) and ``max_attempts``."""
         if self._closed:
             raise NdpipeError("master is closed")
-        payload = encode_call(list(args), kwargs or {})
         timeout = self.timeout if timeout is None else timeout
         attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+        if not 0 <= attempts <= 0xFFFF:
+            raise ValueError(f"max_attempts must be in [0, 65535] (0 = broker default), got {attempts!r}")
+        payload = encode_call(list(args), kwargs or {})
         options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, 0)
         self._slots.acquire()
         future: Future[Any] = Future()
@@ -240,6 +244,8 @@ class _IOLoop:
         self.lost_since: float | None = None
         self.next_ping = now
         self.closing = False
+        self.malformed = Throttle(log)
+        self.dropped = Throttle(log)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -250,7 +256,7 @@ class _IOLoop:
             wake = self.next_ping
             if self.deadlines:
                 wake = min(wake, self.deadlines[0][0])
-            events = dict(poller.poll(max(0.0, wake - now) * 1000))
+            events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
             if self.m._wake_r in events:
                 try:
                     while os.read(self.m._wake_r, 4096):
@@ -272,7 +278,7 @@ class _IOLoop:
         try:
             send_frames(self.m._sock, frames, zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("broker link full: message held back until resend")
+            self.dropped.warning("broker link full: message dropped (tasks are resent after a reconnect)")
 
     def _submit(self, p: _Pending) -> None:
         options = p.options
@@ -311,7 +317,9 @@ class _IOLoop:
             except zmq.Again:
                 return
             except ProtocolError as exc:
-                log.warning("dropped malformed message from broker: %s", exc)
+                self.malformed.warning("dropped malformed message from broker: %s", exc)
+            except Exception:  # a bug handling one message must not kill the I/O thread
+                log.exception("error while handling a message from the broker")
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         command = P.check_header(frames, P.MASTER, 2)
@@ -329,31 +337,42 @@ class _IOLoop:
             except DecodeError as exc:
                 _resolve(p.future, error=exc)
         elif command == P.ERROR:
-            P.check_header(frames, P.MASTER, 5)
-            p = self.pending.pop(P.task_id_of(frames[2]), None)
-            if p is None:
-                return
-            try:
-                details = unpack_map(frame_bytes(frames[4]), 16 << 20)
-            except ProtocolError as exc:
-                details = {"message": f"undecodable error details: {exc}"}
-            code = frame_bytes(frames[3]).decode("ascii", "replace")
-            _resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
+            self._on_error(frames)
         elif command == P.PONG:
-            P.check_header(frames, P.MASTER, 4)
-            session = frame_bytes(frames[2])
-            self.interval = min(self.m.cfg.heartbeat_interval, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
-            self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
-            if self.session is not None and session != self.session:
-                log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
-                self._resend_all()
-            self.session = session
+            self._on_pong(frames)
         elif command == P.STATUS_REPLY:
+            P.check_header(frames, P.MASTER, 3)
             body = unpack_map(frame_bytes(frames[2]), 64 << 20)
             if self.status_waiters:
                 _resolve(self.status_waiters.popleft(), value=body)
         else:
             raise ProtocolError(f"unknown broker command {command!r}")
+
+    def _on_error(self, frames: list[zmq.Frame]) -> None:
+        P.check_header(frames, P.MASTER, 5)
+        p = self.pending.pop(P.task_id_of(frames[2]), None)
+        if p is None:
+            return
+        try:
+            details = unpack_map(frame_bytes(frames[4]), 16 << 20)
+        except ProtocolError as exc:
+            details = {"message": f"undecodable error details: {exc}"}
+        code = frame_bytes(frames[3]).decode("ascii", "replace")
+        _resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
+
+    def _on_pong(self, frames: list[zmq.Frame]) -> None:
+        P.check_header(frames, P.MASTER, 4)
+        session = frame_bytes(frames[2])
+        self.interval = min(self.m.cfg.heartbeat_interval, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
+        self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
+        if session != self.session:
+            # A new broker, or one that forgot us, holds none of our tasks; and before the first
+            # PONG, a broker that died unseen may have swallowed some. Resend: the broker drops
+            # duplicates of tasks it still holds.
+            if self.session is not None:
+                log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
+            self._resend_all()
+        self.session = session
 
     def _resend_all(self) -> None:
         for p in list(self.pending.values()):
@@ -388,6 +407,8 @@ class _IOLoop:
             poller.register(self.m._sock, zmq.POLLIN)
             self.heard = now  # give the new socket a full liveness period
             self._resend_all()
+            for _ in self.status_waiters:  # their requests died with the old socket
+                self._send([P.MASTER, P.STATUS])
         self._send([P.MASTER, P.PING])
         self.next_ping = now + self.interval
 

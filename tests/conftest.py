@@ -143,7 +143,8 @@ def make_cluster(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[Ca
     yield factory
     for cluster in clusters:
         cluster.stop()
-        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        reports = [getattr(request.node, f"rep_{when}", None) for when in ("setup", "call")]
+        if any(rep is not None and rep.failed for rep in reports):
             print(cluster.logs())
 
 

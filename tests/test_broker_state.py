@@ -240,3 +240,40 @@ def test_snapshot_is_plain_data() -> None:
     snap = s.snapshot(0.5)
     assert snap["services"]["svc"] == {"queued": 1, "inflight": 2, "workers": 1, "slots": 2}
     assert snap["workers"][0]["info"] == {"host": "h"}
+
+
+def test_stale_crash_report_for_a_requeued_task_changes_nothing() -> None:
+    # Given a task requeued after its worker was declared dead
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    s.expire(now=3.5)
+    assert s.tasks[b"a"].state == QUEUED and len(s.queues["svc"]) == 1
+    # When the old worker's compute process dies and reports CRASHED late
+    assert s.fail(b"w1", b"a", P.CRASHED, 3.6) is None
+    # Then the task is still queued, counted once, and dispatchable
+    assert len(s.queues["svc"]) == 1
+    s.worker_ready(b"w2", ["svc"], 1, now=3.7)
+    assert [t.tid for t, _ in s.dispatch(3.7)] == [b"a"]
+    assert s.master_gone(M1) == 0 and len(s.queues["svc"]) == 0
+
+
+def test_late_handler_error_for_a_requeued_task_settles_it() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    s.expire(now=3.5)
+    task = s.fail(b"w1", b"a", P.HANDLER_ERROR, 3.6)
+    assert task is not None and b"a" not in s.tasks and len(s.queues["svc"]) == 0
+
+
+def test_status_counts_inflight_per_service() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc", "other"], 4, now=0.0)
+    submit(s, b"a")
+    submit(s, b"b", service="other")
+    list(s.dispatch(0.0))
+    snap = s.snapshot(0.0)
+    assert snap["services"]["svc"]["inflight"] == 1 and snap["services"]["other"]["inflight"] == 1

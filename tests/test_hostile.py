@@ -76,7 +76,7 @@ def test_bad_submit_with_task_id_gets_bad_request(cluster, raw) -> None:  # type
         b"bad-options": [P.MASTER, P.SUBMIT, b"echo", b"bad-options", b"\x00\x01", b"payload"],
         b"no-payload": [P.MASTER, P.SUBMIT, b"echo", b"no-payload", P.OPTIONS.pack(0, 0, 0)],
         b"bad-service": [P.MASTER, P.SUBMIT, b"\xff\xfe", b"bad-service", P.OPTIONS.pack(0, 0, 0), b"p"],
-        b"too-many": [P.MASTER, P.SUBMIT, b"echo", b"too-many", P.OPTIONS.pack(0, 0, 0)] + [b"p"] * 17,
+        b"too-many": [P.MASTER, P.SUBMIT, b"echo", b"too-many", P.OPTIONS.pack(0, 0, 0)] + [b"p"] * 18,
     }
     for frames in cases.values():
         front.send_multipart(frames)
@@ -89,7 +89,7 @@ def test_bad_submit_with_task_id_gets_bad_request(cluster, raw) -> None:  # type
     assert all(code == P.BAD_REQUEST for code, _ in answers.values())
     assert "options frame" in answers[b"bad-options"][1]
     assert "UTF-8" in answers[b"bad-service"][1]
-    assert "payload frames" in answers[b"too-many"][1]
+    assert "buffer frames" in answers[b"too-many"][1]
 
 
 def test_unknown_worker_is_told_to_register(cluster, raw) -> None:  # type: ignore[no-untyped-def]

@@ -54,3 +54,18 @@ def test_cancel_waiting_and_running() -> None:
     slot = pool.cancel(b"a")
     assert slot is not None and slot.reported
     assert pool.finished(0, b"a") is None  # answer after cancel is not forwarded
+    pool.add(Job(b"c", "svc", [], None))
+    assert pool.next_start(0.0) is None  # the slot stays busy until its process is gone
+    assert pool.died(0) is None
+    pool.child_ready(0)
+    assert pool.next_start(0.0)[1].tid == b"c"  # type: ignore[index]
+
+
+def test_job_for_a_vanished_process_goes_back_to_the_front() -> None:
+    pool = Pool(1)
+    pool.child_ready(0)
+    pool.add(Job(b"a", "svc", [], None))
+    pool.add(Job(b"b", "svc", [], None))
+    pool.next_start(0.0)
+    pool.requeue(0)
+    assert [j.tid for j in pool.pending] == [b"a", b"b"] and not pool.slots[0].ready

@@ -49,7 +49,7 @@ def resolve(spec: str) -> Handler:
     return obj  # type: ignore[no-any-return]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to SIGKILL us when the daemon dies, so no orphan keeps computing."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -68,7 +68,9 @@ def error_frames(tid: bytes, code: str, exc: BaseException, with_tb: bool = True
     return [P.C_ERROR, tid, code.encode(), msgpack.packb(details, use_bin_type=True, default=repr)]
 
 
-def run_task(handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any]) -> list[Any]:
+def run_task(
+    handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any], max_frames: int = P.MAX_FRAMES
+) -> list[Any]:
     """Decode, call, encode; every failure becomes an error message, never an exception."""
     handler = handlers.get(service)
     if handler is None:
@@ -82,15 +84,18 @@ def run_task(handlers: dict[str, Handler], tid: bytes, service: str, payload: li
     except Exception as exc:
         return error_frames(tid, P.HANDLER_ERROR, exc)
     try:
-        return [P.C_RESULT, tid, *encode(result)]
+        frames = encode(result)
+        if len(frames) - 1 > max_frames:
+            raise EncodeError(f"{len(frames) - 1} large arrays (buffer frames) exceed max_frames {max_frames}")
+        return [P.C_RESULT, tid, *frames]
     except EncodeError as exc:
         wrapped = EncodeError(f"result of service {service!r} cannot be sent: {exc}")
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
 
 
-def main(endpoint: str, index: int, services: dict[str, str], parent: int) -> None:
+def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES) -> None:
     """Process entry point (spawned by the daemon)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     handlers = {name: resolve(spec) for name, spec in services.items()}
     ctx = zmq.Context()
@@ -109,7 +114,7 @@ def main(endpoint: str, index: int, services: dict[str, str], parent: int) -> No
                 log.error("compute %d: unexpected message of %d frames", index, len(frames))
                 continue
             tid, service = frames[1].bytes, frames[2].bytes.decode()
-            send_frames(sock, run_task(handlers, tid, service, frames[3:]))
+            send_frames(sock, run_task(handlers, tid, service, frames[3:], max_frames))
     finally:
         sock.close(linger=0)
         ctx.term()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import socket
-import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -32,7 +30,7 @@ from ndpipe import protocol as P
 from ndpipe.config import WorkerConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.runtime import StopSignal
-from ndpipe.transport import configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
 from ndpipe.worker.pool import Job, Pool
 
@@ -55,8 +53,8 @@ class WorkerDaemon:
             os.environ.setdefault(var, "1")
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
-        self._tmp = tempfile.mkdtemp(prefix="ndpipe-worker-")
-        self.child_endpoint = f"ipc://{self._tmp}/compute.sock"
+        # Linux abstract socket: nothing on disk to leave behind, even after kill -9.
+        self.child_endpoint = f"ipc://@ndpipe-worker-{os.getpid()}-{os.urandom(6).hex()}"
         self.children = configure(self.ctx.socket(zmq.ROUTER), hwm=10_000, router=True)
         self.children.bind(self.child_endpoint)
         self.procs: dict[int, BaseProcess] = {}
@@ -70,6 +68,8 @@ class WorkerDaemon:
         self.quick_deaths = 0
         self.poller = zmq.Poller()
         self._ps: dict[int, psutil.Process] = {}
+        self._malformed = Throttle(log)
+        self._dropped = Throttle(log)
         self._mp = mp.get_context("spawn")
 
     @property
@@ -80,7 +80,7 @@ class WorkerDaemon:
     def _spawn(self, index: int) -> None:
         proc = self._mp.Process(
             target=compute.main, name=f"ndpipe-compute-{index}",
-            args=(self.child_endpoint, index, self.services, os.getpid()),
+            args=(self.child_endpoint, index, self.services, os.getpid(), self.cfg.max_frames),
         )
         proc.start()
         self.procs[index] = proc
@@ -133,7 +133,12 @@ class WorkerDaemon:
         while (started := self.pool.next_start(now)) is not None:
             slot, job = started
             frames = [b"c%d" % slot.index, P.C_TASK, job.tid, job.service.encode(), *job.payload]
-            send_frames(self.children, frames)
+            try:
+                send_frames(self.children, frames, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # the process vanished between HELLO and now
+                log.warning("compute process %d unreachable (%s): task waits for another", slot.index, exc)
+                self.pool.requeue(slot.index, alive=isinstance(exc, zmq.Again))
+                break
 
     def _check_deadlines(self, now: float) -> None:
         for slot in self.pool.overdue(now):
@@ -157,6 +162,8 @@ class WorkerDaemon:
         info = {"services": sorted(self.services), "slots": self.slots, "processes": self.pool.size,
                 "host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
         self._send_broker([P.WORKER, P.READY, msgpack.packb(info)])
+        if self.draining:  # a re-registration while stopping must not attract new work
+            self._send_broker([P.WORKER, P.DRAIN])
         self.broker_deadline = now + max(self.interval * self.liveness, self.backoff)
         self.next_beat = now + self.interval
 
@@ -166,7 +173,7 @@ class WorkerDaemon:
         try:
             send_frames(self.sock, frames, zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("broker link full or down: message dropped (the broker will requeue)")
+            self._dropped.warning("broker link full: message to the broker dropped")
 
     def _on_broker(self, frames: list[zmq.Frame], now: float) -> None:
         command = P.check_header(frames, P.WORKER, 2)
@@ -192,6 +199,7 @@ class WorkerDaemon:
             log.warning("broker does not know this worker: registering again (%d waiting tasks dropped)", dropped)
             self._connect(now)
         elif command == P.W_CANCEL:
+            P.check_header(frames, P.WORKER, 3)
             slot = self.pool.cancel(P.task_id_of(frames[2]))
             if slot is not None:
                 self._kill_child(slot.index)
@@ -242,7 +250,7 @@ class WorkerDaemon:
             if self.draining and (not self.pool.busy or now >= drain_until):
                 break
             wake = min(self.next_beat, drain_until, self.pool.next_deadline() or float("inf"), now + 1.0)
-            events = dict(self.poller.poll(max(0.0, wake - now) * 1000))
+            events = dict(self.poller.poll(int(max(0.0, wake - now) * 1000)))
             now = time.monotonic()
             if stop.fd in events:
                 stop.clear()
@@ -267,7 +275,11 @@ class WorkerDaemon:
                 except zmq.Again:
                     break
                 except ProtocolError as exc:
-                    log.warning("dropped malformed message: %s", exc)
+                    self._malformed.warning("dropped malformed message: %s", exc)
+                except NdpipeError:
+                    raise
+                except Exception:  # a bug handling one message must not stop the worker
+                    log.exception("error while handling a message")
                 if sock.closed:  # DISCONNECT made us reconnect: the new socket is polled next pass
                     break
         for index, proc in list(self.procs.items()):
@@ -290,14 +302,13 @@ class WorkerDaemon:
         self.children.close(linger=0)
         if self._own_ctx:
             self.ctx.term()
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def serve(config: WorkerConfig, stop: StopSignal | None = None) -> None:
-    """Entry point for the CLI and tests."""
+    """Entry point for the CLI and tests. Signals stay handled until the clean-up is done."""
     daemon = WorkerDaemon(config)
-    try:
-        with stop or StopSignal() as sig:
+    with stop or StopSignal() as sig:
+        try:
             daemon.run(sig)
-    finally:
-        daemon.close()
+        finally:
+            daemon.close()

@@ -68,13 +68,26 @@ class Pool:
         return None
 
     def finished(self, index: int, tid: bytes) -> Job | None:
-        """A child answered; return its job if the answer is still wanted."""
+        """A child answered; return its job if the answer is still wanted.
+
+        A slot whose job was already reported (timeout, cancel) stays occupied: its process is
+        being killed, and only :meth:`died` frees it, so no new job is sent to a dying process.
+        """
         slot = self.slots[index]
         job = slot.job
-        if job is None or job.tid != tid:
+        if job is None or job.tid != tid or slot.reported:
             return None
         slot.job = None
-        return None if slot.reported else job
+        return job
+
+    def requeue(self, index: int, alive: bool = False) -> None:
+        """The job could not be handed to its process: put it back at the front. Unless the
+        process is known ``alive`` (a full pipe), the slot waits for a new HELLO."""
+        slot = self.slots[index]
+        if slot.job is not None:
+            self.pending.appendleft(slot.job)
+        slot.job = None
+        slot.ready = slot.ready and alive
 
     def died(self, index: int) -> Job | None:
         """A child died; return the job it was running unless its outcome was already reported."""
