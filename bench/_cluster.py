@@ -40,19 +40,24 @@ def _broker_main(cfg: BrokerConfig, level: str) -> None:
     serve(cfg)
 
 
-def _worker_main(cfg: WorkerConfig, level: str) -> None:
+def _worker_main(cfg: WorkerConfig, level: str, tmp: str) -> None:
     from ndpipe.logsetup import setup_logging
     from ndpipe.worker import serve
 
+    tempfile.tempdir = tmp  # the daemon's private ipc dir goes inside ours: removed even after kill -9
     setup_logging(level)
     serve(cfg)
 
 
-def stop_process(proc: BaseProcess, timeout: float = 10.0) -> None:
-    """SIGTERM, wait up to ``timeout`` s, then SIGKILL: by this process object's pid only."""
+def stop_process(proc: BaseProcess, timeout: float = 10.0, terminate: bool = True) -> None:
+    """SIGTERM (unless the caller sent it already), wait up to ``timeout`` s, then SIGKILL.
+
+    Only one SIGTERM: the daemons restore the default handler once their loop has ended, so a second
+    one would kill them in the middle of their own clean-up (compute processes, ipc temp dir).
+    """
     if proc.pid is None:
         return
-    if proc.is_alive():
+    if terminate and proc.is_alive():
         proc.terminate()
     proc.join(timeout)
     if proc.is_alive():
@@ -152,7 +157,7 @@ class LocalCluster:
     def add_worker(self, wait: bool = True) -> BaseProcess:
         """Start one more worker daemon; with ``wait``, block until the broker counts its slots."""
         before = self.registered_slots() if wait else 0
-        proc = self.ctx.Process(target=_worker_main, args=(self.wcfg, self.log_level),
+        proc = self.ctx.Process(target=_worker_main, args=(self.wcfg, self.log_level, self.tmp),
                                 name=f"ndpipe-bench-worker-{len(self.worker_procs)}")
         proc.start()
         self.worker_procs.append(proc)
@@ -160,7 +165,13 @@ class LocalCluster:
             self.wait_slots(before + self.slots_per_worker)
         return proc
 
-    def registered_slots(self, service: str = "echo", master: Any = None) -> int:
+    @property
+    def probe_service(self) -> str:
+        """The service whose slot count tells that workers registered (every worker offers all)."""
+        return "echo" if "echo" in self.services else next(iter(self.services))
+
+    def registered_slots(self, service: str | None = None, master: Any = None) -> int:
+        service = service or self.probe_service
         own = master is None
         m = self.master() if own else master
         try:
@@ -169,8 +180,9 @@ class LocalCluster:
             if own:
                 m.close()
 
-    def wait_slots(self, slots: int, service: str = "echo", master: Any = None) -> None:
+    def wait_slots(self, slots: int, service: str | None = None, master: Any = None) -> None:
         """Block until the broker reports exactly ``slots`` slots for ``service``."""
+        service = service or self.probe_service
         deadline = time.monotonic() + self.start_timeout
         own = master is None
         m = self.master() if own else master
@@ -220,8 +232,8 @@ class LocalCluster:
         for proc in self.worker_procs:
             if proc.pid is not None and proc.is_alive():
                 proc.terminate()
-        for proc in self.worker_procs:
-            stop_process(proc)
+        for proc in self.worker_procs:  # all drain at once; the SIGTERM was sent just above
+            stop_process(proc, terminate=False)
         if self.broker_proc is not None:
             stop_process(self.broker_proc)
         kill_pids(grandchildren)  # compute processes also die with their daemon (PR_SET_PDEATHSIG)

@@ -7,9 +7,9 @@ does the same hops with nothing but libzmq: a DEALER client (this process) → a
 ROUTER/DEALER device (its own process) → 2 DEALER echo processes. ndpipe is measured per message
 (``Master.submit`` × N, then wait for all) and through ``Master.map``, for each worker layout and
 prefetch. Each ndpipe figure is divided by a baseline run made just before it (timings on this
-machine drift by tens of percent from minute to minute, a ratio taken seconds apart much less).
+machine drift by up to 2× from minute to minute, a ratio taken seconds apart much less).
 
-CPU columns are user+system seconds per task from psutil, before/after each measurement: broker
+CPU columns are user+system CPU µs per task from psutil, before/after each measurement: broker
 (or proxy), worker daemons, compute (or echo) processes, and this process (master or raw client).
 """
 
@@ -203,46 +203,58 @@ def fmt_us(seconds: float) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'configuration':<34} {'tasks/s':>9} {'raw tasks/s':>11} {'ratio':>6} | CPU µs/task: "
-            f"{'broker':>7} {'w-daemon':>8} {'compute':>7} {'client':>7}")
+    head = (f"{'configuration':<38} {'tasks/s':>8} {'raw tasks/s':>11} {'ratio':>6} | CPU µs/task: "
+            f"{'broker':>7} {'daemons':>7} {'compute':>7} {'client':>7} {'total':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         raw = f"{r.raw_rate:11,.0f}" if r.raw_rate else f"{'':>11}"
         ratio = f"{r.ratio:6.3f}" if r.ratio else f"{'':>6}"
-        print(f"{r.name:<34} {r.rate:9,.0f} {raw} {ratio} |              "
-              f"{fmt_us(r.cpu['broker'])} {fmt_us(r.cpu['workers']):>8} {fmt_us(r.cpu['compute'])} "
-              f"{fmt_us(r.cpu['client'])}")
+        c = r.cpu
+        print(f"{r.name:<38} {r.rate:8,.0f} {raw} {ratio} |              {fmt_us(c['broker'])} "
+              f"{fmt_us(c['workers'])} {fmt_us(c['compute'])} {fmt_us(c['client'])} {fmt_us(sum(c.values()))}")
 
 
-def run(n: int, window: int, layouts: list[str], prefetches: list[int], modes: list[str]) -> list[Row]:
+# (layout, prefetch, modes): the default plan, chosen to fit in well under 2 minutes. ``map`` goes
+# through the same broker path as ``submit`` (only the client loop differs), so it is measured on
+# one layout; --all measures the full cross product.
+PLAN: list[tuple[str, int, tuple[str, ...]]] = [
+    ("2x1", 0, ("submit",)),
+    ("1x2", 0, ("submit", "map")),
+    ("2x1", 16, ("submit",)),
+    ("1x2", 16, ("submit", "map")),
+]
+
+
+def run(n: int, window: int, plan: list[tuple[str, int, tuple[str, ...]]], stop_and_wait: bool = True) -> list[Row]:
     rows: list[Row] = []
     print(machine_line())
     print(f"W1: {n:,} identity tasks of {len(PAYLOAD)} bytes, window {window}, 2 compute processes; "
           "each ndpipe row is divided by the raw run made just before it\n", flush=True)
     fns = {"submit": ndpipe_submit, "map": ndpipe_map}
+    raw_name = f"raw zmq.proxy, window {window}"
     with RawBaseline(workers=2) as raw:
         raw.run(min(n, 2000), window)  # warm-up
-        for layout in layouts:
+        if stop_and_wait:  # a reference: the same hops with only one task in flight per echo process
+            k = min(n, 5000)
+            rows.append(measure("raw zmq.proxy, window 2 (reference)", k, raw.pids(), lambda: raw.run(k, 2)))
+            print(f"  {rows[-1].name}: {rows[-1].rate:,.0f} tasks/s", flush=True)
+        for layout, prefetch, modes in plan:
             workers, processes = LAYOUTS[layout]
-            for prefetch in prefetches:
-                with LocalCluster(workers=workers, processes=processes, prefetch=prefetch) as cluster:
-                    with cluster.master(window=window) as master:
-                        ndpipe_submit(master, min(n, 2000))  # warm-up: imports, caches, connections
-                        for mode in modes:
-                            base = measure("raw zmq.proxy, 2 echo (DEALER)", n, raw.pids(),
-                                           lambda: raw.run(n, window))
-                            rows.append(base)
-                            label = f"ndpipe {mode:<6} {workers}w×{processes}p prefetch={prefetch}"
-                            row = measure(label, n, cluster.pids(), lambda m=master, f=fns[mode]: f(m, n))
-                            row.raw_rate = base.rate
-                            rows.append(row)
-                            print(f"  {label}: {row.rate:,.0f} tasks/s, raw {base.rate:,.0f} → "
-                                  f"ratio {row.ratio:.3f}; broker {row.cpu['broker'] * 1e6:.1f} µs/task", flush=True)
-                        status = master.status()
-                        c = status["counters"]
-                        if c["failed"] or c["requeued"]:
-                            print(f"  note: broker counters {c}")
+            with LocalCluster(workers=workers, processes=processes, prefetch=prefetch) as cluster:
+                with cluster.master(window=window) as master:
+                    ndpipe_submit(master, min(n, 2000))  # warm-up: imports, caches, connections
+                    for mode in modes:
+                        base = measure(raw_name, n, raw.pids(), lambda: raw.run(n, window))
+                        label = f"ndpipe {mode:<6} {workers}w×{processes}p prefetch={prefetch}"
+                        row = measure(label, n, cluster.pids(), lambda m=master, f=fns[mode]: f(m, n))
+                        row.raw_rate = base.rate
+                        rows += [base, row]
+                        print(f"  {label}: {row.rate:,.0f} tasks/s, raw {base.rate:,.0f} → "
+                              f"ratio {row.ratio:.3f}; broker {row.cpu['broker'] * 1e6:.1f} µs/task", flush=True)
+                    c = master.status()["counters"]
+                    if c["failed"] or c["requeued"]:
+                        print(f"  note: broker counters {c}")
     print()
     print_table(rows)
     return rows
@@ -252,15 +264,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--window", type=int, default=1000)
-    ap.add_argument("--layouts", default="2x1,1x2", help="worker daemons x processes: 2x1,1x2")
-    ap.add_argument("--prefetch", default="0,16", help="comma-separated worker prefetch values")
-    ap.add_argument("--modes", default="submit,map", help="submit,map")
+    ap.add_argument("--all", action="store_true",
+                    help="every layout × prefetch × mode (about 100 s here) instead of the default plan")
+    ap.add_argument("--layouts", help="only these layouts (daemons x processes), e.g. 2x1,1x2")
+    ap.add_argument("--prefetch", help="only these prefetch values, e.g. 0,16")
+    ap.add_argument("--modes", help="only these modes: submit,map")
+    ap.add_argument("--no-reference", action="store_true", help="skip the raw window-2 reference row")
     args = ap.parse_args(argv)
+    if args.all:
+        plan = [(lay, pf, ("submit", "map")) for lay in LAYOUTS for pf in (0, 16)]
+    else:
+        plan = list(PLAN)
+    if args.layouts:
+        plan = [p for p in plan if p[0] in args.layouts.split(",")]
+    if args.prefetch:
+        plan = [p for p in plan if p[1] in [int(x) for x in args.prefetch.split(",")]]
+    if args.modes:
+        keep = args.modes.split(",")
+        plan = [(lay, pf, tuple(m for m in modes if m in keep)) for lay, pf, modes in plan]
+        plan = [p for p in plan if p[2]]
     t0 = time.monotonic()
-    run(args.tasks, args.window, args.layouts.split(","), [int(p) for p in args.prefetch.split(",")],
-        args.modes.split(","))
-    print(f"\ntotal wall time {time.monotonic() - t0:.1f} s; machine load average "
-          f"{', '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
+    run(args.tasks, args.window, plan, stop_and_wait=not args.no_reference)
+    print(f"\ntotal wall time {time.monotonic() - t0:.1f} s; load average "
+          f"{', '.join(f'{x:.2f}' for x in psutil.getloadavg())} (other work on the machine skews every figure)")
     return 0
 
 
