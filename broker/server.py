@@ -24,6 +24,7 @@ from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, sen
 
 log = logging.getLogger("ndpipe.broker")
 
+EXPIRY_TICKS = 4  # expiry checks per heartbeat interval
 BATCH = 256  # messages read from one socket before looking at the other (fairness)
 
 
@@ -70,9 +71,10 @@ class Broker:
         poller.register(self.backend, zmq.POLLIN)
         poller.register(stop.fd, zmq.POLLIN)
         interval = self.cfg.heartbeat_interval
-        next_beat = time.monotonic() + interval
+        tick = interval / EXPIRY_TICKS  # expiry checks run finer than heartbeats: faster requeue
+        next_beat = next_tick = time.monotonic() + tick
         while not stop.requested:
-            timeout = max(0.0, next_beat - time.monotonic())
+            timeout = max(0.0, next_tick - time.monotonic())
             events = dict(poller.poll(int(timeout * 1000)))
             if stop.fd in events:
                 stop.clear()
@@ -82,8 +84,11 @@ class Broker:
                 self._drain(self.backend, self._on_worker)
             now = time.monotonic()
             try:
+                if now >= next_tick:
+                    self._expire(now)
+                    next_tick = now + tick
                 if now >= next_beat:
-                    self._housekeeping(now)
+                    self._heartbeat()
                     next_beat = now + interval
                 self._flush(now)
             except Exception:  # a bug must not stop the broker; the next pass retries
@@ -255,16 +260,18 @@ class Broker:
             return 0
         return max(1, int((task.deadline - now) * 1000))
 
-    def _housekeeping(self, now: float) -> None:
+    def _expire(self, now: float) -> None:
         dead, timed_out, gone = self.state.expire(now)
         for wid in dead:
-            log.warning("worker %s silent for %.1f s: declared dead, its tasks requeued", wid.hex(),
+            log.warning("worker %s silent for over %.1f s: declared dead, its tasks requeued", wid.hex(),
                         self.state.expiry)
         for task in timed_out:
             if task.worker is not None:
                 self._to_worker(task.worker, [P.WORKER, P.W_CANCEL, task.tid])
         for master in gone:
             log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
+
+    def _heartbeat(self) -> None:
         for wid in list(self.state.workers):
             self._to_worker(wid, [P.WORKER, P.HEARTBEAT])
 
