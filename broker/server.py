@@ -20,7 +20,7 @@ from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig
 from ndpipe.errors import ProtocolError
 from ndpipe.runtime import StopSignal
-from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import Throttle, TooManyFrames, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 
 log = logging.getLogger("ndpipe.broker")
 
@@ -43,6 +43,7 @@ class Broker:
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self._malformed = Throttle(log)
+        self._undeliverable = Throttle(log)
 
     def _router(self) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -105,6 +106,11 @@ class Broker:
                 frames = recv_bounded(sock, self.cfg.max_frames + 8)
             except zmq.Again:
                 return
+            except TooManyFrames as exc:
+                self._malformed_msg(exc)
+                if sock is self.frontend:
+                    self._refuse_oversized(exc.head, str(exc))
+                continue
             except ProtocolError as exc:
                 self._malformed_msg(exc)
                 continue
@@ -164,11 +170,23 @@ class Broker:
             details = {"message": f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"}
             self._error(ident, tid, code, details)
 
+    def _refuse_oversized(self, head: list[zmq.Frame], why: str) -> None:
+        """A SUBMIT over the frame cap still names its task: answer BAD_REQUEST, not silence."""
+        if len(head) >= 5 and head[1].bytes == P.MASTER and head[2].bytes == P.SUBMIT:
+            try:
+                tid = P.task_id_of(head[4])
+            except ProtocolError:
+                return
+            self._error(head[0].bytes, tid, P.BAD_REQUEST, {"message": f"SUBMIT {why} (broker.max_frames)"})
+
     def _to_master(self, ident: bytes, frames: list[Any]) -> bool:
         try:
             send_frames(self.frontend, [ident, *frames], zmq.NOBLOCK)
             return True
-        except (zmq.Again, zmq.ZMQError) as exc:  # EHOSTUNREACH: the master is gone
+        except zmq.Again:  # its pipe is full: only if master.window exceeds broker.hwm
+            self._undeliverable.warning("master %s not reading: a reply was dropped", ident.hex())
+            return False
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the master is gone; it resends if it returns
             log.debug("cannot reach master %s: %s", ident.hex(), exc)
             return False
 

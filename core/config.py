@@ -101,7 +101,7 @@ class BrokerConfig(BaseModel):
     model_config = _FROZEN
     frontend: BindEndpoint = "tcp://127.0.0.1:5555"
     backend: BindEndpoint = "tcp://127.0.0.1:5556"
-    heartbeat_interval: float = _num(protocol.HEARTBEAT_INTERVAL, gt=0, le=60)
+    heartbeat_interval: float = _num(protocol.HEARTBEAT_INTERVAL, ge=0.01, le=60)
     liveness: int = _num(protocol.LIVENESS, ge=2, le=100)
     max_attempts: int = _num(protocol.MAX_ATTEMPTS_DEFAULT, ge=1, le=100)
     max_queued: int = _num(protocol.MAX_QUEUED, ge=1)
@@ -169,10 +169,11 @@ class MasterConfig(BaseModel):
     broker: ConnectEndpoint = "tcp://127.0.0.1:5555"
     window: int = _num(1000, ge=1)
     timeout: Timeout = None
-    heartbeat_interval: float = _num(protocol.HEARTBEAT_INTERVAL, gt=0, le=60)
+    heartbeat_interval: float = _num(protocol.HEARTBEAT_INTERVAL, ge=0.01, le=60)
     liveness: int = _num(protocol.LIVENESS, ge=2, le=100)
     max_attempts: int = _num(0, ge=0, le=100)
     broker_timeout: Timeout = 60.0
+    max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
 
 
 class LoggingConfig(BaseModel):

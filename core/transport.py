@@ -37,6 +37,15 @@ def configure(
     return sock
 
 
+class TooManyFrames(ProtocolError):
+    """A message over the frame cap; ``head`` keeps its first frames so the receiver can still
+    name the task in an error reply."""
+
+    def __init__(self, message: str, head: list[zmq.Frame]) -> None:
+        super().__init__(message)
+        self.head = head
+
+
 def recv_bounded(sock: zmq.Socket[Any], max_frames: int) -> list[zmq.Frame]:
     """Read one multipart message without blocking, refusing more than ``max_frames`` frames.
 
@@ -52,7 +61,7 @@ def recv_bounded(sock: zmq.Socket[Any], max_frames: int) -> list[zmq.Frame]:
         else:
             too_many = True
     if too_many:
-        raise ProtocolError(f"message has more than {max_frames} frames")
+        raise TooManyFrames(f"message has more than {max_frames} frames", frames[:8])
     return frames
 
 

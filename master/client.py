@@ -33,9 +33,9 @@ import numpy as np
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import decode, encode_call
+from ndpipe.codec import Limits, decode, encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
-from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
+from ndpipe.errors import BrokerUnreachable, DecodeError, EncodeError, NdpipeError, ProtocolError, error_from_code
 from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 
 log = logging.getLogger("ndpipe.master")
@@ -101,8 +101,8 @@ class Master:
         max_attempts: int | None = None,
     ) -> Future[Any]:
         """Like :meth:`submit`, with per-task ``timeout`` (seconds) and ``max_attempts``."""
-        if self._closed:
-            raise NdpipeError("master is closed")
+        if self._closed or self._error is not None:
+            raise NdpipeError(f"master is closed{f' ({self._error})' if self._error else ''}")
         timeout = self.timeout if timeout is None else timeout
         attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
@@ -110,6 +110,9 @@ class Master:
         if not 0 <= attempts <= 0xFFFF:
             raise ValueError(f"max_attempts must be in [0, 65535] (0 = broker default), got {attempts!r}")
         payload = encode_call(list(args), kwargs or {})
+        if len(payload) - 1 > self.cfg.max_frames:
+            raise EncodeError(f"{len(payload) - 1} large arrays need as many frames; the limit is "
+                              f"max_frames = {self.cfg.max_frames} (broker.max_frames must allow it too)")
         options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, 0)
         self._slots.acquire()
         future: Future[Any] = Future()
@@ -150,9 +153,12 @@ class Master:
     ) -> np.ndarray:
         """Split ``array`` into ``shards`` along ``axis``, run ``service(shard, **kwargs)`` on each,
         and concatenate the results along ``axis`` (``progress(1)`` is called per finished shard)."""
+        array = np.asarray(array)
         if shards < 1:
             raise ValueError("shards must be >= 1")
-        pieces = np.array_split(np.asarray(array), min(shards, max(1, array.shape[axis])), axis=axis)
+        if array.ndim == 0 or not -array.ndim <= axis < array.ndim:
+            raise ValueError(f"cannot split an array of shape {array.shape} along axis {axis}")
+        pieces = np.array_split(array, min(shards, max(1, array.shape[axis])), axis=axis)
         futures = [self.call(service, (piece,), kwargs, timeout=timeout) for piece in pieces]
         if progress is not None:
             for future in futures:
@@ -170,12 +176,15 @@ class Master:
         try:
             return future.result(timeout)
         except TimeoutError as exc:
+            future.cancel()  # its waiter still takes the late reply, keeping replies in order
             raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
 
     def close(self) -> None:
         """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent."""
         if self._closed:
             return
+        if threading.current_thread() is self._thread:
+            raise NdpipeError("Master.close() cannot run inside a Future callback (the I/O thread)")
         self._closed = True
         self._post("close", None)
         self._thread.join()
@@ -211,10 +220,13 @@ class Master:
             self._started.set()
             return
         self._started.set()
+        loop = _IOLoop(self)
         try:
-            _IOLoop(self).run()
-        except Exception:
+            loop.run()
+        except Exception as exc:  # a bug: fail loudly rather than leave futures hanging
             log.exception("master I/O thread failed")
+            self._error = exc
+            loop._fail_all(NdpipeError(f"master I/O thread failed: {exc!r}"))
         finally:
             self._sock.close(linger=0)
             self._ctx.term()
@@ -246,6 +258,7 @@ class _IOLoop:
         self.closing = False
         self.malformed = Throttle(log)
         self.dropped = Throttle(log)
+        self.limits = Limits(max_frames=cfg.max_frames)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -312,7 +325,7 @@ class _IOLoop:
         sock = self.m._sock
         for _ in range(1024):
             try:
-                frames = recv_bounded(sock, P.MAX_FRAMES + 8)
+                frames = recv_bounded(sock, self.limits.max_frames + 8)
                 self._on_message(frames)
             except zmq.Again:
                 return
@@ -333,7 +346,7 @@ class _IOLoop:
             if p is None:
                 return  # an answer already delivered (task ran twice) or for a cancelled task
             try:
-                _resolve(p.future, value=decode(frames[3:]))
+                _resolve(p.future, value=decode(frames[3:], self.limits))
             except DecodeError as exc:
                 _resolve(p.future, error=exc)
         elif command == P.ERROR:
@@ -363,7 +376,8 @@ class _IOLoop:
     def _on_pong(self, frames: list[zmq.Frame]) -> None:
         P.check_header(frames, P.MASTER, 4)
         session = frame_bytes(frames[2])
-        self.interval = min(self.m.cfg.heartbeat_interval, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
+        broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
+        self.interval = min(self.m.cfg.heartbeat_interval, broker_interval)
         self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
         if session != self.session:
             # A new broker, or one that forgot us, holds none of our tasks; and before the first

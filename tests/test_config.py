@@ -172,7 +172,7 @@ def test_env_error_names_the_variable(tmp_path: Path) -> None:
     # Then the message names the variable, key, problem and value
     assert msg == (
         "environment variable NDPIPE_BROKER__HEARTBEAT_INTERVAL: broker.heartbeat_interval: "
-        "Input should be greater than 0 (got -1)"
+        "Input should be greater than or equal to 0.01 (got -1)"
     )
 
 
@@ -241,7 +241,7 @@ def test_unknown_key_message_matches_documented_form(tmp_path: Path, monkeypatch
     [
         (
             "broker:\n  heartbeat_interval: -1\n",
-            "broker.heartbeat_interval: Input should be greater than 0 (got -1)",
+            "broker.heartbeat_interval: Input should be greater than or equal to 0.01 (got -1)",
         ),
         ("broker:\n  liveness: many\n", "broker.liveness: Input should be a valid integer (got 'many')"),
         ("broker:\n  liveness: true\n", "broker.liveness: Input should be a valid integer (got True)"),

@@ -77,6 +77,7 @@ def test_bad_submit_with_task_id_gets_bad_request(cluster, raw) -> None:  # type
         b"no-payload": [P.MASTER, P.SUBMIT, b"echo", b"no-payload", P.OPTIONS.pack(0, 0, 0)],
         b"bad-service": [P.MASTER, P.SUBMIT, b"\xff\xfe", b"bad-service", P.OPTIONS.pack(0, 0, 0), b"p"],
         b"too-many": [P.MASTER, P.SUBMIT, b"echo", b"too-many", P.OPTIONS.pack(0, 0, 0)] + [b"p"] * 18,
+        b"far-too-many": [P.MASTER, P.SUBMIT, b"echo", b"far-too-many", P.OPTIONS.pack(0, 0, 0)] + [b"p"] * 500,
     }
     for frames in cases.values():
         front.send_multipart(frames)
@@ -90,6 +91,7 @@ def test_bad_submit_with_task_id_gets_bad_request(cluster, raw) -> None:  # type
     assert "options frame" in answers[b"bad-options"][1]
     assert "UTF-8" in answers[b"bad-service"][1]
     assert "buffer frames" in answers[b"too-many"][1]
+    assert "more than" in answers[b"far-too-many"][1]
 
 
 def test_unknown_worker_is_told_to_register(cluster, raw) -> None:  # type: ignore[no-untyped-def]

@@ -141,3 +141,15 @@ def _submit_raw(m, service: str, payload: list[bytes]):  # type: ignore[no-untyp
     fut.add_done_callback(lambda f: m._done(f, p.tid))
     m._post("submit", p)
     return fut
+
+
+def test_scatter_rejects_arrays_it_cannot_split(cluster) -> None:  # type: ignore[no-untyped-def]
+    with cluster.master() as m:
+        with pytest.raises(ValueError, match="axis"):
+            m.scatter("normalize", np.float64(3.0), shards=2)
+        with pytest.raises(ValueError, match="axis 2"):
+            m.scatter("normalize", np.zeros((4, 4)), shards=2, axis=2)
+        with pytest.raises(ValueError, match="shards"):
+            m.scatter("normalize", np.zeros((4, 4)), shards=0)
+        # more shards than rows: one shard per row
+        assert m.scatter("echo", np.arange(3.0), shards=10).tolist() == [0.0, 1.0, 2.0]

@@ -22,7 +22,7 @@ import msgpack
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import decode_call, encode
+from ndpipe.codec import Limits, decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError
 from ndpipe.transport import configure, send_frames
 
@@ -76,7 +76,7 @@ def run_task(
     if handler is None:
         return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
     try:
-        args, kwargs = decode_call(payload)
+        args, kwargs = decode_call(payload, Limits(max_frames=max_frames))
     except DecodeError as exc:
         return error_frames(tid, P.BAD_REQUEST, exc, False)
     try:

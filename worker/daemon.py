@@ -137,7 +137,10 @@ class WorkerDaemon:
                 send_frames(self.children, frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # the process vanished between HELLO and now
                 log.warning("compute process %d unreachable (%s): task waits for another", slot.index, exc)
-                self.pool.requeue(slot.index, alive=isinstance(exc, zmq.Again))
+                alive = isinstance(exc, zmq.Again)
+                self.pool.requeue(slot.index, alive=alive)
+                if not alive:  # unreachable yet maybe running: kill it so it is replaced
+                    self._kill_child(slot.index)
                 break
 
     def _check_deadlines(self, now: float) -> None:
