@@ -22,14 +22,16 @@ def echo(*args: Any) -> Any:
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray(a) @ np.asarray(b)
+    out: np.ndarray = np.asarray(a) @ np.asarray(b)
+    return out
 
 
 def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Zero mean, unit variance along ``axis`` (row-wise for a shard of rows)."""
     x = np.asarray(x, dtype=np.float64)
     std = x.std(axis=axis, keepdims=True)
-    return (x - x.mean(axis=axis, keepdims=True)) / np.where(std == 0, 1.0, std)
+    out: np.ndarray = (x - x.mean(axis=axis, keepdims=True)) / np.where(std == 0, 1.0, std)
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,7 +51,8 @@ def mlp_forward(x: np.ndarray, seed: int = 0, d_hidden: int = 512, d_out: int = 
     z = h @ w2 + b2
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 def fail(message: str = "boom") -> None:
