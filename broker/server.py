@@ -141,8 +141,9 @@ class Broker:
             P.check_header(msg, P.MASTER, 3)
             self.state.cancel(ident, P.task_id_of(msg[2]))
         elif command == P.STATUS:
+            request = frame_bytes(msg[2])[:64] if len(msg) > 2 else b""
             body = msgpack.packb(self.state.snapshot(now), use_bin_type=True)
-            self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body])
+            self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
         elif command == P.BYE:
             dropped = self.state.master_gone(ident)
             log.info("master %s left; %d queued tasks dropped", ident.hex(), dropped)
@@ -267,10 +268,17 @@ class Broker:
         for task, rec in self.state.dispatch(now):
             meta = P.META.pack(task.attempt, self._remaining_ms(task, now))
             frames = [P.WORKER, P.TASK, task.tid, task.service.encode(), meta, *task.payload]
-            if not self._to_worker(rec.wid, frames):
+            try:
+                send_frames(self.backend, [rec.wid, *frames], zmq.NOBLOCK)
+            except zmq.Again:  # its link is full: hand back this task, keep the worker
+                self.state.stall(task)
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: it is gone; requeue what it held
+                log.warning("worker %s unreachable (%s): its tasks requeued", rec.wid.hex(), exc)
                 self.state.worker_gone(rec.wid, now, penalize=False)
         for failure in self.state.take_failures():
             self._error(failure.task.master, failure.task.tid, failure.code, failure.details)
+        for wid, tid in self.state.take_cancels():
+            self._to_worker(wid, [P.WORKER, P.W_CANCEL, tid])
 
     @staticmethod
     def _remaining_ms(task: Task, now: float) -> int:
@@ -279,17 +287,15 @@ class Broker:
         return max(1, int((task.deadline - now) * 1000))
 
     def _expire(self, now: float) -> None:
-        dead, timed_out, gone = self.state.expire(now)
+        dead, gone = self.state.expire(now)
         for wid in dead:
             log.warning("worker %s silent for over %.1f s: declared dead, its tasks requeued", wid.hex(),
                         self.state.expiry)
-        for task in timed_out:
-            if task.worker is not None:
-                self._to_worker(task.worker, [P.WORKER, P.W_CANCEL, task.tid])
         for master in gone:
             log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
 
     def _heartbeat(self) -> None:
+        self.state.prune()
         for wid in list(self.state.workers):
             self._to_worker(wid, [P.WORKER, P.HEARTBEAT])
 

@@ -58,11 +58,12 @@ class WorkerRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     inflight: set[bytes] = field(default_factory=set)
     draining: bool = False
+    stalled: bool = False  # its link was full: no TASK until it next speaks
     last_dispatch: float = 0.0
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.slots - len(self.inflight)
+        return 0 if self.draining or self.stalled else self.slots - len(self.inflight)
 
 
 class ServiceQueue:
@@ -75,6 +76,7 @@ class ServiceQueue:
     def __init__(self) -> None:
         self._lanes: OrderedDict[bytes, deque[Task]] = OrderedDict()
         self.size = 0
+        self.dead = 0  # entries still in a lane whose task left by another path
 
     def __len__(self) -> int:
         return self.size
@@ -91,8 +93,18 @@ class ServiceQueue:
         self.size += 1
 
     def discard(self) -> None:
-        """Account for a task that left the queue by a path other than ``pop``."""
+        """Account for a task that left the queue by a path other than ``pop``; compact the lanes
+        when dead entries outnumber live ones, so memory follows the live queue."""
         self.size -= 1
+        self.dead += 1
+        if self.dead > self.size + 1024:
+            for master, lane in list(self._lanes.items()):
+                live = deque(t for t in lane if t.state == QUEUED)
+                if live:
+                    self._lanes[master] = live
+                else:
+                    del self._lanes[master]
+            self.dead = 0
 
     def pop(self) -> Task | None:
         while self._lanes:
@@ -105,12 +117,15 @@ class ServiceQueue:
             if task is not None and task.state == QUEUED:
                 self.size -= 1
                 return task
+            if task is not None:
+                self.dead = max(0, self.dead - 1)
         return None
 
     def drop_master(self, master: bytes) -> list[Task]:
         lane = self._lanes.pop(master, None) or deque()
         live = [t for t in lane if t.state == QUEUED]
         self.size -= len(live)
+        self.dead = max(0, self.dead - (len(lane) - len(live)))
         return live
 
 
@@ -144,6 +159,7 @@ class BrokerState:
         self.by_service: dict[str, list[WorkerRecord]] = {}
         self.masters: dict[bytes, tuple[float, int]] = {}  # id -> (expires, session number)
         self.failures: list[Failure] = []  # filled by state changes, drained by the loop
+        self.cancels: list[tuple[bytes, bytes]] = []  # (worker, task): W_CANCEL to send
         self._sessions = 0
         self._deadlines: list[tuple[float, bytes]] = []
         self._dirty: set[str] = set()  # services that may be able to dispatch
@@ -191,6 +207,8 @@ class BrokerState:
         if tid in self.tasks:
             self.counters["duplicates"] += 1
             return None
+        if master not in self.masters:
+            self.master_seen(master, now)
         queue = self.queues.get(service)
         if queue is None:
             queue = self.queues[service] = ServiceQueue()
@@ -217,9 +235,8 @@ class BrokerState:
         return True
 
     def _drop_queued(self, task: Task) -> None:
-        task.state = DONE
         self.queues[task.service].discard()
-        del self.tasks[task.tid]
+        self._finish(task)
 
     # ---- workers --------------------------------------------------------------------------------
     def worker_ready(
@@ -240,6 +257,9 @@ class BrokerState:
         if rec is None:
             return False
         rec.expires = now + self.expiry
+        if rec.stalled:
+            rec.stalled = False
+            self._dirty.update(rec.services)
         if stats is not None:
             rec.stats = stats
         return True
@@ -271,6 +291,9 @@ class BrokerState:
         return requeued
 
     def _requeue(self, task: Task, penalize: bool, why: str) -> bool:
+        if task.master not in self.masters:  # nobody waits; a master that comes back resends
+            self._finish(task)
+            return False
         if not penalize:
             task.attempt -= 1
         elif task.attempt >= task.max_attempts:
@@ -288,6 +311,7 @@ class BrokerState:
 
     def _finish(self, task: Task) -> None:
         task.state = DONE
+        task.payload = []  # a dead entry may linger in a lane: do not let it hold the payload
         self.tasks.pop(task.tid, None)
 
     # ---- results --------------------------------------------------------------------------------
@@ -299,10 +323,17 @@ class BrokerState:
             self._dirty.update(rec.services)
         return self.tasks.get(tid)
 
-    def _settle(self, task: Task) -> None:
-        """The task has its answer: take it out of its queue if it was waiting again, forget it."""
-        if task.state == QUEUED:  # a late answer for a requeued task: first answer wins
+    def _settle(self, task: Task, wid: bytes) -> None:
+        """The task has its answer: take it out of its queue if it was waiting again, stop a copy
+        running elsewhere (first answer wins), forget it."""
+        if task.state == QUEUED:
             self.queues[task.service].discard()
+        elif task.worker is not None and task.worker != wid:
+            other = self.workers.get(task.worker)
+            if other is not None and task.tid in other.inflight:
+                other.inflight.discard(task.tid)
+                self._dirty.update(other.services)
+                self.cancels.append((other.wid, task.tid))
         self._finish(task)
 
     def complete(self, wid: bytes, tid: bytes) -> Task | None:
@@ -312,7 +343,7 @@ class BrokerState:
         """
         task = self._release(wid, tid)
         if task is not None:
-            self._settle(task)
+            self._settle(task, wid)
             self.counters["completed"] += 1
         return task
 
@@ -328,7 +359,7 @@ class BrokerState:
             if task.state == INFLIGHT and task.worker == wid:
                 self._requeue(task, True, "compute process died while running the task")
             return None  # a stale crash report (the task already moved on) changes nothing
-        self._settle(task)
+        self._settle(task, wid)
         self.counters["failed"] += 1
         return task
 
@@ -362,40 +393,69 @@ class BrokerState:
                 yield task, best
 
     # ---- time -----------------------------------------------------------------------------------
-    def expire(self, now: float) -> tuple[list[bytes], list[Task], list[bytes]]:
-        """Housekeeping: returns (dead workers, timed-out in-flight tasks, expired masters).
+    def stall(self, task: Task) -> None:
+        """The TASK could not be sent because the worker's link is full: hand back that one task
+        (no attempt counted) and send that worker nothing more until it speaks again."""
+        rec = self.workers.get(task.worker or b"")
+        if rec is not None:
+            rec.inflight.discard(task.tid)
+            rec.stalled = True
+        task.attempt -= 1
+        task.state = QUEUED
+        task.worker = None
+        self.queues[task.service].push(task, front=True)
+        self._dirty.add(task.service)
 
-        Dead workers' tasks are requeued; timed-out tasks are reported in ``failures`` with
-        TIMEOUT; expired masters lose their queued tasks.
+    # ---- time -----------------------------------------------------------------------------------
+    def expire(self, now: float) -> tuple[list[bytes], list[bytes]]:
+        """Housekeeping: returns (dead workers, expired masters).
+
+        Dead workers' tasks are requeued; timed-out tasks go to ``failures`` with TIMEOUT (and to
+        ``cancels`` when a worker still runs them); expired masters lose their queued tasks.
         """
         dead = [w.wid for w in self.workers.values() if w.expires <= now]
         for wid in dead:
             self.worker_gone(wid, now)
-        timed_out = []
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, tid = heapq.heappop(self._deadlines)
             task = self.tasks.get(tid)
-            if task is None or task.deadline != deadline:
-                continue
-            if task.state == QUEUED:
-                self._drop_queued(task)
-            else:
-                timed_out.append(task)
-                self._finish(task)
-                rec = self.workers.get(task.worker or b"")
-                if rec is not None:
-                    rec.inflight.discard(tid)
-                    self._dirty.update(rec.services)
-            details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
-            self.failures.append(Failure(task, P.TIMEOUT, details))
-            self.counters["failed"] += 1
+            if task is not None and task.deadline == deadline:
+                self._time_out(task)
+        if len(self._deadlines) > 2 * len(self.tasks) + 1024:  # entries of tasks long finished
+            self._deadlines = [(t.deadline, t.tid) for t in self.tasks.values() if t.deadline is not None]
+            heapq.heapify(self._deadlines)
         gone = [m for m, (expires, _) in self.masters.items() if expires <= now]
         for master in gone:
             self.master_gone(master)
-        return dead, timed_out, gone
+        return dead, gone
+
+    def _time_out(self, task: Task) -> None:
+        if task.state == QUEUED:
+            self._drop_queued(task)
+        else:
+            rec = self.workers.get(task.worker or b"")
+            if rec is not None and task.tid in rec.inflight:
+                rec.inflight.discard(task.tid)
+                self._dirty.update(rec.services)
+                self.cancels.append((rec.wid, task.tid))
+            self._finish(task)
+        details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
+        self.failures.append(Failure(task, P.TIMEOUT, details))
+        self.counters["failed"] += 1
+
+    def prune(self) -> None:
+        """Forget services with nothing queued and no workers (names come and go with jobs)."""
+        for name in [n for n, q in self.queues.items() if not q.size and not self.by_service.get(n)]:
+            del self.queues[name]  # size counts live tasks only: what remains in its lanes is dead
+        for name in [n for n, peers in self.by_service.items() if not peers and n not in self.queues]:
+            del self.by_service[name]
 
     def take_failures(self) -> list[Failure]:
         out, self.failures = self.failures, []
+        return out
+
+    def take_cancels(self) -> list[tuple[bytes, bytes]]:
+        out, self.cancels = self.cancels, []
         return out
 
     def snapshot(self, now: float) -> dict[str, Any]:

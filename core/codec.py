@@ -143,7 +143,10 @@ def _pack(obj: Any, inline_max: int, roots: Callable[[], list[tuple[Any, str]]])
         default = _make_default(inline_max, bufs)
         header = msgpack.packb(obj, default=default, use_bin_type=True, strict_types=True)
     except Exception as exc:
-        found = next(filter(None, (_locate(value, name) for value, name in roots())), None)
+        try:
+            found = next(filter(None, (_locate(value, name) for value, name in roots())), None)
+        except RecursionError:  # too deep to even point at the culprit
+            found = None
         where = f"{found[1]} at {found[0]}" if found else f"{type(exc).__name__}: {exc}"
         raise EncodeError(f"cannot encode {where}") from exc
     return [header, *bufs]

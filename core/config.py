@@ -124,7 +124,7 @@ class WorkerConfig(BaseModel):
     model_config = _FROZEN
     broker: ConnectEndpoint = "tcp://127.0.0.1:5556"
     processes: int = _num(0, ge=0, le=1024)
-    prefetch: int = _num(0, ge=0)
+    prefetch: int = _num(0, ge=0, le=65536)
     services: dict[ServiceName, ServiceSpec] = Field(
         default_factory=lambda: {"echo": ServiceSpec(handler="ndpipe.examples.handlers:echo")}, min_length=1
     )
@@ -174,6 +174,7 @@ class MasterConfig(BaseModel):
     max_attempts: int = _num(0, ge=0, le=100)
     broker_timeout: Timeout = 60.0
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
+    max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
 
 
 class LoggingConfig(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ndpipe.errors import ProtocolError
 
@@ -116,3 +117,39 @@ class Throttle:
         if now >= self._next:
             self.log.warning(msg + " (%d so far)", *args, self.count)
             self._next = now + self.every
+
+
+class LinkWatch:
+    """Notices when a connect-side socket's link dropped and came back.
+
+    ZeroMQ reconnects silently, and messages in flight at the drop are lost both ways. A master
+    keeps its routing id across reconnects, so the broker cannot tell either: the master must
+    resend its outstanding tasks itself when the link returns.
+    """
+
+    EVENTS = int(zmq.EVENT_DISCONNECTED) | int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self.sock = sock
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(self.EVENTS)
+        self.dropped = False
+
+    def came_back(self) -> bool:
+        """Read pending events; True when a handshake completed after a drop."""
+        back = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, _NOBLOCK)["event"]
+            except zmq.Again:
+                return back
+            if event == zmq.EVENT_DISCONNECTED:
+                self.dropped = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.dropped:
+                self.dropped, back = False, True
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)

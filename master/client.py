@@ -36,7 +36,7 @@ from ndpipe import protocol as P
 from ndpipe.codec import Limits, decode, encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
 from ndpipe.errors import BrokerUnreachable, DecodeError, EncodeError, NdpipeError, ProtocolError, error_from_code
-from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import LinkWatch, Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 
 log = logging.getLogger("ndpipe.master")
 
@@ -78,6 +78,7 @@ class Master:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._closed = False
+        self._lock = threading.RLock()  # orders close() against submit/cancel/status posts
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._io_main, name="ndpipe-master-io", daemon=True)
         self._error: BaseException | None = None
@@ -100,9 +101,12 @@ class Master:
         timeout: float | None = None,
         max_attempts: int | None = None,
     ) -> Future[Any]:
-        """Like :meth:`submit`, with per-task ``timeout`` (seconds) and ``max_attempts``."""
-        if self._closed or self._error is not None:
-            raise NdpipeError(f"master is closed{f' ({self._error})' if self._error else ''}")
+        """Like :meth:`submit`, with per-task ``timeout`` (seconds) and ``max_attempts``.
+
+        Future callbacks run on the master's I/O thread: one may submit more work, but gets
+        NdpipeError instead of waiting when the window is full (waiting there would deadlock).
+        """
+        self._check_open()
         timeout = self.timeout if timeout is None else timeout
         attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
@@ -110,17 +114,39 @@ class Master:
         if not 0 <= attempts <= 0xFFFF:
             raise ValueError(f"max_attempts must be in [0, 65535] (0 = broker default), got {attempts!r}")
         payload = encode_call(list(args), kwargs or {})
-        if len(payload) - 1 > self.cfg.max_frames:
-            raise EncodeError(f"{len(payload) - 1} large arrays need as many frames; the limit is "
-                              f"max_frames = {self.cfg.max_frames} (broker.max_frames must allow it too)")
+        self._check_frames(payload)
         options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, 0)
-        self._slots.acquire()
+        on_io_thread = threading.current_thread() is self._thread
+        if not self._slots.acquire(blocking=not on_io_thread):
+            raise NdpipeError(f"window of {self.window} tasks is full inside a Future callback (the master's "
+                              "I/O thread cannot wait for itself); submit from another thread")
         future: Future[Any] = Future()
         deadline = time.monotonic() + timeout if timeout else None
         pending = _Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline)
-        future.add_done_callback(lambda f: self._done(f, pending.tid))
-        self._post("submit", pending)
+        with self._lock:
+            if self._closed or self._error is not None:
+                self._slots.release()
+                self._check_open()
+            future.add_done_callback(lambda f: self._done(f, pending.tid))
+            self._post("submit", pending)
         return future
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise NdpipeError(f"master is closed: {self._error}")
+        if self._closed:
+            raise NdpipeError("master is closed")
+
+    def _check_frames(self, payload: list[Any]) -> None:
+        """Refuse here what the broker would refuse by dropping the link (and every reply on it)."""
+        if len(payload) - 1 > self.cfg.max_frames:
+            raise EncodeError(f"{len(payload) - 1} large arrays need as many frames; the limit is "
+                              f"max_frames = {self.cfg.max_frames} (broker.max_frames must allow it too)")
+        for frame in payload:
+            size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+            if size > self.cfg.max_frame_bytes:
+                raise EncodeError(f"an argument of {size} bytes exceeds max_frame_bytes = {self.cfg.max_frame_bytes}"
+                                  " (broker.max_frame_bytes must allow it too); split it, e.g. with scatter()")
 
     def map(self, service: str, *iterables: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
         """``service(*items)`` for items zipped from ``iterables``; results in input order.
@@ -171,25 +197,43 @@ class Master:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: services, queues, workers with their load, counters."""
+        if threading.current_thread() is self._thread:
+            raise NdpipeError("status() cannot wait inside a Future callback (the master's I/O thread)")
         future: Future[dict[str, Any]] = Future()
-        self._post("status", future)
+        request = os.urandom(8)
+        with self._lock:
+            self._check_open()
+            self._post("status", (request, future))
         try:
             return future.result(timeout)
         except TimeoutError as exc:
-            future.cancel()  # its waiter still takes the late reply, keeping replies in order
+            with self._lock:
+                if not self._closed and self._error is None:
+                    self._post("status_cancel", request)
             raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
 
     def close(self) -> None:
-        """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent."""
-        if self._closed:
-            return
+        """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent and thread-safe."""
         if threading.current_thread() is self._thread:
             raise NdpipeError("Master.close() cannot run inside a Future callback (the I/O thread)")
-        self._closed = True
-        self._post("close", None)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._post("close", None)
         self._thread.join()
+        self._fail_inbox(NdpipeError("master closed before the task was sent"))
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        """Fail what user threads posted but the I/O thread will never read."""
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "submit":
+                _resolve(item.future, error=error)
+            elif kind == "status":
+                _resolve(item[1], error=error)
 
     def __enter__(self) -> Master:
         return self
@@ -199,6 +243,7 @@ class Master:
 
     # ---- user thread -> I/O thread --------------------------------------------------------------
     def _post(self, kind: str, item: Any) -> None:
+        """Hand an item to the I/O thread (callers hold ``_lock`` and have checked it is open)."""
         self._inbox.append((kind, item))
         try:
             os.write(self._wake_w, b"\0")
@@ -207,8 +252,10 @@ class Master:
 
     def _done(self, future: Future[Any], tid: bytes) -> None:
         self._slots.release()
-        if future.cancelled() and not self._closed:
-            self._post("cancel", tid)
+        if future.cancelled():
+            with self._lock:
+                if not self._closed and self._error is None:
+                    self._post("cancel", tid)
 
     # ---- I/O thread -----------------------------------------------------------------------------
     def _io_main(self) -> None:
@@ -225,9 +272,13 @@ class Master:
             loop.run()
         except Exception as exc:  # a bug: fail loudly rather than leave futures hanging
             log.exception("master I/O thread failed")
-            self._error = exc
-            loop._fail_all(NdpipeError(f"master I/O thread failed: {exc!r}"))
+            error = NdpipeError(f"master I/O thread failed: {exc!r}")
+            with self._lock:
+                self._error = exc
+            loop._fail_all(error)
+            self._fail_inbox(error)
         finally:
+            loop.watch.close()
             self._sock.close(linger=0)
             self._ctx.term()
 
@@ -246,7 +297,8 @@ class _IOLoop:
         self.m = master
         self.pending: dict[bytes, _Pending] = {}
         self.deadlines: list[tuple[float, bytes]] = []
-        self.status_waiters: deque[Future[dict[str, Any]]] = deque()
+        self.status_waiters: dict[bytes, Future[dict[str, Any]]] = {}
+        self.watch = LinkWatch(master._sock)
         cfg = master.cfg
         self.interval = cfg.heartbeat_interval
         self.liveness = cfg.liveness
@@ -264,6 +316,7 @@ class _IOLoop:
         poller = zmq.Poller()
         poller.register(self.m._wake_r, zmq.POLLIN)
         poller.register(self.m._sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
         while not self.closing:
             now = time.monotonic()
             wake = self.next_ping
@@ -279,6 +332,10 @@ class _IOLoop:
             self._inbox()
             if self.m._sock in events:
                 self._receive()
+            if self.watch.monitor in events and self.watch.came_back():
+                log.warning("link to broker %s dropped and came back: resending %d tasks",
+                            self.m.endpoint, len(self.pending))
+                self._resend_all()
             now = time.monotonic()
             self._expire(now)
             if now >= self.next_ping:
@@ -316,8 +373,11 @@ class _IOLoop:
                 if self.pending.pop(item, None) is not None:
                     self._send([P.MASTER, P.CANCEL, item])
             elif kind == "status":
-                self.status_waiters.append(item)
-                self._send([P.MASTER, P.STATUS])
+                request, future = item
+                self.status_waiters[request] = future
+                self._send([P.MASTER, P.STATUS, request])
+            elif kind == "status_cancel":
+                self.status_waiters.pop(item, None)
             elif kind == "close":
                 self.closing = True
 
@@ -354,10 +414,10 @@ class _IOLoop:
         elif command == P.PONG:
             self._on_pong(frames)
         elif command == P.STATUS_REPLY:
-            P.check_header(frames, P.MASTER, 3)
-            body = unpack_map(frame_bytes(frames[2]), 64 << 20)
-            if self.status_waiters:
-                _resolve(self.status_waiters.popleft(), value=body)
+            P.check_header(frames, P.MASTER, 4)
+            future = self.status_waiters.pop(frame_bytes(frames[3]), None)
+            if future is not None:
+                _resolve(future, value=unpack_map(frame_bytes(frames[2]), 64 << 20))
         else:
             raise ProtocolError(f"unknown broker command {command!r}")
 
@@ -389,10 +449,17 @@ class _IOLoop:
         self.session = session
 
     def _resend_all(self) -> None:
+        """After anything that may have lost messages: every outstanding task and status request
+        again (the broker drops duplicates of tasks it still holds)."""
         for p in list(self.pending.values()):
             self._submit(p)
+        for request in self.status_waiters:
+            self._send([P.MASTER, P.STATUS, request])
 
     def _expire(self, now: float) -> None:
+        if len(self.deadlines) > 2 * len(self.pending) + 1024:  # entries of tasks long answered
+            self.deadlines = [(p.deadline, p.tid) for p in self.pending.values() if p.deadline is not None]
+            heapq.heapify(self.deadlines)
         while self.deadlines and self.deadlines[0][0] <= now:
             deadline, tid = heapq.heappop(self.deadlines)
             p = self.pending.get(tid)
@@ -416,13 +483,15 @@ class _IOLoop:
                     f"broker {self.m.endpoint} unreachable for {now - self.lost_since:.1f} s "
                     f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
             poller.unregister(self.m._sock)
+            poller.unregister(self.watch.monitor)
+            self.watch.close()
             self.m._sock.close(linger=0)
             self.m._sock = self.m._new_socket()
+            self.watch = LinkWatch(self.m._sock)
             poller.register(self.m._sock, zmq.POLLIN)
+            poller.register(self.watch.monitor, zmq.POLLIN)
             self.heard = now  # give the new socket a full liveness period
             self._resend_all()
-            for _ in self.status_waiters:  # their requests died with the old socket
-                self._send([P.MASTER, P.STATUS])
         self._send([P.MASTER, P.PING])
         self.next_ping = now + self.interval
 
@@ -430,8 +499,9 @@ class _IOLoop:
         pending, self.pending = self.pending, {}
         for p in pending.values():
             _resolve(p.future, error=error)
-        while self.status_waiters:
-            _resolve(self.status_waiters.popleft(), error=error)
+        waiters, self.status_waiters = self.status_waiters, {}
+        for future in waiters.values():
+            _resolve(future, error=error)
 
 
 def _resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:

@@ -20,6 +20,13 @@ def submit(s: BrokerState, tid: bytes, master: bytes = M1, service: str = "svc",
     return s.submit(master, tid, service, [b"payload"], now, timeout_ms, max_attempts)
 
 
+def expire_keeping_masters(s: BrokerState, now: float) -> list[bytes]:
+    """Expire at ``now`` with the masters still alive (they ping); return the dead workers."""
+    for master in list(s.masters):
+        s.master_seen(master, now)
+    return s.expire(now)[0]
+
+
 def test_dispatch_goes_to_least_loaded_worker_then_lru() -> None:
     s = make()
     s.worker_ready(b"w1", ["svc"], 2, now=0.0)
@@ -83,7 +90,7 @@ def test_dead_worker_tasks_go_back_to_the_head_with_attempt_plus_one() -> None:
     submit(s, b"a")
     submit(s, b"b")
     list(s.dispatch(0.0))
-    dead, _, _ = s.expire(now=3.5)  # 3 intervals of silence
+    dead = expire_keeping_masters(s, 3.5)  # 3 intervals of silence
     assert dead == [b"w1"]
     assert s.tasks[b"a"].state == QUEUED and s.tasks[b"a"].attempt == 1
     s.worker_ready(b"w2", ["svc"], 1, now=4.0)
@@ -158,7 +165,7 @@ def test_late_result_from_presumed_dead_worker_is_delivered_once() -> None:
     s.worker_ready(b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
-    s.expire(now=3.5)  # w1 declared dead, a requeued
+    expire_keeping_masters(s, 3.5)  # w1 declared dead, a requeued
     s.worker_ready(b"w2", ["svc"], 1, now=3.6)
     list(s.dispatch(3.6))
     first = s.complete(b"w1", b"a")  # the frozen worker woke up and answered
@@ -180,8 +187,8 @@ def test_cancel_only_queued_tasks_of_the_same_master() -> None:
 def test_queued_task_times_out_and_is_not_dispatched() -> None:
     s = make()
     submit(s, b"a", timeout_ms=500)
-    _, timed_out, _ = s.expire(now=0.6)
-    assert timed_out == []  # it was only queued: dropped, error to master
+    s.expire(now=0.6)
+    assert s.take_cancels() == []  # it was only queued: dropped, error to master
     assert [(f.task.tid, f.code) for f in s.take_failures()] == [(b"a", P.TIMEOUT)]
     s.worker_ready(b"w", ["svc"], 1, now=0.7)
     assert list(s.dispatch(0.7)) == []
@@ -193,8 +200,8 @@ def test_inflight_task_times_out_and_frees_credit() -> None:
     submit(s, b"a", timeout_ms=500)
     list(s.dispatch(0.0))
     s.worker_seen(b"w", 0.5)
-    _, timed_out, _ = s.expire(now=0.6)
-    assert [t.tid for t in timed_out] == [b"a"]
+    s.expire(now=0.6)
+    assert s.take_cancels() == [(b"w", b"a")]  # the worker is told to stop it
     assert s.workers[b"w"].free == 1
     assert s.complete(b"w", b"a") is None  # its late result goes nowhere
 
@@ -207,7 +214,7 @@ def test_silent_master_loses_its_queued_tasks() -> None:
         submit(s, b"m1-%d" % i, master=M1)
     submit(s, b"m2", master=M2)
     s.master_seen(M2, 2.9)
-    _, _, gone = s.expire(now=3.1)
+    _, gone = s.expire(now=3.1)
     assert gone == [M1]
     assert list(s.tasks) == [b"m2"] and len(s.queues["svc"]) == 1
 
@@ -248,7 +255,7 @@ def test_stale_crash_report_for_a_requeued_task_changes_nothing() -> None:
     s.worker_ready(b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
-    s.expire(now=3.5)
+    expire_keeping_masters(s, 3.5)
     assert s.tasks[b"a"].state == QUEUED and len(s.queues["svc"]) == 1
     # When the old worker's compute process dies and reports CRASHED late
     assert s.fail(b"w1", b"a", P.CRASHED, 3.6) is None
@@ -264,7 +271,7 @@ def test_late_handler_error_for_a_requeued_task_settles_it() -> None:
     s.worker_ready(b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
-    s.expire(now=3.5)
+    expire_keeping_masters(s, 3.5)
     task = s.fail(b"w1", b"a", P.HANDLER_ERROR, 3.6)
     assert task is not None and b"a" not in s.tasks and len(s.queues["svc"]) == 0
 
@@ -277,3 +284,70 @@ def test_status_counts_inflight_per_service() -> None:
     list(s.dispatch(0.0))
     snap = s.snapshot(0.0)
     assert snap["services"]["svc"]["inflight"] == 1 and snap["services"]["other"]["inflight"] == 1
+
+
+def test_requeued_task_of_a_master_that_left_is_dropped() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    s.master_gone(M1)  # BYE: in-flight tasks run on, but nobody will wait for a rerun
+    assert s.worker_gone(b"w", 0.1) == [] and b"a" not in s.tasks
+
+
+def test_first_answer_cancels_the_copy_running_elsewhere() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    expire_keeping_masters(s, 3.5)  # w1 presumed dead
+    s.worker_ready(b"w2", ["svc"], 1, now=3.6)
+    list(s.dispatch(3.6))
+    assert s.complete(b"w1", b"a") is not None  # w1 woke up and answered first
+    assert s.take_cancels() == [(b"w2", b"a")] and s.workers[b"w2"].free == 1
+
+
+def test_full_link_hands_back_one_task_and_stalls_the_worker() -> None:
+    s = make()
+    s.worker_ready(b"w", ["svc"], 2, now=0.0)
+    submit(s, b"a")
+    submit(s, b"b")
+    (first, _), = [next(iter(s.dispatch(0.0)))]
+    s.stall(first)
+    assert s.tasks[first.tid].state == QUEUED and first.attempt == 0
+    assert list(s.dispatch(0.0)) == []  # nothing more until it speaks
+    s.worker_seen(b"w", 0.5)
+    assert {t.tid for t, _ in s.dispatch(0.5)} == {b"a", b"b"}
+
+
+def test_dead_entries_release_payloads_and_lanes_compact() -> None:
+    s = make(max_queued=10_000)
+    for i in range(3000):
+        submit(s, b"t%d" % i, timeout_ms=100)
+    held = [s.tasks[b"t%d" % i] for i in range(3000)]
+    s.master_seen(M1, 0.2)
+    s.expire(now=0.2)
+    assert not s.tasks and all(t.payload == [] for t in held)
+    queue = s.queues["svc"]
+    assert len(queue) == 0 and sum(len(lane) for lane in queue._lanes.values()) <= 1024 + 1
+
+
+def test_deadline_heap_does_not_grow_with_finished_tasks() -> None:
+    s = make(max_queued=100_000)
+    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    for i in range(5000):
+        submit(s, b"t%d" % i, timeout_ms=3_600_000)
+        list(s.dispatch(0.0))
+        s.complete(b"w", b"t%d" % i)
+    s.worker_seen(b"w", 1.0)
+    s.master_seen(M1, 1.0)
+    s.expire(now=1.0)
+    assert len(s._deadlines) <= 1024
+
+
+def test_prune_forgets_idle_services() -> None:
+    s = make()
+    submit(s, b"a", service="job-1")
+    assert s.cancel(M1, b"a")
+    s.prune()
+    assert "job-1" not in s.queues and "job-1" not in s.snapshot(0.0)["services"]

@@ -472,3 +472,11 @@ def test_decode_call_rejects_non_call_payloads(value: Any) -> None:
 
 def test_decode_call_accepts_call_payload() -> None:
     assert decode_call([pack([[1, "a"], {"k": b"v"}])]) == ([1, "a"], {"k": b"v"})
+
+
+def test_too_deep_nesting_is_an_encode_error() -> None:
+    value: list[object] = []
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(EncodeError):
+        encode(value)

@@ -88,7 +88,7 @@ def run_task(
         if len(frames) - 1 > max_frames:
             raise EncodeError(f"{len(frames) - 1} large arrays (buffer frames) exceed max_frames {max_frames}")
         return [P.C_RESULT, tid, *frames]
-    except EncodeError as exc:
+    except Exception as exc:  # EncodeError, or anything odd a result can do while being encoded
         wrapped = EncodeError(f"result of service {service!r} cannot be sent: {exc}")
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
 

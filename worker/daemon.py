@@ -119,7 +119,9 @@ class WorkerDaemon:
             raise ProtocolError(f"unknown compute process {ident!r}")
         index, kind = int(ident[1:]), frames[1].bytes
         if kind == P.C_HELLO:
-            self.pool.child_ready(index)
+            proc = self.procs.get(index)
+            if len(frames) > 2 and proc is not None and frames[2].bytes == str(proc.pid).encode():
+                self.pool.child_ready(index)  # a dead predecessor's late HELLO is ignored
         elif kind == P.C_RESULT and len(frames) >= 4:
             if self.pool.finished(index, frames[2].bytes) is not None:
                 self._send_broker([P.WORKER, P.W_RESULT, *frames[2:]])
@@ -230,6 +232,8 @@ class WorkerDaemon:
                 rss += proc.memory_info().rss
             except psutil.Error:
                 self._ps.pop(pid, None)
+        for pid in set(self._ps) - set(pids):  # replaced compute processes
+            del self._ps[pid]
         return {"cpu": round(cpu, 1), "rss": int(rss), "running": self.pool.running,
                 "waiting": len(self.pool.pending), "processes": self.pool.size}
 
