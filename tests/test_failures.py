@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -32,7 +33,9 @@ def test_compute_process_killed_mid_task_runs_elsewhere(make_cluster) -> None:  
         assert victim not in c.compute_pids(w) and len(c.compute_pids(w)) == 2  # replaced
 
 
-def test_worker_daemon_killed_tasks_finish_on_other_worker(make_cluster) -> None:  # type: ignore[no-untyped-def]
+@contextmanager
+def job_on_two_workers(make_cluster):  # type: ignore[no-untyped-def]
+    """Two workers × 2 processes, 40 sleep tasks submitted, all four slots busy."""
     c = make_cluster(broker=FAST)
     c.start_broker()
     w1 = c.start_worker(processes=2)
@@ -41,6 +44,11 @@ def test_worker_daemon_killed_tasks_finish_on_other_worker(make_cluster) -> None
         c.wait_slots(m, 4, service="sleep")
         futs = [m.submit("sleep", 0.2, i) for i in range(40)]
         wait_until(lambda: m.status()["services"]["sleep"]["inflight"] == 4, what="tasks in flight")
+        yield c, w1, m, futs
+
+
+def test_worker_daemon_killed_tasks_finish_on_other_worker(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    with job_on_two_workers(make_cluster) as (_c, w1, m, futs):
         kill9(w1.pid)
         assert [f.result(timeout=60) for f in futs] == list(range(40))
         status = m.status()
@@ -48,14 +56,7 @@ def test_worker_daemon_killed_tasks_finish_on_other_worker(make_cluster) -> None
 
 
 def test_worker_stopped_gracefully_mid_job(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
-    c.start_broker()
-    w1 = c.start_worker(processes=2)
-    c.start_worker(processes=2)
-    with c.master() as m:
-        c.wait_slots(m, 4, service="sleep")
-        futs = [m.submit("sleep", 0.2, i) for i in range(40)]
-        wait_until(lambda: m.status()["services"]["sleep"]["inflight"] == 4, what="tasks in flight")
+    with job_on_two_workers(make_cluster) as (c, w1, m, futs):
         w1.send_signal(signal.SIGTERM)
         assert w1.wait(30) == 0  # it finished its running tasks and left cleanly
         assert [f.result(timeout=60) for f in futs] == list(range(40))
