@@ -26,6 +26,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +207,7 @@ class Master:
             self._post("status", (request, future))
         try:
             return future.result(timeout)
-        except TimeoutError as exc:
+        except FutureTimeout as exc:  # not the builtin TimeoutError before Python 3.11
             with self._lock:
                 if not self._closed and self._error is None:
                     self._post("status_cancel", request)
