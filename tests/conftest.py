@@ -42,8 +42,8 @@ class Cluster:
     def __init__(self, root: Path, broker: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                  master: dict[str, Any] | None = None) -> None:
         self.root = root
-        self.frontend = f"ipc://{root}/f"
-        self.backend = f"ipc://{root}/b"
+        self.frontend = (broker or {}).get("frontend", f"ipc://{root}/f")
+        self.backend = (broker or {}).get("backend", f"ipc://{root}/b")
         services = {
             "echo": "ndpipe.examples.handlers:echo",
             "sleep": "ndpipe.examples.handlers:sleep",
@@ -56,7 +56,7 @@ class Cluster:
             "hang": {"handler": "ndpipe.examples.handlers:sleep", "timeout": 0.5},
         }
         self.config = {
-            "broker": {"frontend": self.frontend, "backend": self.backend, **(broker or {})},
+            "broker": {**(broker or {}), "frontend": self.frontend, "backend": self.backend},
             "worker": {"broker": self.backend, "processes": 2, "services": services,
                        "reconnect_min": 0.1, "reconnect_max": 1.0, **(worker or {})},
             "master": {"broker": self.frontend, **(master or {})},
