@@ -18,7 +18,7 @@ import zmq
 from ndpipe import protocol as P
 from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig
-from ndpipe.errors import ProtocolError
+from ndpipe.errors import ConfigError, ProtocolError
 from ndpipe.runtime import StopSignal
 from ndpipe.transport import Throttle, TooManyFrames, configure, frame_bytes, recv_bounded, send_frames, unpack_map
 
@@ -51,8 +51,12 @@ class Broker:
 
     def bind(self) -> None:
         """Bind both endpoints (``tcp://127.0.0.1:0`` picks a free port; see ``*_endpoint``)."""
-        self.frontend.bind(self.cfg.frontend)
-        self.backend.bind(self.cfg.backend)
+        for sock, key, endpoint in ((self.frontend, "frontend", self.cfg.frontend),
+                                    (self.backend, "backend", self.cfg.backend)):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"broker.{key}: cannot bind {endpoint}: {exc} (another broker running?)") from exc
         self.frontend_endpoint = frame_bytes(self.frontend.last_endpoint).decode()
         self.backend_endpoint = frame_bytes(self.backend.last_endpoint).decode()
         log.info("broker %s: masters on %s, workers on %s", self.state.broker_id.hex(),

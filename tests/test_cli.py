@@ -96,3 +96,15 @@ def test_demo_runs_and_checks_its_result() -> None:
     done = ndpipe("demo", "--rows", "2048", "--shards", "8", timeout=110)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result matches the single-process forward pass" in done.stdout
+
+
+def test_broker_reports_an_endpoint_in_use() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = ndpipe("broker", env={"NDPIPE_BROKER__FRONTEND": f"tcp://127.0.0.1:{port}",
+                                     "NDPIPE_BROKER__BACKEND": "ipc:///tmp/ndpipe-unused-backend"})
+    assert done.returncode == 2 and "broker.frontend" in done.stderr and "cannot bind" in done.stderr
