@@ -17,7 +17,6 @@ through a deque and a wake-up pipe. The I/O thread keeps every outstanding task 
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import threading
@@ -25,31 +24,21 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import Limits, decode, encode_call
+from ndpipe.codec import encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
-from ndpipe.errors import BrokerUnreachable, DecodeError, EncodeError, NdpipeError, ProtocolError, error_from_code
-from ndpipe.transport import LinkWatch, Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.errors import BrokerUnreachable, EncodeError, NdpipeError
+from ndpipe.master.ioloop import IOLoop, Pending, resolve
+from ndpipe.transport import configure
 
 log = logging.getLogger("ndpipe.master")
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    tid: bytes
-    service: bytes
-    options: bytes
-    payload: list[Any]
-    future: Future[Any]
-    deadline: float | None
 
 
 class Master:
@@ -123,7 +112,7 @@ class Master:
                               "I/O thread cannot wait for itself); submit from another thread")
         future: Future[Any] = Future()
         deadline = time.monotonic() + timeout if timeout else None
-        pending = _Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline)
+        pending = Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline)
         with self._lock:
             if self._closed or self._error is not None:
                 self._slots.release()
@@ -232,9 +221,9 @@ class Master:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
-                _resolve(item.future, error=error)
+                resolve(item.future, error=error)
             elif kind == "status":
-                _resolve(item[1], error=error)
+                resolve(item[1], error=error)
 
     def __enter__(self) -> Master:
         return self
@@ -268,7 +257,7 @@ class Master:
             self._started.set()
             return
         self._started.set()
-        loop = _IOLoop(self)
+        loop = IOLoop(self)
         try:
             loop.run()
         except Exception as exc:  # a bug: fail loudly rather than leave futures hanging
@@ -289,228 +278,3 @@ class Master:
         sock.setsockopt(zmq.ROUTING_ID, self._ident)
         sock.connect(self.endpoint)
         return sock
-
-
-class _IOLoop:
-    """The master's poll loop (runs in the I/O thread, touches the socket alone)."""
-
-    def __init__(self, master: Master) -> None:
-        self.m = master
-        self.pending: dict[bytes, _Pending] = {}
-        self.deadlines: list[tuple[float, bytes]] = []
-        self.status_waiters: dict[bytes, Future[dict[str, Any]]] = {}
-        self.watch = LinkWatch(master._sock)
-        cfg = master.cfg
-        self.interval = cfg.heartbeat_interval
-        self.liveness = cfg.liveness
-        self.session: bytes | None = None
-        now = time.monotonic()
-        self.heard = now
-        self.lost_since: float | None = None
-        self.next_ping = now
-        self.closing = False
-        self.malformed = Throttle(log)
-        self.dropped = Throttle(log)
-        self.limits = Limits(max_frames=cfg.max_frames)
-
-    def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.m._wake_r, zmq.POLLIN)
-        poller.register(self.m._sock, zmq.POLLIN)
-        poller.register(self.watch.monitor, zmq.POLLIN)
-        while not self.closing:
-            now = time.monotonic()
-            wake = self.next_ping
-            if self.deadlines:
-                wake = min(wake, self.deadlines[0][0])
-            events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
-            if self.m._wake_r in events:
-                try:
-                    while os.read(self.m._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-            self._inbox()
-            if self.m._sock in events:
-                self._receive()
-            if self.watch.monitor in events and self.watch.came_back():
-                log.warning("link to broker %s dropped and came back: resending %d tasks",
-                            self.m.endpoint, len(self.pending))
-                self._resend_all()
-            now = time.monotonic()
-            self._expire(now)
-            if now >= self.next_ping:
-                self._ping(now, poller)
-        self._send([P.MASTER, P.BYE])
-        self.m._sock.close(linger=200)
-        self._fail_all(NdpipeError("master closed before the task finished"))
-
-    def _send(self, frames: list[Any]) -> None:
-        try:
-            send_frames(self.m._sock, frames, zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped.warning("broker link full: message dropped (tasks are resent after a reconnect)")
-
-    def _submit(self, p: _Pending) -> None:
-        options = p.options
-        if p.deadline is not None:  # tell the broker what is left, not the original timeout
-            _t, attempts, flags = P.OPTIONS.unpack(options)
-            left = max(1, int((p.deadline - time.monotonic()) * 1000))
-            options = P.OPTIONS.pack(left, attempts, flags)
-        self._send([P.MASTER, P.SUBMIT, p.service, p.tid, options, *p.payload])
-
-    def _inbox(self) -> None:
-        inbox = self.m._inbox
-        while inbox:
-            kind, item = inbox.popleft()
-            if kind == "submit":
-                if item.future.done():
-                    continue
-                self.pending[item.tid] = item
-                if item.deadline is not None:
-                    heapq.heappush(self.deadlines, (item.deadline, item.tid))
-                self._submit(item)
-            elif kind == "cancel":
-                if self.pending.pop(item, None) is not None:
-                    self._send([P.MASTER, P.CANCEL, item])
-            elif kind == "status":
-                request, future = item
-                self.status_waiters[request] = future
-                self._send([P.MASTER, P.STATUS, request])
-            elif kind == "status_cancel":
-                self.status_waiters.pop(item, None)
-            elif kind == "close":
-                self.closing = True
-
-    def _receive(self) -> None:
-        sock = self.m._sock
-        for _ in range(1024):
-            try:
-                frames = recv_bounded(sock, self.limits.max_frames + 8)
-                self._on_message(frames)
-            except zmq.Again:
-                return
-            except ProtocolError as exc:
-                self.malformed.warning("dropped malformed message from broker: %s", exc)
-            except Exception:  # a bug handling one message must not kill the I/O thread
-                log.exception("error while handling a message from the broker")
-
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
-        command = P.check_header(frames, P.MASTER, 2)
-        self.heard = time.monotonic()
-        if self.lost_since is not None:
-            log.info("broker %s reachable again", self.m.endpoint)
-            self.lost_since = None
-        if command == P.RESULT:
-            P.check_header(frames, P.MASTER, 4)
-            p = self.pending.pop(P.task_id_of(frames[2]), None)
-            if p is None:
-                return  # an answer already delivered (task ran twice) or for a cancelled task
-            try:
-                _resolve(p.future, value=decode(frames[3:], self.limits))
-            except DecodeError as exc:
-                _resolve(p.future, error=exc)
-        elif command == P.ERROR:
-            self._on_error(frames)
-        elif command == P.PONG:
-            self._on_pong(frames)
-        elif command == P.STATUS_REPLY:
-            P.check_header(frames, P.MASTER, 4)
-            future = self.status_waiters.pop(frame_bytes(frames[3]), None)
-            if future is not None:
-                _resolve(future, value=unpack_map(frame_bytes(frames[2]), 64 << 20))
-        else:
-            raise ProtocolError(f"unknown broker command {command!r}")
-
-    def _on_error(self, frames: list[zmq.Frame]) -> None:
-        P.check_header(frames, P.MASTER, 5)
-        p = self.pending.pop(P.task_id_of(frames[2]), None)
-        if p is None:
-            return
-        try:
-            details = unpack_map(frame_bytes(frames[4]), 16 << 20)
-        except ProtocolError as exc:
-            details = {"message": f"undecodable error details: {exc}"}
-        code = frame_bytes(frames[3]).decode("ascii", "replace")
-        _resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
-
-    def _on_pong(self, frames: list[zmq.Frame]) -> None:
-        P.check_header(frames, P.MASTER, 4)
-        session = frame_bytes(frames[2])
-        broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
-        self.interval = min(self.m.cfg.heartbeat_interval, broker_interval)
-        self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
-        if session != self.session:
-            # A new broker, or one that forgot us, holds none of our tasks; and before the first
-            # PONG, a broker that died unseen may have swallowed some. Resend: the broker drops
-            # duplicates of tasks it still holds.
-            if self.session is not None:
-                log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
-            self._resend_all()
-        self.session = session
-
-    def _resend_all(self) -> None:
-        """After anything that may have lost messages: every outstanding task and status request
-        again (the broker drops duplicates of tasks it still holds)."""
-        for p in list(self.pending.values()):
-            self._submit(p)
-        for request in self.status_waiters:
-            self._send([P.MASTER, P.STATUS, request])
-
-    def _expire(self, now: float) -> None:
-        if len(self.deadlines) > 2 * len(self.pending) + 1024:  # entries of tasks long answered
-            self.deadlines = [(p.deadline, p.tid) for p in self.pending.values() if p.deadline is not None]
-            heapq.heapify(self.deadlines)
-        while self.deadlines and self.deadlines[0][0] <= now:
-            deadline, tid = heapq.heappop(self.deadlines)
-            p = self.pending.get(tid)
-            if p is None or p.deadline != deadline:
-                continue
-            del self.pending[tid]
-            timeout = P.OPTIONS.unpack(p.options)[0] / 1000
-            err = error_from_code(P.TIMEOUT, tid.hex(), {"message": f"no result within {timeout:g} s"})
-            _resolve(p.future, error=err)
-            self._send([P.MASTER, P.CANCEL, tid])
-
-    def _ping(self, now: float, poller: zmq.Poller) -> None:
-        silent = now - self.heard
-        if silent > self.interval * self.liveness:
-            if self.lost_since is None:
-                self.lost_since = self.heard
-                log.warning("broker %s silent for %.1f s: reconnecting", self.m.endpoint, silent)
-            limit = self.m.cfg.broker_timeout
-            if limit is not None and now - self.lost_since > limit:
-                self._fail_all(BrokerUnreachable(
-                    f"broker {self.m.endpoint} unreachable for {now - self.lost_since:.1f} s "
-                    f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
-            poller.unregister(self.m._sock)
-            poller.unregister(self.watch.monitor)
-            self.watch.close()
-            self.m._sock.close(linger=0)
-            self.m._sock = self.m._new_socket()
-            self.watch = LinkWatch(self.m._sock)
-            poller.register(self.m._sock, zmq.POLLIN)
-            poller.register(self.watch.monitor, zmq.POLLIN)
-            self.heard = now  # give the new socket a full liveness period
-            self._resend_all()
-        self._send([P.MASTER, P.PING])
-        self.next_ping = now + self.interval
-
-    def _fail_all(self, error: BaseException) -> None:
-        pending, self.pending = self.pending, {}
-        for p in pending.values():
-            _resolve(p.future, error=error)
-        waiters, self.status_waiters = self.status_waiters, {}
-        for future in waiters.values():
-            _resolve(future, error=error)
-
-
-def _resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    """Set a future's outcome unless the user cancelled it meanwhile."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except InvalidStateError:
-        pass

@@ -133,11 +133,11 @@ def _submit_raw(m, service: str, payload: list[bytes]):  # type: ignore[no-untyp
     from concurrent.futures import Future
 
     from ndpipe import protocol as P
-    from ndpipe.master.client import _Pending
+    from ndpipe.master.ioloop import Pending
 
     m._slots.acquire()
     fut: Future[object] = Future()
-    p = _Pending(uuid.uuid4().bytes, service.encode(), P.OPTIONS.pack(0, 0, 0), payload, fut, None)
+    p = Pending(uuid.uuid4().bytes, service.encode(), P.OPTIONS.pack(0, 0, 0), payload, fut, None)
     fut.add_done_callback(lambda f: m._done(f, p.tid))
     m._post("submit", p)
     return fut
