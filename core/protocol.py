@@ -45,8 +45,6 @@ DRAIN: Final = b"\x17"  # W->B  send me no new tasks (graceful stop)
 DISCONNECT: Final = b"\x18"  # both; B->W means "unknown to me: register again"
 W_CANCEL: Final = b"\x19"  # B->W  task_id: stop running it, no reply needed
 
-MASTER_COMMANDS: Final = frozenset({SUBMIT, CANCEL, PING, STATUS, BYE})
-WORKER_COMMANDS: Final = frozenset({READY, W_RESULT, W_ERROR, HEARTBEAT, DRAIN, DISCONNECT})
 
 # --- error codes (ASCII frame in ERROR / W_ERROR) -------------------------------------------------
 HANDLER_ERROR: Final = "HANDLER_ERROR"  # the handler raised; not retried
