@@ -135,11 +135,12 @@ class Broker:
         ident, msg = frames[0].bytes, frames[1:]
         command = P.check_header(msg, P.MASTER, 2)
         now = time.monotonic()
-        session = self.state.master_seen(ident, now)
+        self.state.master_seen(ident, now)
         if command == P.SUBMIT:
             self._on_submit(ident, msg, now)
         elif command == P.PING:
-            pong = [P.MASTER, P.PONG, session, int(self.cfg.heartbeat_interval * 1000).to_bytes(4, "big")]
+            interval_ms = int(self.cfg.heartbeat_interval * 1000).to_bytes(4, "big")
+            pong = [P.MASTER, P.PONG, self.state.session(ident), interval_ms]
             self._to_master(ident, pong)
         elif command == P.CANCEL:
             P.check_header(msg, P.MASTER, 3)

@@ -172,14 +172,18 @@ class BrokerState:
         return self.heartbeat_interval * self.liveness
 
     # ---- masters --------------------------------------------------------------------------------
-    def master_seen(self, master: bytes, now: float) -> bytes:
-        """Refresh a master; return its session token (changes when the broker forgot it)."""
+    def master_seen(self, master: bytes, now: float) -> None:
+        """Refresh a master's liveness (a new record gets a new session number)."""
         rec = self.masters.get(master)
         if rec is None:
             self._sessions += 1
-            rec = (0.0, self._sessions)
-        self.masters[master] = (now + self.expiry, rec[1])
-        return self.broker_id + rec[1].to_bytes(8, "big")
+            self.masters[master] = (now + self.expiry, self._sessions)
+        else:
+            self.masters[master] = (now + self.expiry, rec[1])
+
+    def session(self, master: bytes) -> bytes:
+        """The token PONG carries: it changes when the broker restarted or forgot the master."""
+        return self.broker_id + self.masters[master][1].to_bytes(8, "big")
 
     def master_gone(self, master: bytes) -> int:
         """Forget a master (BYE or expiry) and drop its queued tasks; return how many."""

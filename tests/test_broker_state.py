@@ -221,10 +221,13 @@ def test_silent_master_loses_its_queued_tasks() -> None:
 
 def test_master_session_token_changes_when_forgotten() -> None:
     s = make()
-    first = s.master_seen(M1, 0.0)
-    assert s.master_seen(M1, 1.0) == first
+    s.master_seen(M1, 0.0)
+    first = s.session(M1)
+    s.master_seen(M1, 1.0)
+    assert s.session(M1) == first
     s.expire(now=10.0)
-    assert s.master_seen(M1, 10.5) != first
+    s.master_seen(M1, 10.5)
+    assert s.session(M1) != first
 
 
 def test_reregistering_worker_hands_its_tasks_back() -> None:
