@@ -40,8 +40,6 @@ class Broker:
         )
         self.frontend = self._router()
         self.backend = self._router()
-        self.frontend_endpoint = ""
-        self.backend_endpoint = ""
         self._malformed = Throttle(log)
         self._undeliverable = Throttle(log)
 
@@ -50,17 +48,15 @@ class Broker:
         return configure(sock, self.cfg.hwm, self.cfg.max_frame_bytes, router=True)
 
     def bind(self) -> None:
-        """Bind both endpoints (``tcp://127.0.0.1:0`` picks a free port; see ``*_endpoint``)."""
+        """Bind both endpoints; one that cannot be bound is a ConfigError naming its key."""
         for sock, key, endpoint in ((self.frontend, "frontend", self.cfg.frontend),
                                     (self.backend, "backend", self.cfg.backend)):
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
                 raise ConfigError(f"broker.{key}: cannot bind {endpoint}: {exc} (another broker running?)") from exc
-        self.frontend_endpoint = frame_bytes(self.frontend.last_endpoint).decode()
-        self.backend_endpoint = frame_bytes(self.backend.last_endpoint).decode()
         log.info("broker %s: masters on %s, workers on %s", self.state.broker_id.hex(),
-                 self.frontend_endpoint, self.backend_endpoint)
+                 self.cfg.frontend, self.cfg.backend)
 
     def close(self) -> None:
         self.frontend.close(linger=0)
@@ -156,8 +152,6 @@ class Broker:
             raise ProtocolError(f"unknown master command {command!r}")
 
     def _on_submit(self, ident: bytes, msg: list[zmq.Frame], now: float) -> None:
-        if len(msg) < 3:
-            raise ProtocolError("SUBMIT without task id")
         tid = P.task_id_of(msg[3]) if len(msg) > 3 else b""
         try:
             if len(msg) < 6:
@@ -305,14 +299,12 @@ class Broker:
             self._to_worker(wid, [P.WORKER, P.HEARTBEAT])
 
 
-def serve(config: BrokerConfig, stop: StopSignal | None = None, ready: Any = None) -> None:
-    """Entry point used by the CLI and tests: bind, serve until signalled, close."""
+def serve(config: BrokerConfig, stop: StopSignal | None = None) -> None:
+    """Entry point used by the CLI and the demo: bind, serve until signalled, close."""
     broker = Broker(config)
     with stop or StopSignal() as sig:
         try:
             broker.bind()
-            if ready is not None:
-                ready(broker)
             broker.run(sig)
         finally:
             broker.close()

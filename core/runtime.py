@@ -19,7 +19,6 @@ class StopSignal:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), install: bool = True) -> None:
         self.signals = signals if install else ()
         self.requested = False
-        self.signum: int | None = None
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -33,7 +32,6 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: give up on a graceful stop
         self.requested = True
-        self.signum = signum
         self.wake()
 
     def wake(self) -> None:

@@ -97,9 +97,8 @@ class WorkerDaemon:
         if job is not None:
             log.warning("compute process %d (pid %s) died (%s) running task %s: reported CRASHED",
                         index, proc.pid, why, job.tid.hex())
-            details = {"message": f"compute process died ({why}) while running service {job.service!r}",
-                       "type": "ProcessDied", "pid": proc.pid, "exitcode": code}
-            self._send_broker([P.WORKER, P.W_ERROR, job.tid, P.CRASHED.encode(), msgpack.packb(details)])
+            self._report(job.tid, P.CRASHED, "ProcessDied", f"compute process died ({why}) while running "
+                         f"service {job.service!r}", pid=proc.pid, exitcode=code)
         else:
             log.info("compute process %d (pid %s) ended (%s)", index, proc.pid, why)
         self.quick_deaths = 0 if was_ready else self.quick_deaths + 1
@@ -122,12 +121,10 @@ class WorkerDaemon:
             proc = self.procs.get(index)
             if len(frames) > 2 and proc is not None and frames[2].bytes == str(proc.pid).encode():
                 self.pool.child_ready(index)  # a dead predecessor's late HELLO is ignored
-        elif kind == P.C_RESULT and len(frames) >= 4:
-            if self.pool.finished(index, frames[2].bytes) is not None:
-                self._send_broker([P.WORKER, P.W_RESULT, *frames[2:]])
-        elif kind == P.C_ERROR and len(frames) == 5:
-            if self.pool.finished(index, frames[2].bytes) is not None:
-                self._send_broker([P.WORKER, P.W_ERROR, *frames[2:]])
+        elif (kind == P.C_RESULT and len(frames) >= 4) or (kind == P.C_ERROR and len(frames) == 5):
+            if self.pool.finished(index, frames[2].bytes) is not None:  # still wanted: pass it on as is
+                command = P.W_RESULT if kind == P.C_RESULT else P.W_ERROR
+                self._send_broker([P.WORKER, command, *frames[2:]])
         else:
             raise ProtocolError(f"bad message from compute process {index}")
 
@@ -151,9 +148,13 @@ class WorkerDaemon:
             assert job is not None and job.timeout is not None
             slot.reported = True
             self._kill_child(slot.index)
-            details = {"message": f"service {job.service!r} ran longer than its timeout of {job.timeout:g} s;"
-                       " its compute process was killed and replaced", "type": "TimeoutError"}
-            self._send_broker([P.WORKER, P.W_ERROR, job.tid, P.TIMEOUT.encode(), msgpack.packb(details)])
+            self._report(job.tid, P.TIMEOUT, "TimeoutError", f"service {job.service!r} ran longer than its "
+                         f"timeout of {job.timeout:g} s; its compute process was killed and replaced")
+
+    def _report(self, tid: bytes, code: str, kind: str, message: str, **extra: Any) -> None:
+        """A W_ERROR the daemon itself originates (the compute process could not say it)."""
+        details = {"message": message, "type": kind, **extra}
+        self._send_broker([P.WORKER, P.W_ERROR, tid, code.encode(), msgpack.packb(details)])
 
     # ---- broker ---------------------------------------------------------------------------------
     def _connect(self, now: float) -> None:
