@@ -159,13 +159,13 @@ class Broker:
             if len(msg) - 6 > self.cfg.max_frames:
                 raise ProtocolError(f"SUBMIT has {len(msg) - 6} payload buffer frames (limit {self.cfg.max_frames})")
             service = P.service_of(msg[2])
-            timeout_ms, max_attempts, _flags = P.parse_options(msg[4])
+            timeout_ms, max_attempts, flags = P.parse_options(msg[4])
         except ProtocolError as exc:
             if not tid:
                 raise
             self._error(ident, tid, P.BAD_REQUEST, {"message": str(exc)})
             return
-        code = self.state.submit(ident, tid, service, msg[5:], now, timeout_ms, max_attempts)
+        code = self.state.submit(ident, tid, service, msg[5:], now, timeout_ms, max_attempts, flags)
         if code == P.QUEUE_FULL:
             details = {"message": f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"}
             self._error(ident, tid, code, details)
@@ -265,7 +265,7 @@ class Broker:
     # ---- dispatch and time ----------------------------------------------------------------------
     def _flush(self, now: float) -> None:
         for task, rec in self.state.dispatch(now):
-            meta = P.META.pack(task.attempt, self._remaining_ms(task, now))
+            meta = P.META.pack(task.attempt, self._remaining_ms(task, now), task.flags)
             frames = [P.WORKER, P.TASK, task.tid, task.service.encode(), meta, *task.payload]
             try:
                 send_frames(self.backend, [rec.wid, *frames], zmq.NOBLOCK)

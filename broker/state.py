@@ -44,6 +44,7 @@ class Task:
     attempt: int = 0  # dispatches that counted (handed-back tasks do not count)
     worker: bytes | None = None
     state: str = QUEUED
+    flags: int = 0  # OPTIONS flags, passed on to the worker in META (e.g. FLAG_BATCH)
 
 
 @dataclass(slots=True, eq=False)
@@ -206,6 +207,7 @@ class BrokerState:
         now: float,
         timeout_ms: int = 0,
         max_attempts: int = 0,
+        flags: int = 0,
     ) -> str | None:
         """Queue a task. Return None when queued or a duplicate, else the error code to send."""
         if tid in self.tasks:
@@ -220,7 +222,8 @@ class BrokerState:
             self.counters["rejected"] += 1
             return P.QUEUE_FULL
         deadline = now + timeout_ms / 1000.0 if timeout_ms else None
-        task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline)
+        task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline,
+                    flags=flags)
         self.tasks[tid] = task
         queue.push(task)
         if deadline is not None:

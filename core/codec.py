@@ -32,7 +32,10 @@ import zmq
 
 from ndpipe.errors import DecodeError, EncodeError
 
-__all__ = ["DEFAULT_LIMITS", "INLINE_MAX", "Limits", "decode", "decode_call", "encode", "encode_call"]
+__all__ = [
+    "DEFAULT_LIMITS", "INLINE_MAX", "Limits", "batch_length", "decode", "decode_batch", "decode_call",
+    "decode_outcomes", "encode", "encode_batch", "encode_call",
+]
 
 INLINE_MAX: int = 64 * 1024
 """Arrays with fewer bytes than this travel inside the header; larger ones in their own frame."""
@@ -162,6 +165,19 @@ def encode_call(
 ) -> list[bytes | memoryview]:
     """Encode a task's arguments: the header holds ``[list(args), dict(kwargs)]``."""
     return _pack([list(args), dict(kwargs)], inline_max, lambda: [(args, "args"), (kwargs, "kwargs")])
+
+
+def encode_batch(
+    calls: Sequence[Sequence[Any]], kwargs: Mapping[str, Any] | None = None, inline_max: int = INLINE_MAX
+) -> list[bytes | memoryview]:
+    """Encode a batch (FLAG_BATCH) of calls sharing ``kwargs``: the header is ``[[args, ...], kwargs]``.
+
+    One msgpack call for the whole batch, no per-call map: per call this costs about what the values
+    themselves cost to pack, which is what makes ``Master.map`` fast on tiny tasks. Large arrays still
+    go out-of-band, with buffer indexes shared by the whole batch.
+    """
+    body = [[list(a) for a in calls], dict(kwargs or {})]
+    return _pack(body, inline_max, lambda: [(body[0], "batch"), (body[1], "kwargs")])
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -328,3 +344,49 @@ def decode_call(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> tuple[list[A
     if not all(type(k) is str for k in kwargs):
         raise DecodeError("call payload kwargs must have str keys")
     return args, kwargs
+
+
+def decode_batch(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Decode a payload made by :func:`encode_batch` into ``([args, ...], kwargs)``."""
+    calls, kwargs = decode_call(frames, limits)
+    if not calls:
+        raise DecodeError("batch payload holds no calls")
+    for i, args in enumerate(calls):
+        if type(args) is not list:
+            raise DecodeError(f"batch call {i}: args must be a list, got {type(args).__name__}")
+    return calls, kwargs
+
+
+def batch_length(header: bytes | memoryview | zmq.Frame) -> int:
+    """Number of calls in a batch, read from the msgpack array headers alone (no decoding).
+
+    The worker daemon uses it to scale a service's per-call timeout to the whole batch without
+    touching the payload; 0 when the header does not start like ``encode_batch``'s.
+    """
+    raw = bytes(_buffer(header)[:6])
+    if len(raw) < 2 or raw[0] != 0x92:  # [calls, kwargs]
+        return 0
+    first = raw[1]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(raw) >= 4:
+        return int.from_bytes(raw[2:4], "big")
+    if first == 0xDD and len(raw) >= 6:
+        return int.from_bytes(raw[2:6], "big")
+    return 0
+
+
+def decode_outcomes(frames: Frames, expected: int, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Any], dict[int, Any]]:
+    """Decode a batch result ``[values, errors]``: ``expected`` values in call order, and a map from
+    the index of each call that failed to ``[code, details]`` (its value is None)."""
+    value = decode(frames, limits)
+    if type(value) is not list or len(value) != 2 or type(value[0]) is not list or type(value[1]) is not dict:
+        raise DecodeError(f"batch result must be [values list, errors map], got {type(value).__name__}")
+    values, errors = value
+    if len(values) != expected:
+        raise DecodeError(f"batch result holds {len(values)} values for {expected} calls")
+    for index, error in errors.items():
+        if (type(index) is not int or not 0 <= index < expected or type(error) is not list or len(error) != 2
+                or type(error[0]) is not str or type(error[1]) is not dict):
+            raise DecodeError(f"batch result: bad error entry {index!r:.20}")
+    return values, errors

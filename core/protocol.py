@@ -59,7 +59,12 @@ ERROR_CODES: Final = frozenset(
 
 # --- fixed binary fields --------------------------------------------------------------------------
 OPTIONS: Final = struct.Struct("!IHH")  # timeout_ms (0 = none), max_attempts (0 = default), flags
-META: Final = struct.Struct("!HI")  # attempt (1-based), timeout_ms (0 = none)
+META: Final = struct.Struct("!HIH")  # attempt (1-based), timeout_ms (0 = none), flags (from OPTIONS)
+FLAGS: Final = struct.Struct("!H")  # C_TASK: the task's flags
+
+# --- task flags (OPTIONS, META, C_TASK) -----------------------------------------------------------
+FLAG_BATCH: Final = 0x0001  # the payload is a batch of calls; the result is a list of outcomes
+KNOWN_FLAGS: Final = FLAG_BATCH  # a SUBMIT with any other bit set gets BAD_REQUEST
 MAX_TASK_ID: Final = 64  # bytes
 MAX_SERVICE: Final = 255  # bytes, UTF-8
 
@@ -74,7 +79,7 @@ MAX_QUEUED: Final = 100_000  # tasks per service
 
 # --- daemon <-> compute process (internal, one host, ipc) -----------------------------------------
 C_HELLO: Final = b"H"  # C->D  the compute process is ready
-C_TASK: Final = b"T"  # D->C  task_id, service, payload... (the daemon enforces deadlines)
+C_TASK: Final = b"T"  # D->C  task_id, service, flags, payload... (the daemon enforces deadlines)
 C_RESULT: Final = b"R"  # C->D  task_id, payload...
 C_ERROR: Final = b"E"  # C->D  task_id, code, details
 
@@ -122,16 +127,18 @@ def parse_options(frame: Frame) -> tuple[int, int, int]:
     if len(raw) != OPTIONS.size:
         raise ProtocolError(f"options frame must be {OPTIONS.size} bytes, got {len(raw)}")
     timeout_ms, max_attempts, flags = OPTIONS.unpack(raw)
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown task flags 0x{flags & ~KNOWN_FLAGS:04x} in options")
     return timeout_ms, max_attempts, flags
 
 
-def parse_meta(frame: Frame) -> tuple[int, int]:
-    """(attempt, timeout_ms) from a TASK meta frame."""
+def parse_meta(frame: Frame) -> tuple[int, int, int]:
+    """(attempt, timeout_ms, flags) from a TASK meta frame."""
     raw = _b(frame)
     if len(raw) != META.size:
         raise ProtocolError(f"meta frame must be {META.size} bytes, got {len(raw)}")
-    attempt, timeout_ms = META.unpack(raw)
-    return attempt, timeout_ms
+    attempt, timeout_ms, flags = META.unpack(raw)
+    return attempt, timeout_ms, flags
 
 
 def error_code_of(frame: Frame) -> str:

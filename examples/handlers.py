@@ -65,6 +65,18 @@ def crash(code: int = 0) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def reciprocal(x: float) -> float:
+    """``1 / x``: raises ZeroDivisionError for 0, so one call of a batch can fail alone."""
+    return 1 / x
+
+
+def crash_on(x: Any, bad: Any) -> Any:
+    """Return ``x``, but kill the compute process when ``x == bad`` (a poison input)."""
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
 def sleep(seconds: float, value: Any = None) -> Any:
     """Sleep, then return ``value``: a stand-in for a long task."""
     time.sleep(seconds)

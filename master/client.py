@@ -18,6 +18,7 @@ through a deque and a wake-up pipe. The I/O thread keeps every outstanding task 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
@@ -26,19 +27,30 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from itertools import islice
 from typing import Any
 
 import numpy as np
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import encode_call
+from ndpipe.codec import encode_batch, encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
-from ndpipe.errors import BrokerUnreachable, EncodeError, NdpipeError
+from ndpipe.errors import (
+    BrokerUnreachable,
+    EncodeError,
+    NdpipeError,
+    TaskCrashed,
+    TaskFailed,
+    TaskTimeout,
+    error_from_code,
+)
 from ndpipe.master.ioloop import IOLoop, Pending, resolve
 from ndpipe.transport import configure
 
 log = logging.getLogger("ndpipe.master")
+MAX_CHUNK = 1024  # calls per batch chosen automatically by map()
+CHUNK_BYTES = 8 << 20  # a batch larger than this when encoded is split (memory and latency per message)
 
 
 class Master:
@@ -96,23 +108,27 @@ class Master:
         Future callbacks run on the master's I/O thread: one may submit more work, but gets
         NdpipeError instead of waiting when the window is full (waiting there would deadlock).
         """
-        self._check_open()
         timeout = self.timeout if timeout is None else timeout
         attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
         if not 0 <= attempts <= 0xFFFF:
             raise ValueError(f"max_attempts must be in [0, 65535] (0 = broker default), got {attempts!r}")
-        payload = encode_call(list(args), kwargs or {})
+        self._check_open()
+        return self._enqueue(service, encode_call(list(args), kwargs or {}), timeout, attempts)
+
+    def _enqueue(self, service: str, payload: list[Any], timeout: float | None, attempts: int,
+                 flags: int = 0, batch: int = 0) -> Future[Any]:
+        """Check the frames, take a window slot, hand the task to the I/O thread."""
         self._check_frames(payload)
-        options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, 0)
+        options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, flags)
         on_io_thread = threading.current_thread() is self._thread
         if not self._slots.acquire(blocking=not on_io_thread):
             raise NdpipeError(f"window of {self.window} tasks is full inside a Future callback (the master's "
                               "I/O thread cannot wait for itself); submit from another thread")
         future: Future[Any] = Future()
         deadline = time.monotonic() + timeout if timeout else None
-        pending = Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline)
+        pending = Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline, batch)
         with self._lock:
             if self._closed or self._error is not None:
                 self._slots.release()
@@ -138,15 +154,39 @@ class Master:
                 raise EncodeError(f"an argument of {size} bytes exceeds max_frame_bytes = {self.cfg.max_frame_bytes}"
                                   " (broker.max_frame_bytes must allow it too); split it, e.g. with scatter()")
 
-    def map(self, service: str, *iterables: Iterable[Any], timeout: float | None = None) -> Iterator[Any]:
+    def map(
+        self, service: str, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int | None = None
+    ) -> Iterator[Any]:
         """``service(*items)`` for items zipped from ``iterables``; results in input order.
 
-        Submission runs ahead of consumption by up to ``window`` tasks. The first error raises; the
+        Calls travel in batches of ``chunksize`` (one message, one broker task and one compute-process
+        run per batch): that is what makes tiny tasks fast. ``None`` picks a size like
+        ``multiprocessing.Pool.map``: about four batches per slot of the service, at most 1,024 calls
+        and a share of the window; 1 when the number of items is unknown (a generator) — pass
+        ``chunksize`` explicitly to batch those. ``timeout`` is per call (a batch gets ``timeout`` ×
+        its size). A batch that times out, crashes its process ``max_attempts`` times or cannot send
+        its results back is split and its calls resubmitted one by one, so only the culprit fails.
+
+        Submission runs ahead of consumption by up to ``window`` calls. The first error raises; the
         tasks still queued are then cancelled.
         """
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
+        return self._map(service, iterables, timeout, chunksize)
+
+    def _map(self, service: str, iterables: tuple[Iterable[Any], ...], timeout: float | None,
+             chunksize: int | None) -> Iterator[Any]:
+        size = chunksize or self._auto_chunksize(service, iterables)  # lazily: at the first next()
+        calls = zip(*iterables, strict=False)
+        if size == 1:
+            yield from self._map_single(service, calls, timeout)
+        else:
+            yield from self._map_batched(service, calls, timeout, size)
+
+    def _map_single(self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None) -> Iterator[Any]:
         futures: deque[Future[Any]] = deque()
         try:
-            for args in zip(*iterables, strict=False):
+            for args in calls:
                 futures.append(self.call(service, args, timeout=timeout))
                 while futures and (futures[0].done() or len(futures) >= self.window):
                     yield futures.popleft().result()
@@ -155,6 +195,85 @@ class Master:
         finally:
             for future in futures:
                 future.cancel()
+
+    def _map_batched(
+        self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None, size: int
+    ) -> Iterator[Any]:
+        batches: deque[tuple[Future[Any], list[tuple[Any, ...]], int]] = deque()
+        ahead = max(self.window, 2 * size)  # calls submitted and not yet yielded
+        outstanding = submitted = 0
+        try:
+            for chunk in iter(lambda: list(islice(calls, size)), []):
+                for part, payload in self._split_to_fit(chunk):
+                    batches.append((self._submit_part(service, part, payload, timeout), part, submitted))
+                    outstanding += len(part)
+                    submitted += len(part)
+                while batches and (outstanding >= ahead or batches[0][0].done()):
+                    future, part, first = batches.popleft()
+                    outstanding -= len(part)
+                    yield from self._part_results(service, future, part, first, timeout)
+            while batches:
+                yield from self._part_results(service, *batches.popleft(), timeout)
+        finally:
+            for future, _part, _first in batches:
+                future.cancel()
+
+    def _auto_chunksize(self, service: str, iterables: tuple[Iterable[Any], ...]) -> int:
+        """About four batches per slot (like Pool.map), bounded by the window and MAX_CHUNK."""
+        n = min((operator.length_hint(it, -1) for it in iterables), default=-1)
+        if n <= 0:
+            return 1
+        try:
+            slots = int(self.status(timeout=2.0)["services"].get(service, {}).get("slots", 0))
+        except NdpipeError:
+            slots = 0
+        slots = max(1, slots)
+        return max(1, min(-(-n // (4 * slots)), self.window // (2 * slots), MAX_CHUNK))
+
+    def _split_to_fit(self, chunk: list[tuple[Any, ...]]) -> list[tuple[list[tuple[Any, ...]], list[Any]]]:
+        """(calls, encoded payload) parts: a batch over CHUNK_BYTES or the frame limits is halved."""
+        if len(chunk) == 1:
+            return [(chunk, encode_call(list(chunk[0]), {}))]
+        payload = encode_batch(chunk)
+        sizes = [f.nbytes if isinstance(f, memoryview) else len(f) for f in payload]
+        if (sum(sizes) <= CHUNK_BYTES and len(payload) - 1 <= self.cfg.max_frames
+                and max(sizes) <= self.cfg.max_frame_bytes):
+            return [(chunk, payload)]
+        half = len(chunk) // 2
+        return self._split_to_fit(chunk[:half]) + self._split_to_fit(chunk[half:])
+
+    def _submit_part(
+        self, service: str, part: list[tuple[Any, ...]], payload: list[Any], timeout: float | None
+    ) -> Future[Any]:
+        """A plain task for one call, a FLAG_BATCH task (timeout × its size) for several."""
+        timeout = self.timeout if timeout is None else timeout
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+        self._check_open()
+        if len(part) == 1:
+            return self._enqueue(service, payload, timeout, self.cfg.max_attempts)
+        total = min(MAX_TIMEOUT, timeout * len(part)) if timeout else None
+        return self._enqueue(service, payload, total, self.cfg.max_attempts, P.FLAG_BATCH, len(part))
+
+    def _part_results(
+        self, service: str, future: Future[Any], part: list[tuple[Any, ...]], first: int, timeout: float | None
+    ) -> Iterator[Any]:
+        if len(part) == 1:
+            yield future.result()
+            return
+        try:
+            values, errors = future.result()
+        except (TaskTimeout, TaskCrashed, TaskFailed) as exc:
+            log.info("batch of %d calls to %r failed as a whole (%s): resubmitting them one by one",
+                     len(part), service, type(exc).__name__)
+            yield from self._map_single(service, iter(part), timeout)
+            return
+        if errors:
+            bad = min(errors)
+            yield from values[:bad]
+            code, details = errors[bad]
+            raise error_from_code(code, f"map item {first + bad}", details)
+        yield from values
 
     def scatter(
         self,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import Limits, decode
+from ndpipe.codec import Limits, decode, decode_outcomes
 from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
 from ndpipe.transport import LinkWatch, Throttle, frame_bytes, recv_bounded, send_frames, unpack_map
 
@@ -37,6 +37,7 @@ class Pending:
     payload: list[Any]
     future: Future[Any]
     deadline: float | None
+    batch: int = 0  # FLAG_BATCH tasks: number of calls (the result is that many outcomes)
 
 
 class IOLoop:
@@ -155,7 +156,10 @@ class IOLoop:
             if p is None:
                 return  # an answer already delivered (task ran twice) or for a cancelled task
             try:
-                resolve(p.future, value=decode(frames[3:], self.limits))
+                if p.batch:
+                    resolve(p.future, value=decode_outcomes(frames[3:], p.batch, self.limits))
+                else:
+                    resolve(p.future, value=decode(frames[3:], self.limits))
             except DecodeError as exc:
                 resolve(p.future, error=exc)
         elif command == P.ERROR:

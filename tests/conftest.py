@@ -54,6 +54,8 @@ class Cluster:
             "normalize": "ndpipe.examples.handlers:normalize",
             "spin": "ndpipe.examples.handlers:spin",
             "hang": {"handler": "ndpipe.examples.handlers:sleep", "timeout": 0.5},
+            "reciprocal": "ndpipe.examples.handlers:reciprocal",
+            "crash_on": "ndpipe.examples.handlers:crash_on",
         }
         self.config = {
             "broker": {**(broker or {}), "frontend": self.frontend, "backend": self.backend},

@@ -42,7 +42,10 @@ def test_field_parsers_reject(parse, value: bytes, problem: str) -> None:  # typ
 
 def test_fixed_structs_round_trip() -> None:
     assert P.parse_options(P.OPTIONS.pack(1500, 3, 0)) == (1500, 3, 0)
-    assert P.parse_meta(P.META.pack(2, 99)) == (2, 99)
+    assert P.parse_meta(P.META.pack(2, 99, P.FLAG_BATCH)) == (2, 99, P.FLAG_BATCH)
+    assert P.parse_options(P.OPTIONS.pack(0, 0, P.FLAG_BATCH)) == (0, 0, P.FLAG_BATCH)
+    with pytest.raises(ProtocolError, match="unknown task flags 0x0002"):
+        P.parse_options(P.OPTIONS.pack(0, 0, 0x0003))
     assert P.error_code_of(b"SOME_NEW_CODE") == "SOME_NEW_CODE"  # forwarded, not dropped
 
 

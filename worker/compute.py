@@ -22,7 +22,7 @@ import msgpack
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import Limits, decode_call, encode
+from ndpipe.codec import Limits, decode_batch, decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError
 from ndpipe.transport import configure, send_frames
 
@@ -58,23 +58,30 @@ def die_with_parent() -> None:
         pass
 
 
-def error_frames(tid: bytes, code: str, exc: BaseException, with_tb: bool = True) -> list[Any]:
-    details = {
+def error_details(exc: BaseException, with_tb: bool = True) -> dict[str, Any]:
+    return {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc)) if with_tb else "",
         "pid": os.getpid(),
     }
+
+
+def error_frames(tid: bytes, code: str, exc: BaseException, with_tb: bool = True) -> list[Any]:
+    details = error_details(exc, with_tb)
     return [P.C_ERROR, tid, code.encode(), msgpack.packb(details, use_bin_type=True, default=repr)]
 
 
 def run_task(
-    handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any], max_frames: int = P.MAX_FRAMES
+    handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any], max_frames: int = P.MAX_FRAMES,
+    flags: int = 0,
 ) -> list[Any]:
     """Decode, call, encode; every failure becomes an error message, never an exception."""
     handler = handlers.get(service)
     if handler is None:
         return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
+    if flags & P.FLAG_BATCH:
+        return run_batch(handler, tid, service, payload, max_frames)
     try:
         args, kwargs = decode_call(payload, Limits(max_frames=max_frames))
     except DecodeError as exc:
@@ -91,6 +98,49 @@ def run_task(
     except Exception as exc:  # EncodeError, or anything odd a result can do while being encoded
         wrapped = EncodeError(f"result of service {service!r} cannot be sent: {exc}")
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
+
+
+def _encode_result(tid: bytes, result: Any, max_frames: int) -> list[Any] | None:
+    """C_RESULT frames, or None when the value cannot be encoded within the limits."""
+    try:
+        frames = encode(result)
+    except Exception:  # EncodeError, or anything odd a value can do while being encoded
+        return None
+    return [P.C_RESULT, tid, *frames] if len(frames) - 1 <= max_frames else None
+
+
+def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], max_frames: int) -> list[Any]:
+    """Run every call of a batch in order; a raising call fails alone.
+
+    The result is ``[values, errors]``: one value per call in call order (None where it failed) and
+    ``{index: [code, details]}`` for the calls that failed. A value that cannot be encoded becomes
+    that call's error; if the whole batch still exceeds ``max_frames`` (too many large arrays for one
+    message) the batch fails as a whole and the master resubmits its calls one by one.
+    """
+    try:
+        calls, kwargs = decode_batch(payload, Limits(max_frames=max_frames))
+    except DecodeError as exc:
+        return error_frames(tid, P.BAD_REQUEST, exc, False)
+    values: list[Any] = []
+    errors: dict[int, list[Any]] = {}
+    for args in calls:
+        try:
+            values.append(handler(*args, **kwargs))
+        except Exception as exc:
+            errors[len(values)] = [P.HANDLER_ERROR, error_details(exc)]
+            values.append(None)
+    frames = _encode_result(tid, [values, errors], max_frames)
+    if frames is None:  # find the values that cannot travel (slow path, errors only)
+        for i, value in enumerate(values):
+            if i not in errors and _encode_result(tid, value, max_frames) is None:
+                why = EncodeError(f"result of service {service!r} (batch call {i}) cannot be encoded")
+                errors[i], values[i] = [P.HANDLER_ERROR, error_details(why, False)], None
+        frames = _encode_result(tid, [values, errors], max_frames)
+    if frames is None:
+        why = EncodeError(f"the {len(values)} results of a batch of service {service!r} exceed max_frames "
+                          f"{max_frames} together")
+        return error_frames(tid, P.HANDLER_ERROR, why, False)
+    return frames
 
 
 def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES) -> None:
@@ -110,11 +160,12 @@ def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_f
                     return
                 continue
             frames = sock.recv_multipart(copy=False)
-            if len(frames) < 4 or frames[0].bytes != P.C_TASK:
+            if len(frames) < 5 or frames[0].bytes != P.C_TASK or len(frames[3].bytes) != P.FLAGS.size:
                 log.error("compute %d: unexpected message of %d frames", index, len(frames))
                 continue
             tid, service = frames[1].bytes, frames[2].bytes.decode()
-            send_frames(sock, run_task(handlers, tid, service, frames[3:], max_frames))
+            (flags,) = P.FLAGS.unpack(frames[3].bytes)
+            send_frames(sock, run_task(handlers, tid, service, frames[4:], max_frames, flags))
     finally:
         sock.close(linger=0)
         ctx.term()

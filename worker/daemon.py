@@ -27,6 +27,7 @@ import zmq
 
 from ndpipe import __version__
 from ndpipe import protocol as P
+from ndpipe.codec import batch_length
 from ndpipe.config import WorkerConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.runtime import StopSignal
@@ -131,7 +132,8 @@ class WorkerDaemon:
     def _start_jobs(self, now: float) -> None:
         while (started := self.pool.next_start(now)) is not None:
             slot, job = started
-            frames = [b"c%d" % slot.index, P.C_TASK, job.tid, job.service.encode(), *job.payload]
+            frames = [b"c%d" % slot.index, P.C_TASK, job.tid, job.service.encode(), P.FLAGS.pack(job.flags),
+                      *job.payload]
             try:
                 send_frames(self.children, frames, zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # the process vanished between HELLO and now
@@ -188,9 +190,12 @@ class WorkerDaemon:
         if command == P.TASK:
             P.check_header(frames, P.WORKER, 6)
             tid, service = P.task_id_of(frames[2]), P.service_of(frames[3])
-            _attempt, timeout_ms = P.parse_meta(frames[4])
-            timeouts = [t for t in (timeout_ms / 1000 if timeout_ms else None, self.timeouts.get(service)) if t]
-            self.pool.add(Job(tid, service, frames[5:], min(timeouts) if timeouts else None))
+            _attempt, timeout_ms, flags = P.parse_meta(frames[4])
+            per_call = self.timeouts.get(service)
+            if per_call and flags & P.FLAG_BATCH:  # the service's timeout is per call: scale it to the batch
+                per_call *= max(1, batch_length(frames[5]))
+            timeouts = [t for t in (timeout_ms / 1000 if timeout_ms else None, per_call) if t]
+            self.pool.add(Job(tid, service, frames[5:], min(timeouts) if timeouts else None, flags=flags))
         elif command == P.HEARTBEAT:
             pass
         elif command == P.WELCOME:

@@ -20,6 +20,7 @@ class Job:
     payload: list[Any]
     timeout: float | None  # seconds, from the TASK meta or the service default
     deadline: float | None = None  # set when started
+    flags: int = 0  # from the TASK meta (FLAG_BATCH: the payload is a batch of calls)
 
 
 @dataclass(slots=True)
