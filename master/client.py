@@ -51,6 +51,7 @@ from ndpipe.transport import configure
 log = logging.getLogger("ndpipe.master")
 MAX_CHUNK = 1024  # calls per batch chosen automatically by map()
 CHUNK_BYTES = 8 << 20  # a batch larger than this when encoded is split (memory and latency per message)
+SLOTS_TTL = 1.0  # seconds map() reuses a service's slot count from STATUS
 
 
 class Master:
@@ -74,11 +75,13 @@ class Master:
         self.timeout = timeout if timeout is not None else cfg.timeout
         self.window = window or cfg.window
         self._slots = threading.BoundedSemaphore(self.window)
+        self._slots_cache: dict[str, tuple[float, int]] = {}
         self._ident = b"M" + os.urandom(15)
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._wake_pending = False  # set by _post when it writes; cleared by the I/O thread before draining
         self._closed = False
         self._lock = threading.RLock()  # orders close() against submit/cancel/status posts
         self._started = threading.Event()
@@ -221,26 +224,37 @@ class Master:
     def _auto_chunksize(self, service: str, iterables: tuple[Iterable[Any], ...]) -> int:
         """About four batches per slot (like Pool.map), bounded by the window and MAX_CHUNK."""
         n = min((operator.length_hint(it, -1) for it in iterables), default=-1)
-        if n <= 0:
+        if n <= 1:
             return 1
+        slots = max(1, self._service_slots(service))
+        return max(1, min(-(-n // (4 * slots)), self.window // (2 * slots), MAX_CHUNK))
+
+    def _service_slots(self, service: str) -> int:
+        """The service's slot count from STATUS, cached for SLOTS_TTL so map() in a loop stays cheap."""
+        now = time.monotonic()
+        cached = self._slots_cache.get(service)
+        if cached is not None and now - cached[0] < SLOTS_TTL:
+            return cached[1]
         try:
             slots = int(self.status(timeout=2.0)["services"].get(service, {}).get("slots", 0))
         except NdpipeError:
-            slots = 0
-        slots = max(1, slots)
-        return max(1, min(-(-n // (4 * slots)), self.window // (2 * slots), MAX_CHUNK))
+            return 0
+        self._slots_cache[service] = (now, slots)
+        return slots
 
     def _split_to_fit(self, chunk: list[tuple[Any, ...]]) -> list[tuple[list[tuple[Any, ...]], list[Any]]]:
-        """(calls, encoded payload) parts: a batch over CHUNK_BYTES or the frame limits is halved."""
+        """(calls, encoded payload) parts: a batch over CHUNK_BYTES or the frame limits is cut into
+        parts sized from its average call, each encoded once more (twice only if still too big)."""
         if len(chunk) == 1:
             return [(chunk, encode_call(list(chunk[0]), {}))]
         payload = encode_batch(chunk)
         sizes = [f.nbytes if isinstance(f, memoryview) else len(f) for f in payload]
-        if (sum(sizes) <= CHUNK_BYTES and len(payload) - 1 <= self.cfg.max_frames
-                and max(sizes) <= self.cfg.max_frame_bytes):
+        total, frames = sum(sizes), len(payload) - 1
+        if total <= CHUNK_BYTES and frames <= self.cfg.max_frames and max(sizes) <= self.cfg.max_frame_bytes:
             return [(chunk, payload)]
-        half = len(chunk) // 2
-        return self._split_to_fit(chunk[:half]) + self._split_to_fit(chunk[half:])
+        parts = max(2, -(-total // CHUNK_BYTES), -(-frames // max(1, self.cfg.max_frames)))
+        step = -(-len(chunk) // parts)
+        return [piece for i in range(0, len(chunk), step) for piece in self._split_to_fit(chunk[i:i + step])]
 
     def _submit_part(
         self, service: str, part: list[tuple[Any, ...]], payload: list[Any], timeout: float | None
@@ -354,6 +368,9 @@ class Master:
     def _post(self, kind: str, item: Any) -> None:
         """Hand an item to the I/O thread (callers hold ``_lock`` and have checked it is open)."""
         self._inbox.append((kind, item))
+        if self._wake_pending:  # the I/O thread has a wake-up it has not consumed: it will see this item
+            return
+        self._wake_pending = True  # one write per wake-up, not per task: a syscall and a thread switch saved
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:

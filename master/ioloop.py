@@ -74,6 +74,7 @@ class IOLoop:
                 wake = min(wake, self.deadlines[0][0])
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
             if self.m._wake_r in events:
+                self.m._wake_pending = False  # before draining: an item posted after this writes again
                 try:
                     while os.read(self.m._wake_r, 4096):
                         pass

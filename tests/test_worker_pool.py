@@ -69,3 +69,49 @@ def test_job_for_a_vanished_process_goes_back_to_the_front() -> None:
     pool.next_start(0.0)
     pool.requeue(0)
     assert [j.tid for j in pool.pending] == [b"a", b"b"] and not pool.slots[0].ready
+
+
+def test_pipelined_slots_fill_idle_children_first_and_answer_in_order() -> None:
+    pool = Pool(2, depth=2)
+    pool.child_ready(0)
+    pool.child_ready(1)
+    for tid in (b"a", b"b", b"c", b"d", b"e"):
+        pool.add(Job(tid, "svc", [], timeout=1.0))
+    started = [pool.next_start(10.0) for _ in range(5)]
+    assert [(s.index, j.tid) for s, j in started[:4]] == [(0, b"a"), (1, b"b"), (0, b"c"), (1, b"d")]  # type: ignore[misc]
+    assert started[4] is None and [j.tid for j in pool.pending] == [b"e"]
+    assert pool.next_deadline() == 11.0 and pool.slots[0].queue[1].deadline is None  # queued: clock not started
+    assert pool.finished(0, b"c", 10.5) is None  # not the head: a child answers in order, so this is stale
+    assert pool.finished(0, b"a", 10.5).tid == b"a"  # type: ignore[union-attr]
+    assert pool.slots[0].job.tid == b"c" and pool.slots[0].job.deadline == 11.5  # type: ignore[union-attr]
+    assert pool.running == 3
+
+
+def test_a_dying_pipelined_child_reports_only_its_head() -> None:
+    pool = Pool(1, depth=3)
+    pool.child_ready(0)
+    for tid in (b"a", b"b", b"c", b"d"):
+        pool.add(Job(tid, "svc", [], None))
+    for _ in range(3):
+        pool.next_start(0.0)
+    assert pool.cancel(b"c") is None and pool.slots[0].queue[2].cancelled  # queued in the child: marked
+    crashed = pool.died(0)
+    assert crashed is not None and crashed.tid == b"a"
+    assert [j.tid for j in pool.pending] == [b"b", b"d"]  # never ran: back in front, the cancelled one dropped
+    assert pool.running == 0 and pool.next_start(0.0) is None  # waits for the new HELLO
+
+
+def test_a_timed_out_head_blocks_its_slot_until_the_child_is_gone() -> None:
+    pool = Pool(1, depth=2)
+    pool.child_ready(0)
+    pool.add(Job(b"a", "svc", [], timeout=1.0))
+    pool.add(Job(b"b", "svc", [], None))
+    pool.next_start(0.0)
+    pool.next_start(0.0)
+    (slot,) = pool.overdue(1.0)
+    slot.reported = True
+    pool.add(Job(b"c", "svc", [], None))
+    assert pool.next_start(1.0) is None  # no new job to a process that is being killed
+    assert pool.finished(0, b"a", 1.1) is None
+    assert pool.died(0) is None  # reported as TIMEOUT already
+    assert [j.tid for j in pool.pending] == [b"b", b"c"]

@@ -37,6 +37,7 @@ from ndpipe.worker.pool import Job, Pool
 
 log = logging.getLogger("ndpipe.worker")
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+PIPELINE_MAX = 4  # jobs sent ahead to one compute process (the rest of the prefetch waits in the daemon)
 MAX_QUICK_DEATHS = 5  # children dying before HELLO in a row: the handlers cannot even load
 
 
@@ -49,7 +50,10 @@ class WorkerDaemon:
         self.timeouts = {name: spec.timeout for name, spec in self.cfg.services.items()}
         for spec in self.services.values():
             compute.resolve(spec)  # fail at start, with the handler named, not in every child
-        self.pool = Pool(self.cfg.effective_processes)
+        processes = self.cfg.effective_processes
+        # Prefetched tasks are queued in the children's sockets (up to PIPELINE_MAX each) rather than
+        # in the daemon, so a child never waits for a round trip through the daemon between tasks.
+        self.pool = Pool(processes, depth=min(PIPELINE_MAX, 1 + -(-self.cfg.prefetch // processes)))
         for var in BLAS_THREAD_VARS:  # children inherit: one compute process per core, no oversubscription
             os.environ.setdefault(var, "1")
         self.ctx = context or zmq.Context()
@@ -123,7 +127,7 @@ class WorkerDaemon:
             if len(frames) > 2 and proc is not None and frames[2].bytes == str(proc.pid).encode():
                 self.pool.child_ready(index)  # a dead predecessor's late HELLO is ignored
         elif (kind == P.C_RESULT and len(frames) >= 4) or (kind == P.C_ERROR and len(frames) == 5):
-            if self.pool.finished(index, frames[2].bytes) is not None:  # still wanted: pass it on as is
+            if self.pool.finished(index, frames[2].bytes, now) is not None:  # still wanted: pass it on as is
                 command = P.W_RESULT if kind == P.C_RESULT else P.W_ERROR
                 self._send_broker([P.WORKER, command, *frames[2:]])
         else:
