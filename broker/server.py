@@ -9,6 +9,7 @@ it does not wait for nothing. Nothing a peer sends can stop the loop.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -20,7 +21,16 @@ from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig
 from ndpipe.errors import ConfigError, ProtocolError
 from ndpipe.runtime import StopSignal
-from ndpipe.transport import Throttle, TooManyFrames, configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import (
+    ZERO_COPY_MIN,
+    Throttle,
+    TooManyFrames,
+    configure,
+    frame_bytes,
+    recv_bounded,
+    send_frames,
+    unpack_map,
+)
 
 log = logging.getLogger("ndpipe.broker")
 
@@ -89,7 +99,7 @@ class Broker:
                     self._expire(now)
                     next_tick = now + tick
                 if now >= next_beat:
-                    self._heartbeat()
+                    self._heartbeat(now)
                     next_beat = now + interval
                 self._flush(now)
             except Exception:  # a bug must not stop the broker; the next pass retries
@@ -131,7 +141,7 @@ class Broker:
         ident, msg = frames[0].bytes, frames[1:]
         command = P.check_header(msg, P.MASTER, 2)
         now = time.monotonic()
-        self.state.master_seen(ident, now)
+        ident = self.state.master_seen(ident, now)  # the one copy of this id that tasks keep
         if command == P.SUBMIT:
             self._on_submit(ident, msg, now)
         elif command == P.PING:
@@ -143,7 +153,7 @@ class Broker:
             self.state.cancel(ident, P.task_id_of(msg[2]))
         elif command == P.STATUS:
             request = frame_bytes(msg[2])[:64] if len(msg) > 2 else b""
-            body = msgpack.packb(self.state.snapshot(now), use_bin_type=True)
+            body = msgpack.packb(self._snapshot(now), use_bin_type=True)
             self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
         elif command == P.BYE:
             dropped = self.state.master_gone(ident)
@@ -158,17 +168,30 @@ class Broker:
                 raise ProtocolError(f"SUBMIT needs at least 6 frames, got {len(msg)}")
             if len(msg) - 6 > self.cfg.max_frames:
                 raise ProtocolError(f"SUBMIT has {len(msg) - 6} payload buffer frames (limit {self.cfg.max_frames})")
-            service = P.service_of(msg[2])
+            service = sys.intern(P.service_of(msg[2]))  # one str per service name, not one per task
             timeout_ms, max_attempts, flags = P.parse_options(msg[4])
         except ProtocolError as exc:
             if not tid:
                 raise
             self._error(ident, tid, P.BAD_REQUEST, {"message": str(exc)})
             return
-        code = self.state.submit(ident, tid, service, msg[5:], now, timeout_ms, max_attempts, flags)
+        # Small frames are copied out: a kept zmq.Frame pins the ~8 KiB receive buffer libzmq carved it
+        # from (up to 7.5 KiB per queued task when SUBMITs trickle in). Large ones stay zero-copy.
+        payload = [f if len(f) >= ZERO_COPY_MIN else f.bytes for f in msg[5:]]
+        code = self.state.submit(ident, tid, service, payload, now, timeout_ms, max_attempts, flags)
         if code == P.QUEUE_FULL:
             details = {"message": f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"}
             self._error(ident, tid, code, details)
+
+    def _snapshot(self, now: float) -> dict[str, Any]:
+        """The state's snapshot with each worker's stats frame decoded (an undecodable one shows as {})."""
+        snap = self.state.snapshot(now)
+        for w in snap["workers"]:
+            try:
+                w["stats"] = unpack_map(w["stats"]) if w["stats"] else {}
+            except ProtocolError:
+                w["stats"] = {}
+        return snap
 
     def _refuse_oversized(self, head: list[zmq.Frame], why: str) -> None:
         """A SUBMIT over the frame cap still names its task: answer BAD_REQUEST, not silence."""
@@ -204,7 +227,8 @@ class Broker:
         if command == P.READY:
             self._on_ready(wid, msg, now)
             return
-        known = self.state.worker_seen(wid, now)
+        stats = frame_bytes(msg[2]) if command == P.HEARTBEAT and len(msg) > 2 else None
+        known = self.state.worker_seen(wid, now, stats)
         if command == P.W_RESULT:
             self._on_worker_result(wid, msg)
         elif command == P.W_ERROR:
@@ -215,8 +239,7 @@ class Broker:
                 log.info("worker %s disconnected; %d tasks handed back", wid.hex(), len(handed))
             return
         elif command == P.HEARTBEAT:
-            if known and len(msg) > 2:
-                self.state.worker_seen(wid, now, unpack_map(frame_bytes(msg[2])))
+            pass
         elif command == P.DRAIN:
             if known:
                 self.state.worker_drain(wid)
@@ -293,10 +316,17 @@ class Broker:
         for master in gone:
             log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, now: float) -> None:
         self.state.prune()
         for wid in list(self.state.workers):
-            self._to_worker(wid, [P.WORKER, P.HEARTBEAT])
+            try:
+                send_frames(self.backend, [wid, P.WORKER, P.HEARTBEAT], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # its link is full of work: that tells it we are alive
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: its connection is gone (process died, link cut)
+                handed = self.state.worker_gone(wid, now, penalize=True)
+                log.warning("worker %s unreachable (%s): declared dead, %d tasks requeued", wid.hex(), exc,
+                            len(handed))
 
 
 def serve(config: BrokerConfig, stop: StopSignal | None = None) -> None:

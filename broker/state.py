@@ -56,7 +56,7 @@ class WorkerRecord:
     slots: int
     expires: float
     info: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: bytes = b""  # its last HEARTBEAT stats frame, decoded only for STATUS (heartbeats stay cheap)
     inflight: set[bytes] = field(default_factory=set)
     draining: bool = False
     stalled: bool = False  # its link was full: no TASK until it next speaks
@@ -158,7 +158,7 @@ class BrokerState:
         self.queues: dict[str, ServiceQueue] = {}
         self.workers: dict[bytes, WorkerRecord] = {}
         self.by_service: dict[str, list[WorkerRecord]] = {}
-        self.masters: dict[bytes, tuple[float, int]] = {}  # id -> (expires, session number)
+        self.masters: dict[bytes, tuple[float, int, bytes]] = {}  # id -> (expires, session number, id)
         self.failures: list[Failure] = []  # filled by state changes, drained by the loop
         self.cancels: list[tuple[bytes, bytes]] = []  # (worker, task): W_CANCEL to send
         self._sessions = 0
@@ -173,14 +173,16 @@ class BrokerState:
         return self.heartbeat_interval * self.liveness
 
     # ---- masters --------------------------------------------------------------------------------
-    def master_seen(self, master: bytes, now: float) -> None:
-        """Refresh a master's liveness (a new record gets a new session number)."""
+    def master_seen(self, master: bytes, now: float) -> bytes:
+        """Refresh a master's liveness (a new record gets a new session number). Returns the id object
+        kept in the table, so every task of that master shares one bytes object instead of a copy each."""
         rec = self.masters.get(master)
         if rec is None:
             self._sessions += 1
-            self.masters[master] = (now + self.expiry, self._sessions)
-        else:
-            self.masters[master] = (now + self.expiry, rec[1])
+            self.masters[master] = (now + self.expiry, self._sessions, master)
+            return master
+        self.masters[master] = (now + self.expiry, rec[1], rec[2])
+        return rec[2]
 
     def session(self, master: bytes) -> bytes:
         """The token PONG carries: it changes when the broker restarted or forgot the master."""
@@ -259,7 +261,7 @@ class BrokerState:
             self._dirty.add(service)
         return rec
 
-    def worker_seen(self, wid: bytes, now: float, stats: dict[str, Any] | None = None) -> bool:
+    def worker_seen(self, wid: bytes, now: float, stats: bytes | None = None) -> bool:
         rec = self.workers.get(wid)
         if rec is None:
             return False
@@ -431,7 +433,7 @@ class BrokerState:
         if len(self._deadlines) > 2 * len(self.tasks) + 1024:  # entries of tasks long finished
             self._deadlines = [(t.deadline, t.tid) for t in self.tasks.values() if t.deadline is not None]
             heapq.heapify(self._deadlines)
-        gone = [m for m, (expires, _) in self.masters.items() if expires <= now]
+        gone = [m for m, (expires, _, _) in self.masters.items() if expires <= now]
         for master in gone:
             self.master_gone(master)
         return dead, gone
