@@ -27,6 +27,7 @@ from ndpipe.transport import (
     TooManyFrames,
     configure,
     frame_bytes,
+    readable,
     recv_bounded,
     send_frames,
     unpack_map,
@@ -112,8 +113,10 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(BATCH):
+            if not readable(sock):
+                return
             try:
-                frames = recv_bounded(sock, self.cfg.max_frames + 8)
+                frames = recv_bounded(sock, self.cfg.max_frames + 8, head=6 if sock is self.frontend else 4)
             except zmq.Again:
                 return
             except TooManyFrames as exc:
@@ -135,10 +138,10 @@ class Broker:
         self._malformed.warning("dropped malformed message: %s", exc)
 
     # ---- masters --------------------------------------------------------------------------------
-    def _on_master(self, frames: list[zmq.Frame]) -> None:
+    def _on_master(self, frames: list[Any]) -> None:
         if len(frames) < 3:
             raise ProtocolError(f"master message has {len(frames)} frames")
-        ident, msg = frames[0].bytes, frames[1:]
+        ident, msg = frames[0], frames[1:]
         command = P.check_header(msg, P.MASTER, 2)
         now = time.monotonic()
         ident = self.state.master_seen(ident, now)  # the one copy of this id that tasks keep
@@ -161,7 +164,7 @@ class Broker:
         else:
             raise ProtocolError(f"unknown master command {command!r}")
 
-    def _on_submit(self, ident: bytes, msg: list[zmq.Frame], now: float) -> None:
+    def _on_submit(self, ident: bytes, msg: list[Any], now: float) -> None:
         tid = P.task_id_of(msg[3]) if len(msg) > 3 else b""
         try:
             if len(msg) < 6:
@@ -193,14 +196,14 @@ class Broker:
                 w["stats"] = {}
         return snap
 
-    def _refuse_oversized(self, head: list[zmq.Frame], why: str) -> None:
+    def _refuse_oversized(self, head: list[Any], why: str) -> None:
         """A SUBMIT over the frame cap still names its task: answer BAD_REQUEST, not silence."""
-        if len(head) >= 5 and head[1].bytes == P.MASTER and head[2].bytes == P.SUBMIT:
+        if len(head) >= 5 and frame_bytes(head[1]) == P.MASTER and frame_bytes(head[2]) == P.SUBMIT:
             try:
                 tid = P.task_id_of(head[4])
             except ProtocolError:
                 return
-            self._error(head[0].bytes, tid, P.BAD_REQUEST, {"message": f"SUBMIT {why} (broker.max_frames)"})
+            self._error(frame_bytes(head[0]), tid, P.BAD_REQUEST, {"message": f"SUBMIT {why} (broker.max_frames)"})
 
     def _to_master(self, ident: bytes, frames: list[Any]) -> bool:
         try:
@@ -218,10 +221,10 @@ class Broker:
         self._to_master(ident, [P.MASTER, P.ERROR, tid, code.encode(), body])
 
     # ---- workers --------------------------------------------------------------------------------
-    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+    def _on_worker(self, frames: list[Any]) -> None:
         if len(frames) < 3:
             raise ProtocolError(f"worker message has {len(frames)} frames")
-        wid, msg = frames[0].bytes, frames[1:]
+        wid, msg = frames[0], frames[1:]
         command = P.check_header(msg, P.WORKER, 2)
         now = time.monotonic()
         if command == P.READY:
@@ -249,21 +252,21 @@ class Broker:
         if not known:  # it lost us or we lost it: tell it to register again
             self._to_worker(wid, [P.WORKER, P.DISCONNECT])
 
-    def _on_worker_result(self, wid: bytes, msg: list[zmq.Frame]) -> None:
+    def _on_worker_result(self, wid: bytes, msg: list[Any]) -> None:
         """Accepted even from a forgotten worker: the first answer wins."""
         P.check_header(msg, P.WORKER, 4)
         task = self.state.complete(wid, P.task_id_of(msg[2]))
         if task is not None:
             self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *msg[3:]])
 
-    def _on_worker_error(self, wid: bytes, msg: list[zmq.Frame], now: float) -> None:
+    def _on_worker_error(self, wid: bytes, msg: list[Any], now: float) -> None:
         P.check_header(msg, P.WORKER, 5)
         tid, code = P.task_id_of(msg[2]), P.error_code_of(msg[3])
         task = self.state.fail(wid, tid, code, now)
         if task is not None:
             self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), msg[4]])
 
-    def _on_ready(self, wid: bytes, msg: list[zmq.Frame], now: float) -> None:
+    def _on_ready(self, wid: bytes, msg: list[Any], now: float) -> None:
         P.check_header(msg, P.WORKER, 3)
         info = unpack_map(frame_bytes(msg[2]))
         services, slots = info.get("services"), info.get("slots")

@@ -136,7 +136,7 @@ class IOLoop:
         sock = self.m._sock
         for _ in range(1024):
             try:
-                frames = recv_bounded(sock, self.limits.max_frames + 8)
+                frames = recv_bounded(sock, self.limits.max_frames + 8, head=3)
                 self._on_message(frames)
             except zmq.Again:
                 return
@@ -145,7 +145,7 @@ class IOLoop:
             except Exception:  # a bug handling one message must not kill the I/O thread
                 log.exception("error while handling a message from the broker")
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[Any]) -> None:
         command = P.check_header(frames, P.MASTER, 2)
         self.heard = time.monotonic()
         if self.lost_since is not None:
@@ -175,7 +175,7 @@ class IOLoop:
         else:
             raise ProtocolError(f"unknown broker command {command!r}")
 
-    def _on_error(self, frames: list[zmq.Frame]) -> None:
+    def _on_error(self, frames: list[Any]) -> None:
         P.check_header(frames, P.MASTER, 5)
         p = self.pending.pop(P.task_id_of(frames[2]), None)
         if p is None:
@@ -187,7 +187,7 @@ class IOLoop:
         code = frame_bytes(frames[3]).decode("ascii", "replace")
         resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
 
-    def _on_pong(self, frames: list[zmq.Frame]) -> None:
+    def _on_pong(self, frames: list[Any]) -> None:
         P.check_header(frames, P.MASTER, 4)
         session = frame_bytes(frames[2])
         broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)

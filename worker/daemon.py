@@ -117,17 +117,17 @@ class WorkerDaemon:
         if proc is not None and proc.is_alive():
             proc.kill()
 
-    def _on_child(self, frames: list[zmq.Frame], now: float) -> None:
-        ident = frames[0].bytes
+    def _on_child(self, frames: list[Any], now: float) -> None:
+        ident = frames[0]
         if not ident.startswith(b"c") or not ident[1:].isdigit() or int(ident[1:]) >= self.pool.size:
             raise ProtocolError(f"unknown compute process {ident!r}")
-        index, kind = int(ident[1:]), frames[1].bytes
+        index, kind = int(ident[1:]), frames[1]
         if kind == P.C_HELLO:
             proc = self.procs.get(index)
-            if len(frames) > 2 and proc is not None and frames[2].bytes == str(proc.pid).encode():
+            if len(frames) > 2 and proc is not None and frames[2] == str(proc.pid).encode():
                 self.pool.child_ready(index)  # a dead predecessor's late HELLO is ignored
         elif (kind == P.C_RESULT and len(frames) >= 4) or (kind == P.C_ERROR and len(frames) == 5):
-            if self.pool.finished(index, frames[2].bytes, now) is not None:  # still wanted: pass it on as is
+            if self.pool.finished(index, frames[2], now) is not None:  # still wanted: pass it on as is
                 command = P.W_RESULT if kind == P.C_RESULT else P.W_ERROR
                 self._send_broker([P.WORKER, command, *frames[2:]])
         else:
@@ -187,7 +187,7 @@ class WorkerDaemon:
         except zmq.Again:
             self._dropped.warning("broker link full: message to the broker dropped")
 
-    def _on_broker(self, frames: list[zmq.Frame], now: float) -> None:
+    def _on_broker(self, frames: list[Any], now: float) -> None:
         command = P.check_header(frames, P.WORKER, 2)
         self.broker_deadline = now + self.interval * self.liveness
         self.backoff = self.cfg.reconnect_min
@@ -287,7 +287,7 @@ class WorkerDaemon:
                 continue
             for _ in range(256):
                 try:
-                    frames = recv_bounded(sock, self.cfg.max_frames + 8)
+                    frames = recv_bounded(sock, self.cfg.max_frames + 8, head=5 if sock is self.sock else 3)
                     handler(frames, now)
                 except zmq.Again:
                     break
