@@ -29,6 +29,7 @@ SERVICES: dict[str, str] = {
     "echo": "ndpipe.examples.handlers:echo",
     "sleep": "ndpipe.examples.handlers:sleep",
     "stamped_sleep": "ndpipe.bench._handlers:stamped_sleep",
+    "cpu_work": "ndpipe.bench._handlers:cpu_work",
 }
 
 

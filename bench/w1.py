@@ -1,13 +1,16 @@
-"""W1: many tiny identity tasks, pipelined, against a raw pyzmq baseline measured in the same run.
+"""W1: many tiny identity tasks, pipelined, against raw pyzmq baselines measured in the same run.
 
     python -m ndpipe.bench.w1            # or: python bench/w1.py   (--help for options)
 
-20,000 tasks of ``b"x" * 64`` through 2 compute processes, at most 1,000 in flight. The baseline
-does the same hops with nothing but libzmq: a DEALER client (this process) → a C ``zmq.proxy``
-ROUTER/DEALER device (its own process) → 2 DEALER echo processes. ndpipe is measured per message
-(``Master.submit`` × N, then wait for all) and through ``Master.map``, for each worker layout and
-prefetch. Each ndpipe figure is divided by a baseline run made just before it (timings on this
-machine drift by up to 2× from minute to minute, a ratio taken seconds apart much less).
+20,000 tasks of ``b"x" * 64`` through 2 compute processes, at most 1,000 in flight. Two baselines
+do the same hops (``bench/_raw.py``): a DEALER client (this process) → a C ``zmq.proxy``
+ROUTER/DEALER device (its own process) → 2 DEALER echo processes; and the same with the proxy
+replaced by a minimal pure-Python ROUTER/ROUTER broker (round robin, no bookkeeping: the floor for
+any broker written in Python). ndpipe is measured per message (``Master.submit`` × N, one task
+per message, then wait for all) and through ``Master.map`` (batches of calls per message, chosen
+automatically), for each worker layout and prefetch. Each ndpipe figure is divided by baseline runs
+made just before it (timings on this machine drift by up to 2× from minute to minute, a ratio taken
+seconds apart much less).
 
 CPU columns are user+system CPU µs per task from psutil, before/after each measurement: broker
 (or proxy), worker daemons, compute (or echo) processes, and this process (master or raw client).
@@ -16,11 +19,8 @@ CPU columns are user+system CPU µs per task from psutil, before/after each meas
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,122 +29,11 @@ from itertools import repeat
 from typing import Any
 
 import psutil
-import zmq
 
-from ndpipe.bench._cluster import LocalCluster, cpu_seconds, machine_line, stop_process
+from ndpipe.bench._cluster import LocalCluster, cpu_seconds, machine_line
+from ndpipe.bench._raw import PAYLOAD, RawBaseline
 
-PAYLOAD = b"x" * 64
-RAW_HWM = 1_000_000  # a ROUTER drops what it cannot queue; at default HWM bursts of 1,000+ can hit it
-PROBE = b"?"  # echo processes answer this with their pid: the baseline waits until both answered
 LAYOUTS = {"2x1": (2, 1), "1x2": (1, 2)}  # worker daemons × compute processes each
-
-
-# ---- the raw pyzmq baseline -----------------------------------------------------------------------
-def _raw_proxy(front: str, back: str) -> None:
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    for s in (router, dealer):
-        s.sndhwm = s.rcvhwm = RAW_HWM
-        s.linger = 0
-    router.bind(front)
-    dealer.bind(back)
-    zmq.proxy(router, dealer)  # C loop; ends with the process (SIGTERM)
-
-
-def _raw_echo(back: str) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.sndhwm = sock.rcvhwm = RAW_HWM
-    sock.linger = 0
-    sock.connect(back)
-    pid = str(os.getpid()).encode()
-    while True:
-        frames = sock.recv_multipart()  # [client routing id, payload]
-        if frames[-1] == PROBE:
-            frames[-1] = pid
-        sock.send_multipart(frames)
-
-
-class RawBaseline:
-    """The proxy and ``workers`` echo processes; :meth:`run` measures one pipelined batch."""
-
-    def __init__(self, workers: int = 2) -> None:
-        self.workers = workers
-        self.ctx = mp.get_context("spawn")
-        self.procs: list[Any] = []
-        self.tmp = ""
-
-    def __enter__(self) -> RawBaseline:
-        self.tmp = tempfile.mkdtemp(prefix="ndpr-")
-        front, back = f"ipc://{self.tmp}/f", f"ipc://{self.tmp}/b"
-        try:
-            self.proxy = self.ctx.Process(target=_raw_proxy, args=(front, back), name="raw-proxy")
-            self.proxy.start()
-            self.echoes = [self.ctx.Process(target=_raw_echo, args=(back,), name=f"raw-echo-{i}")
-                           for i in range(self.workers)]
-            self.procs = [self.proxy, *self.echoes]
-            for p in self.echoes:
-                p.start()
-            self.zctx = zmq.Context()
-            self.sock = self.zctx.socket(zmq.DEALER)
-            self.sock.sndhwm = self.sock.rcvhwm = RAW_HWM
-            self.sock.linger = 0
-            self.sock.connect(front)
-            self._wait_all_echoes()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if getattr(self, "sock", None) is not None:
-            self.sock.close(0)
-            self.zctx.term()
-            self.sock = None
-        for p in self.procs:
-            stop_process(p)
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = ""
-
-    def _wait_all_echoes(self, timeout: float = 60.0) -> None:
-        """Probe until every echo process has answered (so no early connecter gets the whole batch)."""
-        seen: set[bytes] = set()
-        deadline = time.monotonic() + timeout
-        while len(seen) < self.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(seen)} of {self.workers} echo processes answered")
-            self.sock.send(PROBE)
-            if self.sock.poll(100):
-                while self.sock.poll(0):
-                    seen.add(self.sock.recv())
-        time.sleep(0.1)
-        while self.sock.poll(50):  # late probe answers
-            self.sock.recv()
-
-    def run(self, n: int, window: int) -> float:
-        """Send ``n`` payloads with at most ``window`` in flight; return elapsed seconds."""
-        sock = self.sock
-        sent = received = 0
-        t0 = time.perf_counter()
-        while received < n:
-            while sent < n and sent - received < window:
-                sock.send(PAYLOAD)
-                sent += 1
-            if not sock.poll(30_000):
-                raise TimeoutError(f"raw baseline stalled at {received}/{n} replies")
-            while True:
-                try:
-                    reply = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if reply != PAYLOAD:
-                    raise AssertionError(f"raw echo returned {reply[:16]!r}")
-                received += 1
-        return time.perf_counter() - t0
-
-    def pids(self) -> dict[str, list[int]]:
-        return {"broker": [self.proxy.pid], "workers": [], "compute": [p.pid for p in self.echoes]}
 
 
 # ---- ndpipe -------------------------------------------------------------------------------------
@@ -174,10 +63,15 @@ class Row:
     rate: float
     cpu: dict[str, float]  # seconds per task by role
     raw_rate: float | None = None
+    py_rate: float | None = None  # the minimal Python broker, for per-message rows
 
     @property
     def ratio(self) -> float | None:
         return self.rate / self.raw_rate if self.raw_rate else None
+
+    @property
+    def py_ratio(self) -> float | None:
+        return self.rate / self.py_rate if self.py_rate else None
 
 
 @contextmanager
@@ -203,26 +97,26 @@ def fmt_us(seconds: float) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'configuration':<38} {'tasks/s':>8} {'raw tasks/s':>11} {'ratio':>6} | CPU µs/task: "
+    head = (f"{'configuration':<40} {'tasks/s':>8} {'raw':>8} {'×raw':>6} {'py-brk':>7} {'×py':>5} | CPU µs/task: "
             f"{'broker':>7} {'daemons':>7} {'compute':>7} {'client':>7} {'total':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        raw = f"{r.raw_rate:11,.0f}" if r.raw_rate else f"{'':>11}"
+        raw = f"{r.raw_rate:8,.0f}" if r.raw_rate else f"{'':>8}"
         ratio = f"{r.ratio:6.3f}" if r.ratio else f"{'':>6}"
+        py = f"{r.py_rate:7,.0f}" if r.py_rate else f"{'':>7}"
+        py_ratio = f"{r.py_ratio:5.2f}" if r.py_ratio else f"{'':>5}"
         c = r.cpu
-        print(f"{r.name:<38} {r.rate:8,.0f} {raw} {ratio} |              {fmt_us(c['broker'])} "
+        print(f"{r.name:<40} {r.rate:8,.0f} {raw} {ratio} {py} {py_ratio} |              {fmt_us(c['broker'])} "
               f"{fmt_us(c['workers'])} {fmt_us(c['compute'])} {fmt_us(c['client'])} {fmt_us(sum(c.values()))}")
 
 
-# (layout, prefetch, modes): the default plan, chosen to fit in well under 2 minutes. ``map`` goes
-# through the same broker path as ``submit`` (only the client loop differs), so it is measured on
-# one layout; --all measures the full cross product.
+# (layout, prefetch, modes): the default plan. ``submit`` is one task per message; ``map`` batches.
 PLAN: list[tuple[str, int, tuple[str, ...]]] = [
-    ("2x1", 0, ("submit",)),
     ("1x2", 0, ("submit", "map")),
     ("2x1", 16, ("submit",)),
     ("1x2", 16, ("submit", "map")),
+    ("1x2", 64, ("submit",)),
 ]
 
 
@@ -230,11 +124,13 @@ def run(n: int, window: int, plan: list[tuple[str, int, tuple[str, ...]]], stop_
     rows: list[Row] = []
     print(machine_line())
     print(f"W1: {n:,} identity tasks of {len(PAYLOAD)} bytes, window {window}, 2 compute processes; "
-          "each ndpipe row is divided by the raw run made just before it\n", flush=True)
+          "each ndpipe row is divided by the baseline runs made just before it\n", flush=True)
     fns = {"submit": ndpipe_submit, "map": ndpipe_map}
     raw_name = f"raw zmq.proxy, window {window}"
-    with RawBaseline(workers=2) as raw:
+    py_name = f"raw Python broker, window {window}"
+    with RawBaseline(workers=2) as raw, RawBaseline(workers=2, broker="python") as py:
         raw.run(min(n, 2000), window)  # warm-up
+        py.run(min(n, 2000), window)
         if stop_and_wait:  # a reference: the same hops with only one task in flight per echo process
             k = min(n, 5000)
             rows.append(measure("raw zmq.proxy, window 2 (reference)", k, raw.pids(), lambda: raw.run(k, 2)))
@@ -244,14 +140,17 @@ def run(n: int, window: int, plan: list[tuple[str, int, tuple[str, ...]]], stop_
             with LocalCluster(workers=workers, processes=processes, prefetch=prefetch) as cluster:
                 with cluster.master(window=window) as master:
                     ndpipe_submit(master, min(n, 2000))  # warm-up: imports, caches, connections
+                    ndpipe_map(master, min(n, 2000))
                     for mode in modes:
                         base = measure(raw_name, n, raw.pids(), lambda: raw.run(n, window))
+                        pyb = measure(py_name, n, py.pids(), lambda: py.run(n, window))
                         label = f"ndpipe {mode:<6} {workers}w×{processes}p prefetch={prefetch}"
                         row = measure(label, n, cluster.pids(), lambda m=master, f=fns[mode]: f(m, n))
-                        row.raw_rate = base.rate
-                        rows += [base, row]
-                        print(f"  {label}: {row.rate:,.0f} tasks/s, raw {base.rate:,.0f} → "
-                              f"ratio {row.ratio:.3f}; broker {row.cpu['broker'] * 1e6:.1f} µs/task", flush=True)
+                        row.raw_rate, row.py_rate = base.rate, pyb.rate
+                        rows += [base, pyb, row]
+                        print(f"  {label}: {row.rate:,.0f} tasks/s, raw {base.rate:,.0f} → ratio {row.ratio:.3f}, "
+                              f"Python broker {pyb.rate:,.0f} → ratio {row.py_ratio:.2f}; "
+                              f"broker {row.cpu['broker'] * 1e6:.1f} µs/task", flush=True)
                     c = master.status()["counters"]
                     if c["failed"] or c["requeued"]:
                         print(f"  note: broker counters {c}")
@@ -272,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the raw window-2 reference row")
     args = ap.parse_args(argv)
     if args.all:
-        plan = [(lay, pf, ("submit", "map")) for lay in LAYOUTS for pf in (0, 16)]
+        plan = [(lay, pf, ("submit", "map")) for lay in LAYOUTS for pf in (0, 16, 64)]
     else:
         plan = list(PLAN)
     if args.layouts:

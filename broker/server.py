@@ -102,7 +102,8 @@ class Broker:
                 if now >= next_beat:
                     self._heartbeat(now)
                     next_beat = now + interval
-                self._flush(now)
+                if self.state.has_work:
+                    self._flush(now)
             except Exception:  # a bug must not stop the broker; the next pass retries
                 log.exception("error in dispatch or housekeeping")
         c = self.state.counters

@@ -459,6 +459,11 @@ class BrokerState:
         for name in [n for n, peers in self.by_service.items() if not peers and n not in self.queues]:
             del self.by_service[name]
 
+    @property
+    def has_work(self) -> bool:
+        """Anything for the loop to send: a service that may dispatch, failures or cancels."""
+        return bool(self._dirty or self.failures or self.cancels)
+
     def take_failures(self) -> list[Failure]:
         out, self.failures = self.failures, []
         return out
