@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", help="only these prefetch values, e.g. 0,16")
     ap.add_argument("--modes", help="only these modes: submit,map")
     ap.add_argument("--no-reference", action="store_true", help="skip the raw window-2 reference row")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2,000 tasks, one layout (a few seconds)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.tasks, args.layouts, args.prefetch, args.no_reference = 2000, "1x2", "16", True
     if args.all:
         plan = [(lay, pf, ("submit", "map")) for lay in LAYOUTS for pf in (0, 16, 64)]
     else:
