@@ -20,8 +20,11 @@ can carry:
     short (so RSS measures the queue, not a burst backlog that malloc keeps), and the broker never
     forgets the master (it drops a silent master's queue after liveness × interval). One more row,
     "trickle", queues 10,000 with a PING round trip after each SUBMIT, as a master that submits as
-    it goes would: the broker then reads about one message per syscall, and as it keeps each payload
-    as the zero-copy ``zmq.Frame`` it received, each queued task holds on to a libzmq receive buffer.
+    it goes would: the broker then reads about one message per syscall, each into its own libzmq
+    receive buffer. The broker copies payload frames under 64 KiB (``ZERO_COPY_MIN``) to ``bytes``
+    at SUBMIT, so a queued task does not pin that buffer (a kept ``zmq.Frame`` would: ~7.5 KiB per
+    task before commit 21f6ddd), and all tasks of a master share one master-id ``bytes`` object and
+    one interned service name, so trickling SUBMITs in no longer costs a receive buffer per task.
     A STATUS sent after the last SUBMIT is answered only once the broker has read them all (one
     peer's messages stay in order); its ``queued`` count confirms the number. Broker RSS before and
     after, a fresh broker per size: bytes per queued task, and beyond the 64-byte payload. Target:
@@ -58,7 +61,8 @@ import zmq
 
 from ndpipe import protocol as P
 from ndpipe.bench._cluster import LocalCluster, cpu_seconds, machine_line, stop_process
-from ndpipe.bench.scaling import RawPool, busy_seconds, timed
+from ndpipe.bench._raw import RawBaseline
+from ndpipe.bench.scaling import busy_seconds, timed
 
 PAYLOAD = b"x" * 64
 PARKED = "parked"  # (b): a service no worker offers, so every SUBMIT stays queued
@@ -99,11 +103,11 @@ def part_a(n: int, raw_n: int, window: int, prefetch: int) -> list[CpuRow]:
           f"processes, prefetch {prefetch}, window {window}); raw zmq.proxy + 2 echo processes, {raw_n:,} tasks\n",
           flush=True)
     rows: list[CpuRow] = []
-    with RawPool(2) as raw, LocalCluster(workers=1, processes=2, prefetch=prefetch) as cluster, \
+    with RawBaseline(2) as raw, LocalCluster(workers=1, processes=2, prefetch=prefetch) as cluster, \
             cluster.master(window=window) as master:
-        raw.run(PAYLOAD, min(raw_n, 2000), window, check=True)  # warm-up
+        raw.run(min(raw_n, 2000), window, PAYLOAD)  # warm-up; echo replies are checked
         ndpipe_echo(master, min(n, 1000))
-        wall, cpu = timed(raw.pids(), lambda: raw.run(PAYLOAD, raw_n, window, check=True))
+        wall, cpu = timed(raw.pids(), lambda: raw.run(raw_n, window, PAYLOAD))
         rows.append(CpuRow(f"raw C zmq.proxy, window {window}", raw_n, wall, cpu["broker"], cpu["other"] / wall))
         wall, cpu = timed(cluster.pids(), lambda: ndpipe_echo(master, n))
         rows.append(CpuRow(f"ndpipe broker, window {window}", n, wall, cpu["broker"], cpu["other"] / wall))
@@ -299,9 +303,9 @@ def part_b(sizes: list[int], trickle: int) -> list[MemRow]:
     print(f"largest: {worst:,.0f} bytes per queued task beyond the {len(PAYLOAD)}-byte payload: {verdict} the "
           "≤ 1 KiB target")
     print("bursts: 4,096 SUBMITs per PING round trip; trickle: one SUBMIT per PING round trip, as a master that\n"
-          "submits as it goes does. The broker keeps each payload as the zmq.Frame it was received in, and such a\n"
-          "frame holds on to libzmq's whole receive buffer (zero-copy receive): frames read one per syscall pin a\n"
-          "buffer each.\n")
+          "submits as it goes does. The broker copies payload frames under 64 KiB to bytes at SUBMIT, so a queued\n"
+          "task pins no libzmq receive buffer (frames read one per syscall would pin one each), and a master's tasks\n"
+          "share one master-id bytes object and one interned service name.\n")
     return rows
 
 

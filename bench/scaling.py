@@ -15,12 +15,12 @@ slots and the daemon gives each compute process one task at a time. For each N, 
 ndpipe runs each batch as one task per call, ``Master.submit`` × n then wait for all (window ≥ tasks,
 so every task is submitted at once), which is what the raw path does too. ``--mode map`` uses
 ``Master.map`` instead, with its default chunking (several calls per task when the installed ndpipe
-batches). The raw baseline does the same work with nothing but libzmq: a DEALER client (this
-process) → a C ``zmq.proxy`` ROUTER/DEALER device (its own process) → N DEALER worker processes that
-call the same function. All tasks are sent at once and the proxy's DEALER deals them round robin, an even split,
-which is the best schedule for equal tasks. Each ndpipe row is divided by the raw run of the same N
-and workload made just before it (``ratio``); speed-up and efficiency (speed-up ÷ N) are against
-N = 1 of the same system.
+batches). The raw baseline (``ndpipe.bench._raw.RawBaseline``) does the same work with nothing but
+libzmq: a DEALER client (this process) → a C ``zmq.proxy`` ROUTER/DEALER device (its own process) →
+N DEALER worker processes that call the same function (:func:`raw_call`). All tasks are sent at
+once and the proxy's DEALER deals them round robin, an even split, which is the best schedule for
+equal tasks. Each ndpipe row is divided by the raw run of the same N and workload made just before
+it (``ratio``); speed-up and efficiency (speed-up ÷ N) are against N = 1 of the same system.
 
 Where the speed-up stops, and why (printed after the table from the measured figures):
 
@@ -44,12 +44,8 @@ it is near 0 (rerun, or use ``--repeat 3`` to keep the fastest of 3).
 from __future__ import annotations
 
 import argparse
-import importlib
-import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -58,157 +54,35 @@ from typing import Any
 
 import msgpack
 import psutil
-import zmq
 
-from ndpipe.bench._cluster import SERVICES, LocalCluster, cpu_seconds, machine_line, stop_process
+from ndpipe.bench._cluster import SERVICES, LocalCluster, cpu_seconds, machine_line
+from ndpipe.bench._raw import RawBaseline, resolve_handler
 
-RAW_HWM = 1_000_000  # a ROUTER drops what it cannot queue; keep every raw pipe well above the batch
-PROBE = b"?"  # raw workers answer this with their pid: the pool waits until every one answered
 SLEEP_S = 0.01
 CPU_TARGET_S = 0.01
 ROLES_PIPELINE = ("broker", "workers", "client")  # every role except compute
 
 
-# ---- the raw pyzmq baseline -----------------------------------------------------------------------
-def _load(spec: str) -> Callable[..., Any]:
-    module, _, name = spec.partition(":")
-    fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
-    return fn
+# ---- the raw pyzmq baseline (ndpipe.bench._raw.RawBaseline running raw_call) -------------------
+RAW_CALL = "ndpipe.bench.scaling:raw_call"
 
 
-def _raw_proxy(front: str, back: str) -> None:
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    for s in (router, dealer):
-        s.sndhwm = s.rcvhwm = RAW_HWM
-        s.linger = 0
-    router.bind(front)
-    dealer.bind(back)
-    zmq.proxy(router, dealer)  # C loop; ends with the process (SIGTERM)
+def raw_body(service: str, *args: Any) -> bytes:
+    """The payload of one raw task: ``[handler spec, args]`` (msgpack), run by :func:`raw_call`."""
+    packed: bytes = msgpack.packb([SERVICES[service], list(args)])
+    return packed
 
 
-def _raw_worker(back: str, services: Mapping[str, str] | None) -> None:
-    """Echo the body (``services`` None), or run ``[service, args]`` (msgpack) and answer the result."""
-    fns = {name: _load(spec) for name, spec in (services or {}).items()}
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.sndhwm = sock.rcvhwm = RAW_HWM
-    sock.linger = 0
-    sock.connect(back)
-    pid = str(os.getpid()).encode()
-    while True:
-        frames = sock.recv_multipart()  # [client routing id, body]
-        body = frames[-1]
-        if body == PROBE:
-            frames[-1] = pid
-        elif fns:
-            service, args = msgpack.unpackb(body)
-            frames[-1] = msgpack.packb(fns[service](*args))
-        sock.send_multipart(frames)
+_FUNCTIONS: dict[str, Callable[..., Any]] = {}  # handler spec → function, in each raw worker process
 
 
-class RawPool:
-    """A C ``zmq.proxy`` and ``workers`` raw worker processes; :meth:`run` measures one batch.
-
-    With ``services`` (name → "module:function") the workers run ``fn(*args)`` for bodies made by
-    :meth:`body`; without, they echo. The same hops as an ndpipe task minus the worker daemon.
-    """
-
-    def __init__(self, workers: int, services: Mapping[str, str] | None = None) -> None:
-        self.workers = workers
-        self.services = dict(services) if services is not None else None
-        self.ctx = mp.get_context("spawn")
-        self.procs: list[Any] = []
-        self.tmp = ""
-        self.sock: zmq.Socket[Any] | None = None
-
-    @staticmethod
-    def body(service: str, *args: Any) -> bytes:
-        packed: bytes = msgpack.packb([service, list(args)])
-        return packed
-
-    def __enter__(self) -> RawPool:
-        self.tmp = tempfile.mkdtemp(prefix="ndps-")
-        front, back = f"ipc://{self.tmp}/f", f"ipc://{self.tmp}/b"
-        try:
-            self.proxy = self.ctx.Process(target=_raw_proxy, args=(front, back), name="raw-proxy")
-            self.proxy.start()
-            self.procs.append(self.proxy)
-            self.raw_workers = []
-            for i in range(self.workers):
-                p = self.ctx.Process(target=_raw_worker, args=(back, self.services), name=f"raw-worker-{i}")
-                p.start()
-                self.raw_workers.append(p)
-                self.procs.append(p)
-            self.zctx = zmq.Context()
-            self.sock = self.zctx.socket(zmq.DEALER)
-            self.sock.sndhwm = self.sock.rcvhwm = RAW_HWM
-            self.sock.linger = 0
-            self.sock.connect(front)
-            self._wait_all_workers()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-            self.zctx.term()
-            self.sock = None
-        for p in self.procs:
-            stop_process(p)
-        self.procs = []
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = ""
-
-    def _wait_all_workers(self, timeout: float = 60.0) -> None:
-        """Probe until every worker answered, so no early connecter is dealt the whole batch."""
-        assert self.sock is not None
-        seen: set[bytes] = set()
-        deadline = time.monotonic() + timeout
-        while len(seen) < self.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(seen)} of {self.workers} raw workers answered")
-            dead = [p.name for p in self.procs if p.exitcode is not None]
-            if dead:
-                raise RuntimeError(f"raw process(es) exited early: {dead}")
-            self.sock.send(PROBE)
-            if self.sock.poll(100):
-                while self.sock.poll(0):
-                    seen.add(self.sock.recv())
-        time.sleep(0.1)
-        while self.sock.poll(50):  # late probe answers
-            self.sock.recv()
-
-    def run(self, body: bytes, n: int, window: int, check: bool = False) -> float:
-        """Send ``body`` ``n`` times with at most ``window`` in flight; return elapsed seconds.
-
-        ``check``: every reply must equal ``body`` (echo pools).
-        """
-        sock = self.sock
-        assert sock is not None
-        sent = received = 0
-        t0 = time.perf_counter()
-        while received < n:
-            while sent < n and sent - received < window:
-                sock.send(body)
-                sent += 1
-            if not sock.poll(120_000):
-                raise TimeoutError(f"raw baseline stalled at {received}/{n} replies")
-            while True:
-                try:
-                    reply = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if check and reply != body:
-                    raise AssertionError(f"raw echo returned {reply[:16]!r}")
-                received += 1
-        return time.perf_counter() - t0
-
-    def pids(self) -> dict[str, list[int | None]]:
-        return {"broker": [self.proxy.pid], "workers": [], "compute": [p.pid for p in self.raw_workers]}
+def raw_call(frames: list[Any]) -> list[bytes]:
+    """The raw workers' handler: run ``fn(*args)`` for a :func:`raw_body` payload, answer the result (msgpack)."""
+    spec, args = msgpack.unpackb(frames[-1].bytes)
+    fn = _FUNCTIONS.get(spec)
+    if fn is None:
+        fn = _FUNCTIONS[spec] = resolve_handler(spec)
+    return [msgpack.packb(fn(*args))]
 
 
 # ---- measurement --------------------------------------------------------------------------------
@@ -333,19 +207,19 @@ def run_n(procs: int, workloads: list[Workload], repeat_: int = 1, mode: str = "
     out: list[Result] = []
     window = max(1000, max(w.tasks for w in workloads))
     services = {w.service: SERVICES[w.service] for w in workloads}
-    with RawPool(procs, services) as raw, \
+    with RawBaseline(procs, handler=RAW_CALL) as raw, \
             LocalCluster(workers=1, processes=procs, prefetch=0, services=services) as cluster, \
             cluster.master(window=window) as master:
         for wl in workloads:  # warm-up: imports, caches, connections; every process takes a task
-            raw.run(RawPool.body(wl.service, 0 if wl.name == "cpu" else 0.0), 4 * procs, 4 * procs)
+            raw.run(4 * procs, 4 * procs, raw_body(wl.service, 0 if wl.name == "cpu" else 0.0))
             for f in [master.submit(wl.service, 0 if wl.name == "cpu" else 0.0) for _ in range(4 * procs)]:
                 f.result(timeout=60)
         for wl in workloads:
-            body = RawPool.body(wl.service, wl.arg)
+            body = raw_body(wl.service, wl.arg)
             raws: list[Result] = []
             nds: list[Result] = []
             for _ in range(repeat_):
-                wall, cpu = timed(raw.pids(), partial(raw.run, body, wl.tasks, wl.tasks))
+                wall, cpu = timed(raw.pids(), partial(raw.run, wl.tasks, wl.tasks, body))
                 raws.append(Result(wl.name, procs, "raw", wl.tasks, wall, cpu))
                 wall, cpu = timed(cluster.pids(), partial(MODES[mode], master, wl))
                 nds.append(Result(wl.name, procs, "ndpipe", wl.tasks, wall, cpu))

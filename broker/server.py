@@ -328,8 +328,8 @@ class Broker:
             except zmq.Again:
                 pass  # its link is full of work: that tells it we are alive
             except zmq.ZMQError as exc:  # EHOSTUNREACH: its connection is gone (process died, link cut)
-                handed = self.state.worker_gone(wid, now, penalize=True)
-                log.warning("worker %s unreachable (%s): declared dead, %d tasks requeued", wid.hex(), exc,
+                handed = self.state.worker_gone(wid, now, penalize=False)
+                log.warning("worker %s unreachable (%s): forgotten, %d tasks handed back", wid.hex(), exc,
                             len(handed))
 
 

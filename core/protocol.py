@@ -21,7 +21,7 @@ from ndpipe.errors import ProtocolError
 
 # --- protocol headers (frame 0) ------------------------------------------------------------------
 MASTER: Final = b"NDPM01"
-WORKER: Final = b"NDPW01"
+WORKER: Final = b"NDPW02"
 
 # --- master <-> broker commands (frame 1) ---------------------------------------------------------
 SUBMIT: Final = b"\x01"  # M->B  service, task_id, options, payload...
