@@ -74,12 +74,14 @@ class IOLoop:
                 wake = min(wake, self.deadlines[0][0])
             events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
             if self.m._wake_r in events:
-                self.m._wake_pending = False  # before draining: an item posted after this writes again
                 try:
                     while os.read(self.m._wake_r, 4096):
                         pass
                 except BlockingIOError:
                     pass
+                # After emptying the pipe, before reading the inbox: an item posted before this line is
+                # read just below; one posted after it finds the flag clear and writes a new wake-up.
+                self.m._wake_pending = False
             self._inbox()
             if self.m._sock in events:
                 self._receive()

@@ -134,3 +134,25 @@ def test_status_replies_are_matched_to_their_requests(make_cluster) -> None:  # 
         for t in threads:
             t.join(20)
         assert len(results) == 8 and all("services" in r for r in results)
+
+
+def test_no_submission_waits_for_a_ping_to_be_sent(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # Given a master whose I/O thread wakes for pings only every 20 s: every submit must wake it itself
+    c = make_cluster(broker={"heartbeat_interval": 20.0}, master={"heartbeat_interval": 20.0})
+    c.start_broker()
+    c.start_worker(processes=2)
+    with c.master(window=4) as m:
+        c.wait_slots(m, 2)
+        for _round in range(5):
+            # When bursts from several threads alternate with lone calls (the pattern that once left
+            # the wake-up flag set with an empty pipe: every later call waited for the next ping)
+            assert sum(1 for _ in m.map("echo", (i for i in range(200)))) == 200
+            threads = [threading.Thread(target=lambda: [m.submit("echo", k).result(timeout=10) for k in range(50)])
+                       for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            # Then each lone call is answered long before the next ping
+            for k in range(10):
+                assert m.submit("echo", k).result(timeout=10) == k
