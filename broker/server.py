@@ -263,7 +263,13 @@ class Broker:
     def _on_worker_error(self, wid: bytes, msg: list[Any], now: float) -> None:
         P.check_header(msg, P.WORKER, 5)
         tid, code = P.task_id_of(msg[2]), P.error_code_of(msg[3])
-        task = self.state.fail(wid, tid, code, now)
+        why = ""
+        if code == P.CRASHED:  # say in a final MAX_ATTEMPTS why the last attempt died (e.g. out of memory)
+            try:
+                why = str(unpack_map(frame_bytes(msg[4])).get("message", ""))[:500]
+            except ProtocolError:
+                pass
+        task = self.state.fail(wid, tid, code, now, why)
         if task is not None:
             self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), msg[4]])
 

@@ -356,8 +356,9 @@ class BrokerState:
             self.counters["completed"] += 1
         return task
 
-    def fail(self, wid: bytes, tid: bytes, code: str, now: float) -> Task | None:
+    def fail(self, wid: bytes, tid: bytes, code: str, now: float, why: str = "") -> Task | None:
         """A worker reported an error. CRASHED is retried (attempt check); others go to the master.
+        ``why`` (the report's message) ends up in the MAX_ATTEMPTS error of a task that crashed too often.
 
         Returns the task whose error must be forwarded, or None (requeued, stale or unknown).
         """
@@ -366,7 +367,7 @@ class BrokerState:
             return None
         if code == P.CRASHED:
             if task.state == INFLIGHT and task.worker == wid:
-                self._requeue(task, True, "compute process died while running the task")
+                self._requeue(task, True, why or "compute process died while running the task")
             return None  # a stale crash report (the task already moved on) changes nothing
         self._settle(task, wid)
         self.counters["failed"] += 1

@@ -133,6 +133,7 @@ class WorkerConfig(BaseModel):
     drain_timeout: float = _num(30.0, ge=0, le=86400)
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
     max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
+    memory_limit: int = _num(0, ge=0, le=2**63 - 1)  # bytes of address space per compute process; 0 = none
 
     @field_validator("services", mode="before")
     @classmethod

@@ -82,6 +82,7 @@ C_HELLO: Final = b"H"  # C->D  the compute process is ready
 C_TASK: Final = b"T"  # D->C  task_id, service, flags, payload... (the daemon enforces deadlines)
 C_RESULT: Final = b"R"  # C->D  task_id, payload...
 C_ERROR: Final = b"E"  # C->D  task_id, code, details
+EXIT_OUT_OF_MEMORY: Final = 86  # a compute process's exit status after a handler's MemoryError
 
 Frame = bytes | zmq.Frame | memoryview
 

@@ -13,6 +13,7 @@ import ctypes
 import importlib
 import logging
 import os
+import resource
 import signal
 import traceback
 from collections.abc import Callable
@@ -88,6 +89,8 @@ def run_task(
         return error_frames(tid, P.BAD_REQUEST, exc, False)
     try:
         result = handler(*args, **kwargs)
+    except MemoryError:
+        raise  # the process's memory is exhausted: main() exits and the daemon reports it
     except Exception as exc:
         return error_frames(tid, P.HANDLER_ERROR, exc)
     try:
@@ -126,6 +129,8 @@ def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], ma
     for args in calls:
         try:
             values.append(handler(*args, **kwargs))
+        except MemoryError:
+            raise
         except Exception as exc:
             errors[len(values)] = [P.HANDLER_ERROR, error_details(exc)]
             values.append(None)
@@ -143,9 +148,18 @@ def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], ma
     return frames
 
 
-def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES) -> None:
+def limit_memory(limit: int) -> None:
+    """Cap this process's address space (RLIMIT_AS) so a runaway handler fails here, alone, with
+    MemoryError, instead of dragging the host into the kernel's OOM killer."""
+    if limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES,
+         memory_limit: int = 0) -> None:
     """Process entry point (spawned by the daemon)."""
     die_with_parent()
+    limit_memory(memory_limit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     handlers = {name: resolve(spec) for name, spec in services.items()}
     ctx = zmq.Context()
@@ -165,7 +179,13 @@ def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_f
                 continue
             tid, service = frames[1].bytes, frames[2].bytes.decode()
             (flags,) = P.FLAGS.unpack(frames[3].bytes)
-            send_frames(sock, run_task(handlers, tid, service, frames[4:], max_frames, flags))
+            try:
+                reply = run_task(handlers, tid, service, frames[4:], max_frames, flags)
+            except MemoryError:
+                # Exhausted memory leaves a process in no state to go on: exit with a status the
+                # daemon turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
+                os._exit(P.EXIT_OUT_OF_MEMORY)
+            send_frames(sock, reply)
     finally:
         sock.close(linger=0)
         ctx.term()

@@ -85,7 +85,7 @@ class WorkerDaemon:
     def _spawn(self, index: int) -> None:
         proc = self._mp.Process(
             target=compute.main, name=f"ndpipe-compute-{index}",
-            args=(self.child_endpoint, index, self.services, os.getpid(), self.cfg.max_frames),
+            args=(self.child_endpoint, index, self.services, os.getpid(), self.cfg.max_frames, self.cfg.memory_limit),
         )
         proc.start()
         self.procs[index] = proc
@@ -99,6 +99,10 @@ class WorkerDaemon:
         job = self.pool.died(index)
         code = proc.exitcode
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if code == P.EXIT_OUT_OF_MEMORY:
+            why = f"out of memory: the handler exceeded worker.memory_limit = {self.cfg.memory_limit} bytes"
+        elif code == -9:
+            why = "signal 9: killed (kill -9, or the kernel's OOM killer)"
         if job is not None:
             log.warning("compute process %d (pid %s) died (%s) running task %s: reported CRASHED",
                         index, proc.pid, why, job.tid.hex())
