@@ -20,7 +20,7 @@ from ndpipe import protocol as P
 from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig
 from ndpipe.errors import ConfigError, ProtocolError
-from ndpipe.runtime import StopSignal
+from ndpipe.runtime import StopSignal, limit_malloc_arenas
 from ndpipe.transport import (
     ZERO_COPY_MIN,
     Throttle,
@@ -47,7 +47,8 @@ class Broker:
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.state = BrokerState(
-            self.cfg.heartbeat_interval, self.cfg.liveness, self.cfg.max_attempts, self.cfg.max_queued
+            self.cfg.heartbeat_interval, self.cfg.liveness, self.cfg.max_attempts, self.cfg.max_queued,
+            self.cfg.max_services,
         )
         self.frontend = self._router()
         self.backend = self._router()
@@ -184,7 +185,12 @@ class Broker:
         payload = [f if len(f) >= ZERO_COPY_MIN else f.bytes for f in msg[5:]]
         code = self.state.submit(ident, tid, service, payload, now, timeout_ms, max_attempts, flags)
         if code == P.QUEUE_FULL:
-            details = {"message": f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"}
+            if service in self.state.queues:
+                why = f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"
+            else:
+                why = (f"the broker already queues tasks for {self.cfg.max_services} services "
+                       f"(broker.max_services); {service!r} is not one of them")
+            details = {"message": why}
             self._error(ident, tid, code, details)
 
     def _snapshot(self, now: float) -> dict[str, Any]:
@@ -341,6 +347,7 @@ class Broker:
 
 def serve(config: BrokerConfig, stop: StopSignal | None = None) -> None:
     """Entry point used by the CLI and the demo: bind, serve until signalled, close."""
+    limit_malloc_arenas()  # before the zmq context starts its I/O thread
     broker = Broker(config)
     with stop or StopSignal() as sig:
         try:

@@ -148,11 +148,13 @@ class BrokerState:
         liveness: int = P.LIVENESS,
         max_attempts: int = P.MAX_ATTEMPTS_DEFAULT,
         max_queued: int = P.MAX_QUEUED,
+        max_services: int = P.MAX_SERVICES,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.max_attempts = max_attempts
         self.max_queued = max_queued
+        self.max_services = max_services
         self.broker_id = os.urandom(8)
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ServiceQueue] = {}
@@ -219,6 +221,9 @@ class BrokerState:
             self.master_seen(master, now)
         queue = self.queues.get(service)
         if queue is None:
+            if len(self.queues) >= self.max_services:  # service names are free text: bound them too
+                self.counters["rejected"] += 1
+                return P.QUEUE_FULL
             queue = self.queues[service] = ServiceQueue()
         if len(queue) >= self.max_queued:
             self.counters["rejected"] += 1
@@ -476,9 +481,11 @@ class BrokerState:
     def snapshot(self, now: float) -> dict[str, Any]:
         """A plain-data view for STATUS replies and logs."""
         inflight: dict[str, int] = {}
-        for task in self.tasks.values():
-            if task.state == INFLIGHT:
-                inflight[task.service] = inflight.get(task.service, 0) + 1
+        for rec in self.workers.values():  # O(tasks in flight), not O(tasks held): a STATUS stays cheap
+            for tid in rec.inflight:
+                task = self.tasks.get(tid)
+                if task is not None:
+                    inflight[task.service] = inflight.get(task.service, 0) + 1
         services: dict[str, dict[str, int]] = {}
         for name in set(self.queues) | set(self.by_service):
             peers = self.by_service.get(name, [])

@@ -105,6 +105,7 @@ class BrokerConfig(BaseModel):
     liveness: int = _num(protocol.LIVENESS, ge=2, le=100)
     max_attempts: int = _num(protocol.MAX_ATTEMPTS_DEFAULT, ge=1, le=100)
     max_queued: int = _num(protocol.MAX_QUEUED, ge=1)
+    max_services: int = _num(protocol.MAX_SERVICES, ge=1)
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
     max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
     hwm: int = _num(100_000, ge=1000, le=2**31 - 1)

@@ -76,6 +76,7 @@ RECONNECT_MIN: Final = 0.5  # seconds, doubled up to RECONNECT_MAX
 RECONNECT_MAX: Final = 8.0
 MAX_FRAMES: Final = 1024  # payload frames per message
 MAX_QUEUED: Final = 100_000  # tasks per service
+MAX_SERVICES: Final = 10_000  # services with queued tasks; names are free text, so this bounds the broker
 
 # --- daemon <-> compute process (internal, one host, ipc) -----------------------------------------
 C_HELLO: Final = b"H"  # C->D  the compute process is ready

@@ -7,6 +7,7 @@ A second SIGINT forces exit. Handlers are restored when the daemon returns.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from types import FrameType, TracebackType
@@ -65,3 +66,23 @@ class StopSignal:
             signal.signal(sig, old)
         os.close(self._rfd)
         os.close(self._wfd)
+
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) before any thread starts.
+
+    libzmq's I/O thread allocates every received message; under a flood glibc gives that thread
+    arenas of its own that keep their high-water mark, so the broker's RSS grew ~90 MB under
+    100,000 garbage messages with no leak behind it (docs/RELIABILITY.md, garbage). Two arenas
+    keep it near what the broker actually holds. Returns False where there is no glibc mallopt.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return True  # the operator chose; glibc read it at start
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False

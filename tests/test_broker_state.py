@@ -354,3 +354,29 @@ def test_prune_forgets_idle_services() -> None:
     assert s.cancel(M1, b"a")
     s.prune()
     assert "job-1" not in s.queues and "job-1" not in s.snapshot(0.0)["services"]
+
+
+def test_service_names_are_bounded_too() -> None:
+    # Given a broker that queues tasks for at most 2 services
+    s = BrokerState(max_queued=10, max_services=2)
+    assert submit(s, b"a", service="one") is None and submit(s, b"b", service="two") is None
+    # When a master names a third: refused, counted, nothing held for it
+    assert submit(s, b"c", service="three") == P.QUEUE_FULL
+    assert "three" not in s.queues and b"c" not in s.tasks and s.counters["rejected"] == 1
+    # Then a known service still queues; and once a name's queue empties and is pruned, a new name fits
+    assert submit(s, b"d", service="one") is None
+    assert s.cancel(M1, b"b")
+    s.prune()
+    assert submit(s, b"e", service="three") is None
+
+
+def test_snapshot_counts_in_flight_tasks_per_service() -> None:
+    s = make()
+    s.worker_ready(b"w1", ["svc", "other"], 2, now=0.0)
+    for i in range(5):
+        submit(s, b"t%d" % i)
+    submit(s, b"o1", service="other")
+    list(s.dispatch(now=0.0))
+    snap = s.snapshot(0.0)["services"]
+    assert snap["svc"]["inflight"] + snap["other"]["inflight"] == 2
+    assert snap["svc"]["queued"] + snap["other"]["queued"] == 4
