@@ -52,6 +52,11 @@ log = logging.getLogger("ndpipe.master")
 MAX_CHUNK = 1024  # calls per batch chosen automatically by map()
 CHUNK_BYTES = 8 << 20  # a batch larger than this when encoded is split (memory and latency per message)
 SLOTS_TTL = 1.0  # seconds map() reuses a service's slot count from STATUS
+AHEAD_BYTES = 256 << 20  # map(): encoded calls submitted and not yet yielded, at most
+
+
+def _nbytes(frames: list[Any]) -> int:
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 class Master:
@@ -136,7 +141,8 @@ class Master:
             if self._closed or self._error is not None:
                 self._slots.release()
                 self._check_open()
-            future.add_done_callback(lambda f: self._done(f, pending.tid))
+            tid = pending.tid  # not `pending`: a closure over it would make future and pending a GC cycle
+            future.add_done_callback(lambda f: self._done(f, tid))
             self._post("submit", pending)
         return future
 
@@ -164,14 +170,15 @@ class Master:
 
         Calls travel in batches of ``chunksize`` (one message, one broker task and one compute-process
         run per batch): that is what makes tiny tasks fast. ``None`` picks a size like
-        ``multiprocessing.Pool.map``: about four batches per slot of the service, at most 1,024 calls
-        and a share of the window; 1 when the number of items is unknown (a generator) — pass
-        ``chunksize`` explicitly to batch those. ``timeout`` is per call (a batch gets ``timeout`` ×
-        its size). A batch that times out, crashes its process ``max_attempts`` times or cannot send
-        its results back is split and its calls resubmitted one by one, so only the culprit fails.
+        ``multiprocessing.Pool.map``: about four batches per slot of the service, at most 1,024 calls;
+        1 when the number of items is unknown (a generator): pass ``chunksize`` to batch those.
+        ``timeout`` is per call (a batch gets ``timeout`` × its size). A batch that times out, crashes
+        its process ``max_attempts`` times or cannot send its results back is split and its calls
+        resubmitted one by one, so only the culprit fails.
 
-        Submission runs ahead of consumption by up to ``window`` calls. The first error raises; the
-        tasks still queued are then cancelled.
+        Submission runs ahead of consumption by up to ``window`` calls, or (batched) by enough batches
+        to keep every slot busy twice over, within 256 MiB of encoded calls. The first error raises;
+        the tasks still queued are then cancelled.
         """
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
@@ -202,23 +209,28 @@ class Master:
     def _map_batched(
         self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None, size: int
     ) -> Iterator[Any]:
-        batches: deque[tuple[Future[Any], list[tuple[Any, ...]], int]] = deque()
-        ahead = max(self.window, 2 * size)  # calls submitted and not yet yielded
-        outstanding = submitted = 0
+        # (future, calls, index of its first call, encoded bytes) per batch submitted, in order
+        batches: deque[tuple[Future[Any], list[tuple[Any, ...]], int, int]] = deque()
+        # Calls submitted and not yet yielded: the window, or enough batches to fill every slot twice
+        # (a batch is one task), and at most AHEAD_BYTES encoded so large calls cannot pile up.
+        ahead = max(self.window, 2 * size * max(1, self._slots_cache.get(service, (0.0, 1))[1]))
+        outstanding = submitted = ahead_bytes = 0
         try:
             for chunk in iter(lambda: list(islice(calls, size)), []):
                 for part, payload in self._split_to_fit(chunk):
-                    batches.append((self._submit_part(service, part, payload, timeout), part, submitted))
-                    outstanding += len(part)
-                    submitted += len(part)
-                while batches and (outstanding >= ahead or batches[0][0].done()):
-                    future, part, first = batches.popleft()
-                    outstanding -= len(part)
+                    nbytes = _nbytes(payload)
+                    batches.append((self._submit_part(service, part, payload, timeout), part, submitted, nbytes))
+                    outstanding, submitted = outstanding + len(part), submitted + len(part)
+                    ahead_bytes += nbytes
+                while batches and (outstanding >= ahead or ahead_bytes > AHEAD_BYTES or batches[0][0].done()):
+                    future, part, first, nbytes = batches.popleft()
+                    outstanding, ahead_bytes = outstanding - len(part), ahead_bytes - nbytes
                     yield from self._part_results(service, future, part, first, timeout)
             while batches:
-                yield from self._part_results(service, *batches.popleft(), timeout)
+                future, part, first, _nb = batches.popleft()
+                yield from self._part_results(service, future, part, first, timeout)
         finally:
-            for future, _part, _first in batches:
+            for future, _part, _first, _nb in batches:
                 future.cancel()
 
     def _auto_chunksize(self, service: str, iterables: tuple[Iterable[Any], ...]) -> int:
@@ -227,7 +239,7 @@ class Master:
         if n <= 1:
             return 1
         slots = max(1, self._service_slots(service))
-        return max(1, min(-(-n // (4 * slots)), self.window // (2 * slots), MAX_CHUNK))
+        return max(1, min(-(-n // (4 * slots)), MAX_CHUNK))
 
     def _service_slots(self, service: str) -> int:
         """The service's slot count from STATUS, cached for SLOTS_TTL so map() in a loop stays cheap."""
@@ -248,7 +260,7 @@ class Master:
         if len(chunk) == 1:
             return [(chunk, encode_call(list(chunk[0]), {}))]
         payload = encode_batch(chunk)
-        sizes = [f.nbytes if isinstance(f, memoryview) else len(f) for f in payload]
+        sizes = [_nbytes([f]) for f in payload]
         total, frames = sum(sizes), len(payload) - 1
         if total <= CHUNK_BYTES and frames <= self.cfg.max_frames and max(sizes) <= self.cfg.max_frame_bytes:
             return [(chunk, payload)]
