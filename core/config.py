@@ -109,6 +109,7 @@ class BrokerConfig(BaseModel):
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
     max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
     hwm: int = _num(100_000, ge=1000, le=2**31 - 1)
+    rcvhwm: int = _num(1000, ge=100, le=2**31 - 1)
 
 
 class ServiceSpec(BaseModel):

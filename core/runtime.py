@@ -86,3 +86,22 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
+
+
+_LIBC: Any = None
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc ``malloc_trim``).
+
+    Bursts of messages leave the heap fragmented: libzmq's buffers and Python objects interleave,
+    and glibc returns memory to the kernel only from the top of the heap, so RSS keeps the peak of
+    a burst long after everything was freed. malloc_trim releases the free pages inside it too.
+    """
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(None)
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
