@@ -254,7 +254,7 @@ def cpu_seconds(pid: int | None) -> float:
         return 0.0
     try:
         t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
+        return float(t.user + t.system)
     except psutil.Error:
         return 0.0
 

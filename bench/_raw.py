@@ -117,7 +117,7 @@ def _pybroker_main(front: str, back: str) -> None:
     while True:
         events = dict(poller.poll())
         if backend in events:
-            while backend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while int(backend.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 frames = backend.recv_multipart(copy=False)  # [worker id, client id, payload...]
                 if len(frames) == 2 and frames[1].bytes == READY:
                     workers.append(frames[0].bytes)
@@ -127,7 +127,7 @@ def _pybroker_main(front: str, back: str) -> None:
                 else:
                     frontend.send_multipart(frames[1:], copy=False)
         if frontend in events:
-            while frontend.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while int(frontend.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 frames = frontend.recv_multipart(copy=False)  # [client id, payload...]
                 if not workers:
                     waiting.append(frames)

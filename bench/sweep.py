@@ -194,7 +194,8 @@ def run(sizes: list[int], seconds: float, window: int, min_seq: int) -> list[Poi
           f"pipelined window {window}; ndpipe 1 daemon × 2 compute processes, raw zmq.proxy + 2 echo processes\n",
           flush=True)
     points: list[Point] = []
-    with RawBaseline(workers=2) as raw, LocalCluster(workers=1, processes=2, **CLUSTER_CONFIG) as cluster:
+    with RawBaseline(workers=2) as raw, LocalCluster(workers=1, processes=2, broker=CLUSTER_CONFIG["broker"],
+                                                         master=CLUSTER_CONFIG["master"]) as cluster:
         with cluster.master(window=window) as master:
             for size in sizes:
                 points += sweep_size(raw, master, size, seconds, window, min_seq)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import repeat
 from typing import Any
 
@@ -145,7 +146,7 @@ def run(n: int, window: int, plan: list[tuple[str, int, tuple[str, ...]]], stop_
                         base = measure(raw_name, n, raw.pids(), lambda: raw.run(n, window))
                         pyb = measure(py_name, n, py.pids(), lambda: py.run(n, window))
                         label = f"ndpipe {mode:<6} {workers}w×{processes}p prefetch={prefetch}"
-                        row = measure(label, n, cluster.pids(), lambda m=master, f=fns[mode]: f(m, n))
+                        row = measure(label, n, cluster.pids(), partial(fns[mode], master, n))
                         row.raw_rate, row.py_rate = base.rate, pyb.rate
                         rows += [base, pyb, row]
                         print(f"  {label}: {row.rate:,.0f} tasks/s, raw {base.rate:,.0f} → ratio {row.ratio:.3f}, "
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.tasks, args.layouts, args.prefetch, args.no_reference = 2000, "1x2", "16", True
+    plan: list[tuple[str, int, tuple[str, ...]]]
     if args.all:
         plan = [(lay, pf, ("submit", "map")) for lay in LAYOUTS for pf in (0, 16, 64)]
     else:

@@ -219,7 +219,8 @@ def run(big_calls: int, tiny_calls: int, warmup: int, raw_window: int, only: str
           "each ndpipe row is measured right after the raw row above it\n", flush=True)
     w2_rows: list[BandwidthRow] = []
     w3_rows: list[LatencyRow] = []
-    with RawBaseline(workers=2) as raw, LocalCluster(workers=1, processes=2, **CLUSTER_CONFIG) as cluster:
+    with RawBaseline(workers=2) as raw, LocalCluster(workers=1, processes=2, broker=CLUSTER_CONFIG["broker"],
+                                                         master=CLUSTER_CONFIG["master"]) as cluster:
         with cluster.master() as master:
             if only in (None, "w2"):
                 w2_rows = w2(raw, master, big_calls, raw_window)

@@ -120,7 +120,7 @@ class ChaosCluster:
             return []
         for k in kids:
             self._seen_children.setdefault(k.pid, k)
-        return kids
+        return list(kids)
 
     def signal_worker(self, worker: subprocess.Popen[bytes], sig: int) -> None:
         """Send ``sig`` to a daemon and its compute processes (SIGSTOP/SIGCONT freeze the whole worker)."""

@@ -54,12 +54,12 @@ def _rss(pid: int) -> int:
 
 
 def _work(status: dict[str, Any]) -> dict[str, int]:
-    return status["services"].get("work", {"queued": 0, "inflight": 0, "workers": 0, "slots": 0})
+    return dict(status["services"].get("work", {"queued": 0, "inflight": 0, "workers": 0, "slots": 0}))
 
 
 def _dispatched(status: dict[str, Any]) -> int:
     """Tasks the broker has dispatched so far (finished ones plus those in flight): grows only by dispatch."""
-    return status["counters"]["completed"] + status["counters"]["failed"] + _work(status)["inflight"]
+    return int(status["counters"]["completed"] + status["counters"]["failed"] + _work(status)["inflight"])
 
 
 class Sampler:
@@ -265,7 +265,7 @@ class Garbage:
         return P.OPTIONS.pack(self.rng.choice([0, 1, 50, self.rng.randrange(1 << 32)]), self.rng.randrange(5), flags)
 
     def control_map(self) -> bytes:
-        value = self.rng.choice([
+        value: Any = self.rng.choice([
             [1, 2, 3], 7, "text", None,
             {"services": "work"}, {"services": []}, {"services": [1, 2]}, {"slots": 3},
             {"services": [self.rng.choice(NAMES)], "slots": self.rng.choice([0, -1, 10**6, "2", 2.5])},

@@ -315,7 +315,8 @@ def _run(c: ChaosCluster, hosts: Hosts, plan: Plan, report: Report) -> None:
     c.start_broker(prefix=hosts.prefix(hosts.broker))
     workers = [c.start_worker(2, prefix=hosts.prefix(ns), overrides={"broker": hosts.backend(k)})
                for k, ns in enumerate(hosts.workers, 1)]
-    spec = {"frontend": f"tcp://127.0.0.1:{FRONTEND_PORT}", "slots": 4, "seconds": plan.seconds, "cap": plan.cap,
+    spec: dict[str, Any] = {
+            "frontend": f"tcp://127.0.0.1:{FRONTEND_PORT}", "slots": 4, "seconds": plan.seconds, "cap": plan.cap,
             "log_dir": c.log_dir, "poll": 0.05, "drain": 120.0, "max_seconds": plan.max_seconds,
             "stop": str(c.root / "stop"), "timeline": str(c.root / "timeline"), "out": str(c.root / "job.json")}
     (c.root / "job-spec.json").write_text(json.dumps(spec))

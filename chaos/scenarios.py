@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
 from ndpipe.chaos.harness import SERVICES, ChaosCluster, wait_for
@@ -188,6 +189,10 @@ def task_hangs(p: Params) -> Report:
     return report
 
 
+def _answered_at_least(hist: History, n: int) -> bool:
+    return len(hist.first_at) >= n
+
+
 # ---- 4 --------------------------------------------------------------------------------------------------
 def broker_crashes(p: Params) -> Report:
     """kill -9 the broker three times during one job, restarting it each time."""
@@ -206,13 +211,13 @@ def broker_crashes(p: Params) -> Report:
             hist, t0 = History(), time.monotonic()
             submit_in_background(m, hist, range(tasks), seconds, c.log_dir)
             for k in range(crashes):
-                wait_for(lambda k=k: len(hist.first_at) >= tasks * (k + 1) // (crashes + 2), 120,
+                wait_for(partial(_answered_at_least, hist, tasks * (k + 1) // (crashes + 2)), 120,
                          f"progress before crash {k + 1}")
                 c.kill_broker()
                 time.sleep(0.3)
                 c.start_broker()
                 t_restart = time.monotonic()
-                first = wait_for(lambda t=t_restart: hist.answered_after(t), 30, "an answer after the restart")
+                first: float = wait_for(partial(hist.answered_after, t_restart), 30, "an answer after the restart")
                 report.recovery["serving again after restart s"].append(first - t_restart)
             finish(c, hist, report, 300, t0)
             report.checks["serving again within 3 s of each restart"] = (

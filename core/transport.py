@@ -27,7 +27,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 def readable(sock: zmq.Socket[Any]) -> bool:
     """A message is waiting. Cheaper than a NOBLOCK recv that ends in zmq.Again: pyzmq builds that
     exception (and an Errno enum) for every empty read, ~5 µs each on the broker's hot path."""
-    return bool(sock.get(_EVENTS) & _POLLIN)
+    return bool(int(sock.get(_EVENTS)) & _POLLIN)
 
 
 def configure(
