@@ -163,10 +163,11 @@ class RawMaster:
         self.pings += 1
         self.next_ping = time.monotonic() + self.ping_every
 
-    def ping_if_due(self) -> None:
+    def ping_if_due(self) -> list[list[bytes]]:
+        """PING when due; return what :meth:`drain` read besides PONGs and ERRORs (the caller's replies)."""
         if time.monotonic() >= self.next_ping:
             self.ping()
-        self.drain()
+        return self.drain()
 
     def wait_pongs(self, behind: int, timeout: float = 60.0) -> None:
         """Block until at most ``behind`` PINGs are unanswered (the broker has read what came before)."""
@@ -222,12 +223,13 @@ class RawMaster:
         self.sock.send_multipart([P.MASTER, P.STATUS, request])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.ping_if_due()
+            got = self.ping_if_due()  # its drain may read the reply: look at what it read too
             if self.sock.poll(50):
-                for frames in self.drain():
-                    if len(frames) >= 4 and frames[1] == P.STATUS_REPLY and frames[3] == request:
-                        body: dict[str, Any] = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
-                        return body
+                got += self.drain()
+            for frames in got:
+                if len(frames) >= 4 and frames[1] == P.STATUS_REPLY and frames[3] == request:
+                    body: dict[str, Any] = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+                    return body
         raise TimeoutError(f"no STATUS_REPLY within {timeout} s")
 
 

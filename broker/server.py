@@ -244,7 +244,7 @@ class Broker:
         if command == P.READY:
             self._on_ready(wid, msg, now)
             return
-        stats = frame_bytes(msg[2]) if command == P.HEARTBEAT and len(msg) > 2 else None
+        stats = frame_bytes(msg[2]) if command == P.HEARTBEAT and len(msg) > 2 and len(msg[2]) <= 65536 else None
         known = self.state.worker_seen(wid, now, stats)
         if command == P.W_RESULT:
             self._on_worker_result(wid, msg)
@@ -348,8 +348,10 @@ class Broker:
             except zmq.Again:
                 pass  # its link is full of work: that tells it we are alive
             except zmq.ZMQError as exc:  # EHOSTUNREACH: its connection is gone (process died, link cut)
-                handed = self.state.worker_gone(wid, now, penalize=False)
-                log.warning("worker %s unreachable (%s): forgotten, %d tasks handed back", wid.hex(), exc,
+                # Counted like the liveness expiry it replaces: a result over max_frame_bytes cuts the
+                # link too, and that task must reach MAX_ATTEMPTS instead of cutting every worker in turn.
+                handed = self.state.worker_gone(wid, now, penalize=True)
+                log.warning("worker %s unreachable (%s): declared dead, %d tasks requeued", wid.hex(), exc,
                             len(handed))
 
 

@@ -65,6 +65,11 @@ def crash(code: int = 0) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def zeros(n: int) -> np.ndarray:
+    """A float64 array of ``n`` zeros: a small call with a large result."""
+    return np.zeros(n)
+
+
 def reciprocal(x: float) -> float:
     """``1 / x``: raises ZeroDivisionError for 0, so one call of a batch can fail alone."""
     return 1 / x

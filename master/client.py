@@ -38,6 +38,7 @@ from ndpipe.codec import encode_batch, encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
 from ndpipe.errors import (
     BrokerUnreachable,
+    DecodeError,
     EncodeError,
     NdpipeError,
     TaskCrashed,
@@ -289,7 +290,7 @@ class Master:
             return
         try:
             values, errors = future.result()
-        except (TaskTimeout, TaskCrashed, TaskFailed) as exc:
+        except (TaskTimeout, TaskCrashed, TaskFailed, DecodeError) as exc:
             log.info("batch of %d calls to %r failed as a whole (%s): resubmitting them one by one",
                      len(part), service, type(exc).__name__)
             yield from self._map_single(service, iter(part), timeout)
@@ -387,6 +388,9 @@ class Master:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
+        except BaseException:
+            self._wake_pending = False  # interrupted before the write: the next post must write
+            raise
 
     def _done(self, future: Future[Any], tid: bytes) -> None:
         self._slots.release()

@@ -55,6 +55,7 @@ class Cluster:
             "spin": "ndpipe.examples.handlers:spin",
             "hang": {"handler": "ndpipe.examples.handlers:sleep", "timeout": 0.5},
             "reciprocal": "ndpipe.examples.handlers:reciprocal",
+            "zeros": "ndpipe.examples.handlers:zeros",
             "crash_on": "ndpipe.examples.handlers:crash_on",
         }
         self.config = {

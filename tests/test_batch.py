@@ -153,3 +153,22 @@ def test_hostile_batch_submissions_get_bad_request(make_cluster) -> None:  # typ
         assert replies[b"nb"][0] == P.BAD_REQUEST and "batch call 0: args must be a list" in replies[b"nb"][1]
     finally:
         sock.close()
+
+
+def test_a_result_over_the_frame_limit_fails_alone_instead_of_cutting_the_link(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # Given workers that may send frames of at most 1 MiB (libzmq cuts a link on a bigger one)
+    c = make_cluster(broker=FAST, worker={"max_frame_bytes": 1 << 20})
+    c.start_broker()
+    c.start_worker(processes=2)
+    with c.master() as m:
+        c.wait_slots(m, 2)
+        # When a small call returns 8 MB, alone or inside a batch
+        with pytest.raises(TaskFailed, match="exceeds worker.max_frame_bytes"):
+            m.submit("zeros", 1_000_000).result(timeout=30)
+        results = m.map("zeros", [10, 1_000_000, 10], chunksize=3)
+        assert len(next(results)) == 10
+        with pytest.raises(TaskFailed, match="max_frame_bytes"):
+            next(results)
+        # Then the worker kept its link and its registration: it still serves
+        assert m.status()["counters"]["requeued"] == 0
+        assert list(m.map("echo", range(10), chunksize=5)) == list(range(10))

@@ -115,3 +115,16 @@ def test_a_timed_out_head_blocks_its_slot_until_the_child_is_gone() -> None:
     assert pool.finished(0, b"a", 1.1) is None
     assert pool.died(0) is None  # reported as TIMEOUT already
     assert [j.tid for j in pool.pending] == [b"b", b"c"]
+
+
+def test_dropping_pending_also_drops_jobs_waiting_in_processes() -> None:
+    pool = Pool(1, depth=3)
+    pool.child_ready(0)
+    for tid in (b"a", b"b", b"c", b"d"):
+        pool.add(Job(tid, "svc", [], None))
+    for _ in range(3):
+        pool.next_start(0.0)
+    assert pool.drop_pending() == 3  # d waiting in the daemon, b and c in the process's socket
+    assert pool.finished(0, b"a", 1.0).tid == b"a"  # type: ignore[union-attr]  # the running one still answers
+    assert pool.slots[0].job.cancelled  # type: ignore[union-attr]  # b is next: the daemon kills the process
+    assert pool.finished(0, b"b", 1.0) is None  # and an answer for it is dropped

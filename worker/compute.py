@@ -23,11 +23,12 @@ import msgpack
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import Limits, decode_batch, decode_call, encode
+from ndpipe.codec import DEFAULT_LIMITS, Limits, decode_batch, decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError
 from ndpipe.transport import configure, send_frames
 
 log = logging.getLogger("ndpipe.compute")
+_limits = {"max_frame_bytes": 1 << 30}  # set by main() from worker.max_frame_bytes
 Handler = Callable[..., Any]
 
 
@@ -95,21 +96,37 @@ def run_task(
         return error_frames(tid, P.HANDLER_ERROR, exc)
     try:
         frames = encode(result)
-        if len(frames) - 1 > max_frames:
-            raise EncodeError(f"{len(frames) - 1} large arrays (buffer frames) exceed max_frames {max_frames}")
+        _check_sizes(frames, max_frames)
         return [P.C_RESULT, tid, *frames]
     except Exception as exc:  # EncodeError, or anything odd a result can do while being encoded
         wrapped = EncodeError(f"result of service {service!r} cannot be sent: {exc}")
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
 
 
-def _encode_result(tid: bytes, result: Any, max_frames: int) -> list[Any] | None:
-    """C_RESULT frames, or None when the value cannot be encoded within the limits."""
+def _check_sizes(frames: list[Any], max_frames: int) -> None:
+    """Refuse here what would break the way back: a frame over worker.max_frame_bytes makes libzmq
+    cut the link (the task would then crash every worker in turn), a header over the master's
+    decoder limit would be refused there (a batch is then split by the master and retried)."""
+    if len(frames) - 1 > max_frames:
+        raise EncodeError(f"{len(frames) - 1} large arrays (buffer frames) exceed max_frames {max_frames}")
+    for i, frame in enumerate(frames):
+        size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+        if size > _limits["max_frame_bytes"]:
+            raise EncodeError(f"a result frame of {size} bytes exceeds worker.max_frame_bytes = "
+                              f"{_limits['max_frame_bytes']}")
+        if i == 0 and size > DEFAULT_LIMITS.max_header_bytes:
+            raise EncodeError(f"a result header of {size} bytes exceeds the master's limit of "
+                              f"{DEFAULT_LIMITS.max_header_bytes} (max_header_bytes)")
+
+
+def _encode_result(tid: bytes, result: Any, max_frames: int) -> list[Any] | str:
+    """C_RESULT frames, or why the value cannot be sent within the limits."""
     try:
         frames = encode(result)
-    except Exception:  # EncodeError, or anything odd a value can do while being encoded
-        return None
-    return [P.C_RESULT, tid, *frames] if len(frames) - 1 <= max_frames else None
+        _check_sizes(frames, max_frames)
+    except Exception as exc:  # EncodeError, or anything odd a value can do while being encoded
+        return str(exc)
+    return [P.C_RESULT, tid, *frames]
 
 
 def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], max_frames: int) -> list[Any]:
@@ -135,15 +152,16 @@ def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], ma
             errors[len(values)] = [P.HANDLER_ERROR, error_details(exc)]
             values.append(None)
     frames = _encode_result(tid, [values, errors], max_frames)
-    if frames is None:  # find the values that cannot travel (slow path, errors only)
+    if isinstance(frames, str):  # find the values that cannot travel (slow path, errors only)
         for i, value in enumerate(values):
-            if i not in errors and _encode_result(tid, value, max_frames) is None:
-                why = EncodeError(f"result of service {service!r} (batch call {i}) cannot be encoded")
+            problem = _encode_result(tid, value, max_frames) if i not in errors else None
+            if isinstance(problem, str):
+                why = EncodeError(f"result of service {service!r} (batch call {i}) cannot be sent: {problem}")
                 errors[i], values[i] = [P.HANDLER_ERROR, error_details(why, False)], None
         frames = _encode_result(tid, [values, errors], max_frames)
-    if frames is None:
-        why = EncodeError(f"the {len(values)} results of a batch of service {service!r} exceed max_frames "
-                          f"{max_frames} together")
+    if isinstance(frames, str):
+        why = EncodeError(f"the {len(values)} results of a batch of service {service!r} cannot be sent "
+                          f"together ({frames}); the master resubmits them one by one")
         return error_frames(tid, P.HANDLER_ERROR, why, False)
     return frames
 
@@ -156,9 +174,10 @@ def limit_memory(limit: int) -> None:
 
 
 def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES,
-         memory_limit: int = 0) -> None:
+         memory_limit: int = 0, max_frame_bytes: int = 1 << 30) -> None:
     """Process entry point (spawned by the daemon)."""
     die_with_parent()
+    _limits["max_frame_bytes"] = max_frame_bytes
     limit_memory(memory_limit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     handlers = {name: resolve(spec) for name, spec in services.items()}
@@ -184,6 +203,7 @@ def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_f
             except MemoryError:
                 # Exhausted memory leaves a process in no state to go on: exit with a status the
                 # daemon turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
+                sock.close(linger=1000)  # the previous answer may still be in the socket: send it first
                 os._exit(P.EXIT_OUT_OF_MEMORY)
             send_frames(sock, reply)
     finally:

@@ -85,7 +85,8 @@ class WorkerDaemon:
     def _spawn(self, index: int) -> None:
         proc = self._mp.Process(
             target=compute.main, name=f"ndpipe-compute-{index}",
-            args=(self.child_endpoint, index, self.services, os.getpid(), self.cfg.max_frames, self.cfg.memory_limit),
+            args=(self.child_endpoint, index, self.services, os.getpid(), self.cfg.max_frames, self.cfg.memory_limit,
+                  self.cfg.max_frame_bytes),
         )
         proc.start()
         self.procs[index] = proc
@@ -134,6 +135,10 @@ class WorkerDaemon:
             if self.pool.finished(index, frames[2], now) is not None:  # still wanted: pass it on as is
                 command = P.W_RESULT if kind == P.C_RESULT else P.W_ERROR
                 self._send_broker([P.WORKER, command, *frames[2:]])
+            slot = self.pool.slots[index]
+            if slot.job is not None and slot.job.cancelled and not slot.reported:
+                slot.reported = True  # a job cancelled while it waited in the process now starts: stop it
+                self._kill_child(index)
         else:
             raise ProtocolError(f"bad message from compute process {index}")
 

@@ -164,6 +164,13 @@ class Pool:
         return None
 
     def drop_pending(self) -> int:
+        """The broker forgot us (and requeued our tasks): drop what has not started, including jobs
+        waiting in a process's socket (marked, so their answers are dropped)."""
         n = len(self.pending)
         self.pending.clear()
+        for slot in self.slots:
+            for job in list(slot.queue)[1:]:
+                if not job.cancelled:
+                    job.cancelled = True
+                    n += 1
         return n
