@@ -21,19 +21,17 @@ import psutil
 import pytest
 import yaml
 
+from ndpipe.chaos.harness import wait_for
+
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+    """Poll ``predicate`` until it is truthy; fail the test (AssertionError) after ``timeout`` seconds."""
+    try:
+        return wait_for(predicate, timeout, what)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 class Cluster:
