@@ -9,19 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-import yaml
 
-from ndpipe.chaos.harness import wait_for
+from ndpipe.chaos.harness import ChaosCluster, wait_for
+from ndpipe.config import WorkerConfig
 
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}
 
@@ -34,14 +30,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         raise AssertionError(str(exc)) from None
 
 
-class Cluster:
-    """A broker and worker daemons run as `ndpipe` CLI processes, configured by one YAML file."""
+class Cluster(ChaosCluster):
+    """A broker and worker daemons run as `ndpipe` CLI processes, configured by one YAML file: the
+    chaos harness's cluster with the example handlers, the default drain timeout, in ``root``."""
 
     def __init__(self, root: Path, broker: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                  master: dict[str, Any] | None = None) -> None:
-        self.root = root
-        self.frontend = (broker or {}).get("frontend", f"ipc://{root}/f")
-        self.backend = (broker or {}).get("backend", f"ipc://{root}/b")
         services = {
             "echo": "ndpipe.examples.handlers:echo",
             "sleep": "ndpipe.examples.handlers:sleep",
@@ -56,72 +50,16 @@ class Cluster:
             "zeros": "ndpipe.examples.handlers:zeros",
             "crash_on": "ndpipe.examples.handlers:crash_on",
         }
-        self.config = {
-            "broker": {**(broker or {}), "frontend": self.frontend, "backend": self.backend},
-            "worker": {"broker": self.backend, "processes": 2, "services": services,
-                       "reconnect_min": 0.1, "reconnect_max": 1.0, **(worker or {})},
-            "master": {"broker": self.frontend, **(master or {})},
-            "logging": {"level": "INFO"},
-        }
-        self.config_path = root / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
-
-    def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "ndpipe.cli", *args, "--config", str(self.config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def start_broker(self) -> subprocess.Popen[bytes]:
-        self.broker = self._start("broker", "broker")
-        return self.broker
-
-    def start_worker(self, processes: int | None = None) -> subprocess.Popen[bytes]:
-        extra = ["--processes", str(processes)] if processes else []
-        proc = self._start("worker", "worker", *extra)
-        self.workers.append(proc)
-        return proc
-
-    def master(self, **kwargs: Any) -> Any:
-        from ndpipe.config import MasterConfig
-        from ndpipe.master import Master
-
-        return Master(self.frontend, config=MasterConfig(**self.config["master"]), **kwargs)
+        super().__init__(broker=broker, worker={"drain_timeout": WorkerConfig().drain_timeout, **(worker or {})},
+                         master=master, services=services, root=str(root),
+                         frontend=(broker or {}).get("frontend"), backend=(broker or {}).get("backend"))
 
     def wait_slots(self, master: Any, slots: int, service: str = "echo", timeout: float = 30.0) -> None:
         wait_until(lambda: master.status()["services"].get(service, {}).get("slots", 0) == slots, timeout,
                    f"{slots} registered slots for {service!r}")
 
-    def compute_pids(self, worker: subprocess.Popen[bytes]) -> list[int]:
-        alive = []
-        for child in psutil.Process(worker.pid).children():
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
-                    alive.append(child.pid)
-            except psutil.NoSuchProcess:
-                pass
-        return alive
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted(self.root.glob("*.log")))
-
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        self.close()
 
 
 @pytest.fixture
