@@ -93,6 +93,7 @@ class Master:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._io_main, name="ndpipe-master-io", daemon=True)
         self._error: BaseException | None = None
+        self._loop: IOLoop | None = None
         self._thread.start()
         self._started.wait()
         if self._error is not None:
@@ -348,6 +349,14 @@ class Master:
                     self._post("status_cancel", request)
             raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """What this master saw: ``late_answers`` (answers for tasks already resolved: a task that ran
+        twice after a requeue or a resend, or one answered after its timeout or cancel; each dropped,
+        never delivered twice) and ``resends`` (times every outstanding task was resent)."""
+        loop = self._loop
+        return dict(loop.counters) if loop is not None else {"late_answers": 0, "resends": 0}
+
     def close(self) -> None:
         """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent and thread-safe."""
         if threading.current_thread() is self._thread:
@@ -404,12 +413,12 @@ class Master:
         try:
             self._ctx: zmq.Context[Any] = zmq.Context()
             self._sock = self._new_socket()
+            loop = self._loop = IOLoop(self)
         except Exception as exc:
             self._error = exc
             self._started.set()
             return
         self._started.set()
-        loop = IOLoop(self)
         try:
             loop.run()
         except Exception as exc:  # a bug: fail loudly rather than leave futures hanging

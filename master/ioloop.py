@@ -1,9 +1,9 @@
 """The master's I/O thread: one poll loop that alone touches the DEALER socket.
 
 It keeps every outstanding task (:class:`Pending`) until it resolves, exactly once: results and
-errors, local timeouts, PING/PONG with the session token (resend everything when it changes),
-a new socket after silence, resend after a silent link drop (``LinkWatch``), BrokerUnreachable
-after ``broker_timeout``. User threads talk to it only through ``Master._inbox`` and a wake pipe.
+errors, local timeouts, PING/PONG with the session token, a new socket after silence, a silent
+link drop seen by ``LinkWatch``, BrokerUnreachable after ``broker_timeout``. Every outstanding task is
+resent exactly once per such event, at the first PONG after it (``resend_due`` or a new session). User threads talk to it only through ``Master._inbox`` and a wake pipe.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class IOLoop:
         self.interval = cfg.heartbeat_interval
         self.liveness = cfg.liveness
         self.session: bytes | None = None
+        self.resend_due = False  # the link dropped or the socket is new: resend at the next PONG
         now = time.monotonic()
         self.heard = now
         self.lost_since: float | None = None
@@ -61,6 +62,7 @@ class IOLoop:
         self.malformed = Throttle(log)
         self.dropped = Throttle(log)
         self.limits = Limits(max_frames=cfg.max_frames)
+        self.counters = {"late_answers": 0, "resends": 0}
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -86,9 +88,9 @@ class IOLoop:
             if self.m._sock in events:
                 self._receive()
             if self.watch.monitor in events and self.watch.came_back():
-                log.warning("link to broker %s dropped and came back: resending %d tasks",
+                log.warning("link to broker %s dropped and came back: %d tasks to resend",
                             self.m.endpoint, len(self.pending))
-                self._resend_all()
+                self._resend_at_pong(time.monotonic())
             now = time.monotonic()
             self._expire(now)
             if now >= self.next_ping:
@@ -156,8 +158,9 @@ class IOLoop:
         if command == P.RESULT:
             P.check_header(frames, P.MASTER, 4)
             p = self.pending.pop(P.task_id_of(frames[2]), None)
-            if p is None:
-                return  # an answer already delivered (task ran twice) or for a cancelled task
+            if p is None:  # an answer already delivered (task ran twice), or for a cancelled task
+                self.counters["late_answers"] += 1
+                return
             try:
                 if p.batch:
                     resolve(p.future, value=decode_outcomes(frames[3:], p.batch, self.limits))
@@ -181,6 +184,7 @@ class IOLoop:
         P.check_header(frames, P.MASTER, 5)
         p = self.pending.pop(P.task_id_of(frames[2]), None)
         if p is None:
+            self.counters["late_answers"] += 1
             return
         try:
             details = unpack_map(frame_bytes(frames[4]), 16 << 20)
@@ -195,18 +199,22 @@ class IOLoop:
         broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
         self.interval = min(self.m.cfg.heartbeat_interval, broker_interval)
         self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
-        if session != self.session:
-            # A new broker, or one that forgot us, holds none of our tasks; and before the first
-            # PONG, a broker that died unseen may have swallowed some. Resend: the broker drops
+        if self.resend_due or session != self.session:
+            # A new broker, or one that forgot us, holds none of our tasks; before the first PONG, a
+            # broker that died unseen may have swallowed some; after a link drop or a new socket,
+            # messages in flight both ways are gone. Resend once, here, whichever of these happened
+            # (a second resend would rerun tasks whose answers are on their way): the broker drops
             # duplicates of tasks it still holds.
-            if self.session is not None:
+            if self.session is not None and session != self.session:
                 log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
             self._resend_all()
+        self.resend_due = False
         self.session = session
 
     def _resend_all(self) -> None:
         """After anything that may have lost messages: every outstanding task and status request
         again (the broker drops duplicates of tasks it still holds)."""
+        self.counters["resends"] += 1
         for p in list(self.pending.values()):
             self._submit(p)
         for request in self.status_waiters:
@@ -247,7 +255,13 @@ class IOLoop:
             poller.register(self.m._sock, zmq.POLLIN)
             poller.register(self.watch.monitor, zmq.POLLIN)
             self.heard = now  # give the new socket a full liveness period
-            self._resend_all()
+            self.resend_due = True
+        self._send([P.MASTER, P.PING])
+        self.next_ping = now + self.interval
+
+    def _resend_at_pong(self, now: float) -> None:
+        """The link dropped and came back: resend when the broker answers a PING, which is sent now."""
+        self.resend_due = True
         self._send([P.MASTER, P.PING])
         self.next_ping = now + self.interval
 

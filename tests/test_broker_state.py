@@ -380,3 +380,36 @@ def test_snapshot_counts_in_flight_tasks_per_service() -> None:
     snap = s.snapshot(0.0)["services"]
     assert snap["svc"]["inflight"] + snap["other"]["inflight"] == 2
     assert snap["svc"]["queued"] + snap["other"]["queued"] == 4
+
+
+def test_resent_running_task_is_not_queued_again() -> None:
+    # Given a task running on a worker
+    s = make()
+    s.worker_ready(b"w1", ["svc"], 2, now=0.0)
+    submit(s, b"a")
+    assert [t.tid for t, _ in s.dispatch(0.0)] == [b"a"]
+    # When its master resends it under the same id (after a link drop it cannot know it arrived)
+    assert submit(s, b"a") is None
+    # Then it is not queued or dispatched a second time, and the duplicate is counted
+    assert len(s.queues["svc"]) == 0 and list(s.dispatch(0.1)) == []
+    assert s.tasks[b"a"].state == INFLIGHT and s.counters["duplicates"] == 1
+    assert s.complete(b"w1", b"a") is not None and s.tasks == {}
+
+
+def test_max_queued_bounds_each_service_queue_alone() -> None:
+    # Given max_queued = 3, a worker running one task of svc and another service with a full queue
+    s = make(max_queued=3)
+    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    assert submit(s, b"run") is None
+    list(s.dispatch(0.0))
+    for k in range(3):
+        assert submit(s, b"o%d" % k, service="other") is None
+    assert submit(s, b"o3", service="other") == P.QUEUE_FULL
+    # Then svc still queues exactly max_queued tasks: neither the task in flight nor other services count
+    assert [submit(s, b"q%d" % k) for k in range(3)] == [None, None, None]
+    assert submit(s, b"q3") == P.QUEUE_FULL
+    assert len(s.queues["svc"]) == 3 and s.counters["rejected"] == 2
+    # And a slot freed by dispatch is a slot to queue again
+    s.complete(b"w1", b"run")
+    list(s.dispatch(1.0))
+    assert submit(s, b"q4") is None and submit(s, b"q5") == P.QUEUE_FULL

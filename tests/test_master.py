@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
 
+from ndpipe import protocol as P
 from ndpipe.config import MasterConfig
-from ndpipe.errors import EncodeError, NdpipeError
+from ndpipe.errors import BrokerUnreachable, EncodeError, NdpipeError
 from ndpipe.master import Master
 from ndpipe.transport import LinkWatch
 from tests.conftest import FAST, wait_until
@@ -180,3 +185,79 @@ def test_finished_tasks_leave_no_reference_cycles(make_cluster) -> None:  # type
         finally:
             gc.enable()
         assert unreachable < 100, f"{unreachable} objects in reference cycles after 600 calls"
+
+
+class FakeBroker:
+    """A bare ROUTER standing in for the broker: answers PING, hands STATUS requests to the test."""
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.master = b""
+        self.seen: set[bytes] = set()
+
+    def next_status(self, timeout: float = 10.0) -> bytes:
+        """Serve PINGs until a new STATUS request arrives (resends of known ones are skipped: the
+        master resends its requests at the first PONG); return its request id."""
+        for _ in range(10_000):
+            assert self.sock.poll(int(timeout * 1000)), "no STATUS request from the master"
+            ident, header, command, *rest = self.sock.recv_multipart()
+            self.master = ident
+            assert header == P.MASTER
+            if command == P.PING:
+                self.sock.send_multipart([ident, P.MASTER, P.PONG, b"s" * 16, (200).to_bytes(4, "big")])
+            elif command == P.STATUS and rest[0] not in self.seen:
+                self.seen.add(rest[0])
+                return rest[0]
+        raise AssertionError("no STATUS request among 10,000 messages")
+
+    def reply(self, request: bytes, body: dict[str, Any]) -> None:
+        self.sock.send_multipart([self.master, P.MASTER, P.STATUS_REPLY, msgpack.packb(body), request])
+
+
+@pytest.fixture
+def fake_broker() -> Iterator[FakeBroker]:
+    ctx = zmq.Context()
+    fake = FakeBroker(ctx)
+    yield fake
+    fake.sock.close(linger=0)
+    ctx.term()
+
+
+def _status_in_thread(m: Master, timeout: float = 10.0) -> Future[Any]:
+    out: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            out.set_result(m.status(timeout=timeout))
+        except Exception as exc:
+            out.set_exception(exc)
+    threading.Thread(target=run, daemon=True).start()
+    return out
+
+
+def test_status_replies_out_of_order_reach_their_requests(fake_broker: FakeBroker) -> None:
+    with Master(fake_broker.endpoint, config=MasterConfig(broker=fake_broker.endpoint)) as m:
+        # Given two STATUS requests in flight
+        first = _status_in_thread(m)
+        r1 = fake_broker.next_status()
+        second = _status_in_thread(m)
+        r2 = fake_broker.next_status()
+        # When the broker answers the second one first
+        fake_broker.reply(r2, {"which": 2})
+        fake_broker.reply(r1, {"which": 1})
+        # Then each reply reaches the request that asked for it
+        assert first.result(10) == {"which": 1} and second.result(10) == {"which": 2}
+        # Given a request that timed out (its id withdrawn) and a new one in flight
+        with pytest.raises(BrokerUnreachable):
+            m.status(timeout=0.2)
+        late = fake_broker.next_status()
+        third = _status_in_thread(m)
+        r3 = fake_broker.next_status()
+        # When the late reply to the withdrawn request arrives first
+        fake_broker.reply(late, {"which": "late"})
+        fake_broker.reply(r3, {"which": 3})
+        # Then it is dropped, not handed to the request waiting now
+        assert third.result(10) == {"which": 3}

@@ -1,0 +1,253 @@
+"""The reliability proof must be able to fail: break each guarantee on purpose, see a test catch it.
+
+Each :class:`Mutation` is one deliberate bug: a line of product code replaced by a wrong one. For
+each, its ``catchers`` (pytest node ids: unit and process tests, and the chaos scenario that names
+the behaviour) must *fail* on a copy of the tree carrying that bug. A mutation whose catchers all
+pass is a **survivor**: the suite would let that bug ship. docs/RELIABILITY.md lists the same table.
+
+``python -m ndpipe.chaos.mutations`` (from a clone) copies the tracked files to a temp dir per
+mutation, applies the one change, and runs each catcher there with the copy first on the import
+path (child processes inherit it), so the installed package is never touched. A catcher is
+*caught* when its test run fails; it *missed* when it passes. Exit status 1 on any survivor or miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Package folder -> import name, as pyproject.toml's package-dir maps them.
+PACKAGES = {"core": "ndpipe", "broker": "ndpipe/broker", "worker": "ndpipe/worker", "master": "ndpipe/master",
+            "examples": "ndpipe/examples", "bench": "ndpipe/bench", "chaos": "ndpipe/chaos"}
+
+STATE, IOLOOP, DAEMON, CODEC = "broker/state.py", "master/ioloop.py", "worker/daemon.py", "core/codec.py"
+T_STATE, T_FAIL, T_RESEND, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", \
+    "tests/test_resend.py", "tests/test_master.py"
+CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    guarantee: str  # what the product promises, in the user's words
+    bug: str  # what the mutation does
+    path: str  # file in the repo
+    old: str  # exact text, found exactly once
+    new: str
+    catchers: tuple[str, ...]  # pytest node ids that must fail with the bug in place
+
+    def apply(self, root: Path) -> None:
+        target = root / self.path
+        text = target.read_text()
+        if text.count(self.old) != 1:
+            raise ValueError(f"mutation {self.name}: the text to replace occurs {text.count(self.old)} times in "
+                             f"{self.path} (must be once): update the catalog after a refactor")
+        target.write_text(text.replace(self.old, self.new))
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "expired-worker-keeps-tasks", "A worker that falls silent (frozen, cut off) has its tasks run elsewhere",
+        "the broker forgets an expired worker without requeueing its tasks", STATE,
+        "        for wid in dead:\n            self.worker_gone(wid, now)\n",
+        "        for wid in dead:\n            self.workers[wid].inflight.clear()\n            self.worker_gone(wid, now)\n",
+        (f"{T_STATE}::test_dead_worker_tasks_go_back_to_the_head_with_attempt_plus_one",
+         f"{T_FAIL}::test_frozen_worker_tasks_finish_before_it_resumes", f"{CHAOS}[worker_frozen]")),
+    Mutation(
+        "crash-not-retried", "A task whose compute process died runs again",
+        "a CRASHED report settles the task instead of requeueing it", STATE,
+        '                self._requeue(task, True, why or "compute process died while running the task")\n',
+        "                self._finish(task)\n",
+        (f"{T_STATE}::test_poison_task_fails_after_max_attempts",
+         f"{T_FAIL}::test_compute_process_killed_mid_task_runs_elsewhere", f"{CHAOS}[workers_killed]")),
+    Mutation(
+        "child-death-unreported", "A task whose compute process died runs again",
+        "the worker daemon replaces a dead compute process without reporting its task", DAEMON,
+        "        if job is not None:\n            log.warning(", "        if False:\n            log.warning(",
+        (f"{T_FAIL}::test_compute_process_killed_mid_task_runs_elsewhere", f"{CHAOS}[workers_killed]")),
+    Mutation(
+        "attempts-unbounded", "A task that kills its process every time fails after max_attempts",
+        "the broker retries a crashing task forever", STATE,
+        "        elif task.attempt >= task.max_attempts:\n", "        elif False:\n",
+        (f"{T_STATE}::test_poison_task_fails_after_max_attempts",
+         f"{T_FAIL}::test_crashing_handler_fails_after_max_attempts", f"{CHAOS}[worker_oom]")),
+    Mutation(
+        "duplicate-submit-queued", "A task resent under its id runs once (no duplicate work, no second answer)",
+        "the broker queues a SUBMIT whose task id it already holds", STATE,
+        "        if tid in self.tasks:\n            self.counters[\"duplicates\"] += 1\n",
+        "        if tid in self.tasks and False:\n            self.counters[\"duplicates\"] += 1\n",
+        (f"{T_STATE}::test_duplicate_submission_is_dropped", f"{CHAOS}[master_link_cut]")),
+    Mutation(
+        "duplicate-of-running-task-queued", "A task resent under its id runs once (no duplicate work, no second answer)",
+        "the broker drops a resent task only while it is queued: a resend of a running task runs again", STATE,
+        "        if tid in self.tasks:\n            self.counters[\"duplicates\"] += 1\n",
+        "        if tid in self.tasks and self.tasks[tid].state == QUEUED:\n"
+        "            self.counters[\"duplicates\"] += 1\n",
+        (f"{T_STATE}::test_resent_running_task_is_not_queued_again", f"{CHAOS}[master_link_cut]")),
+    Mutation(
+        "no-resend-on-new-session", "A master's outstanding tasks survive the broker forgetting it",
+        "the master does not resend when PONG carries a new session", IOLOOP,
+        "        if self.resend_due or session != self.session:\n",
+        "        if self.resend_due or self.session is None:\n",
+        (f"{T_RESEND}::test_frozen_master_gets_every_answer", f"{CHAOS}[master_frozen]")),
+    Mutation(
+        "no-resend-on-link-return", "A master's outstanding tasks survive a dropped connection",
+        "the master does not resend when its socket monitor sees the link come back", IOLOOP,
+        "                self._resend_at_pong(time.monotonic())\n", "                pass\n",
+        (f"{T_RESEND}::test_cut_master_link_loses_no_answer", f"{CHAOS}[master_link_cut]")),
+    Mutation(
+        "no-resend-on-new-socket", "A master's outstanding tasks survive a link that went silent",
+        "the master opens a new socket after silence but does not resend on it", IOLOOP,
+        "            self.heard = now  # give the new socket a full liveness period\n            self.resend_due = True\n",
+        "            self.heard = now  # give the new socket a full liveness period\n",
+        (f"{T_RESEND}::test_silent_master_link_loses_no_answer",)),
+    Mutation(
+        "no-resend-at-all", "A master's outstanding tasks survive a broker crash",
+        "the master never resends (session, link return and new socket paths all removed)", IOLOOP,
+        "    def _resend_all(self) -> None:\n        \"\"\"",
+        "    def _resend_all(self) -> None:\n        return\n        \"\"\"",
+        (f"{T_FAIL}::test_broker_killed_and_restarted_mid_job", f"{CHAOS}[broker_crashes]")),
+    Mutation(
+        "max-queued-counts-all-services", "broker.max_queued bounds each service's queue, no less",
+        "QUEUE_FULL counts every task the broker holds, in any service", STATE,
+        "        if len(queue) >= self.max_queued:\n", "        if len(self.tasks) >= self.max_queued:\n",
+        (f"{T_STATE}::test_max_queued_bounds_each_service_queue_alone", f"{CHAOS}[overload]")),
+    Mutation(
+        "max-queued-halved", "broker.max_queued bounds each service's queue, no less",
+        "QUEUE_FULL fires at half the bound", STATE,
+        "        if len(queue) >= self.max_queued:\n", "        if len(queue) >= self.max_queued // 2:\n",
+        (f"{T_STATE}::test_queue_full_is_an_explicit_error", f"{CHAOS}[overload]")),
+    Mutation(
+        "status-replies-in-arrival-order", "Each STATUS reply reaches the request that asked for it",
+        "the master hands STATUS replies to waiters in arrival order, ignoring the request id", IOLOOP,
+        "            future = self.status_waiters.pop(frame_bytes(frames[3]), None)\n",
+        "            future = self.status_waiters.pop(next(iter(self.status_waiters), b\"\"), None)\n",
+        (f"{T_MASTER}::test_status_replies_out_of_order_reach_their_requests",)),
+    Mutation(
+        "worker-ignores-cancel", "A task the broker cancelled stops using its compute process at once",
+        "the worker daemon ignores W_CANCEL", DAEMON,
+        "            slot = self.pool.cancel(P.task_id_of(frames[2]))\n", "            slot = None\n",
+        ("tests/test_worker_cancel.py::test_cancel_kills_the_running_task_and_frees_its_process",
+         "tests/test_worker_cancel.py::test_cancel_of_a_task_waiting_in_the_process_stops_it_before_it_runs",
+         f"{CHAOS}[task_hangs]")),
+    Mutation(
+        "hung-process-not-killed", "A task over its service timeout is stopped and its process replaced",
+        "the worker daemon reports TIMEOUT but leaves the process running", DAEMON,
+        "            slot.reported = True\n            self._kill_child(slot.index)\n            self._report(",
+        "            slot.reported = True\n            self._report(",
+        (f"{CHAOS}[task_hangs]",)),
+    Mutation(
+        "forgotten-master-keeps-queue", "Work of a master that died is dropped, not computed for nobody",
+        "the broker forgets a master but keeps its queued tasks", STATE,
+        "            for task in queue.drop_master(master):\n", "            for task in []:\n",
+        (f"{T_STATE}::test_silent_master_loses_its_queued_tasks", f"{CHAOS}[master_dies]")),
+    Mutation(
+        "decoder-allows-any-dtype", "No payload decodes to anything but plain numeric arrays",
+        "the decoder accepts every dtype kind (datetime, void, str arrays)", CODEC,
+        "    if dt.kind not in _KINDS or dt.hasobject", "    if dt.hasobject",
+        ("tests/test_codec.py::test_fuzzed_headers_only_raise_decode_error",
+         "tests/test_codec.py::test_hostile_input")),
+)
+
+
+def catalog_errors(root: Path, mutations: tuple[Mutation, ...] = MUTATIONS) -> list[str]:
+    """Every mutation's text found exactly once, every catcher's file present (the catalog is not stale)."""
+    errors = []
+    for mut in mutations:
+        text = (root / mut.path).read_text()
+        if text.count(mut.old) != 1:
+            errors.append(f"{mut.name}: text to replace found {text.count(mut.old)} times in {mut.path}")
+        for node in mut.catchers:
+            if not (root / node.split("::")[0]).is_file():
+                errors.append(f"{mut.name}: catcher file of {node} missing")
+    return errors
+
+
+def copy_tree(root: Path, dest: Path) -> Path:
+    """Copy the tracked files of ``root`` to ``dest`` and build ``dest/_path/ndpipe`` (symlinks, as
+    package-dir maps the folders) so ``PYTHONPATH=dest/_path`` imports the copy. Returns that dir."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, check=True, capture_output=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if not (root / name).is_file():  # deleted, not yet committed
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+    path = dest / "_path"
+    pkg = path / "ndpipe"
+    pkg.mkdir(parents=True)
+    for entry in (dest / "core").iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    for folder, name in PACKAGES.items():
+        if folder != "core":
+            (path / name).symlink_to(dest / folder)
+    return path
+
+
+def run_catcher(copy: Path, path: Path, node: str, timeout: float) -> tuple[str, float]:
+    """Run one catcher in the mutated copy: 'caught' if it fails, 'MISSED' if it passes."""
+    env = {**os.environ, "PYTHONPATH": str(path), "PYTHONDONTWRITEBYTECODE": "1"}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", node],
+                              cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "caught (hung)", time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    if proc.returncode == 0:
+        return "MISSED", seconds
+    if proc.returncode in (2, 3, 4, 5) and " failed" not in proc.stdout:
+        raise RuntimeError(f"{node}: pytest could not run it (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    return "caught", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ndpipe.chaos.mutations", description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--repo", type=Path, default=Path.cwd(), help="the clone to mutate (default: .)")
+    ap.add_argument("--list", action="store_true", help="print the catalog and exit")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per catcher run")
+    args = ap.parse_args(argv)
+    root = args.repo.resolve()
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        ap.error(f"unknown mutations: {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n  guarantee: {m.guarantee}\n  bug: {m.bug} ({m.path})\n  caught by: "
+                  + "\n             ".join(m.catchers))
+        return 0
+    stale = catalog_errors(root, tuple(chosen))
+    if stale:
+        print("stale catalog:\n  " + "\n  ".join(stale))
+        return 1
+    survivors, misses = [], 0
+    for mut in chosen:
+        with tempfile.TemporaryDirectory(prefix="ndpmut-") as tmp:
+            copy = Path(tmp) / "repo"
+            path = copy_tree(root, copy)
+            mut.apply(copy)
+            print(f"{mut.name}: {mut.bug}", flush=True)
+            outcomes = []
+            for node in mut.catchers:
+                outcome, seconds = run_catcher(copy, path, node, args.timeout)
+                outcomes.append(outcome)
+                print(f"  {outcome:14} {seconds:6.1f} s  {node}", flush=True)
+            misses += outcomes.count("MISSED")
+            if all(o == "MISSED" for o in outcomes):
+                survivors.append(mut.name)
+    print(f"\n{len(chosen)} mutations: {len(chosen) - len(survivors)} caught, {len(survivors)} survived"
+          + (f" ({', '.join(survivors)})" if survivors else "") + f"; {misses} catcher(s) missed")
+    return 1 if survivors or misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

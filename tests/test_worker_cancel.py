@@ -1,0 +1,143 @@
+"""W_CANCEL against a real worker daemon, driven by a bare ROUTER standing in for the broker.
+
+The broker sends W_CANCEL when it gives up on a task that is running (its deadline passed, or the
+first answer came from another copy): the worker must stop it at once and free its process, not let
+it run to its own deadline. Here the tasks have no deadline at all, so only W_CANCEL can stop them:
+a worker that ignored it would keep the process for 60 s and every wait below would time out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from ndpipe import protocol as P
+from ndpipe.chaos.checker import read_starts
+from ndpipe.chaos.harness import SERVICES, ChaosCluster
+from ndpipe.codec import decode, encode_call
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+LONG = 60.0  # seconds a cancelled task would run if nothing stopped it
+
+
+class FakeBroker:
+    """The backend side of the protocol, step by step under the test's control."""
+
+    def __init__(self, ctx: zmq.Context[Any], root: Path) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.endpoint = f"ipc://{root}/fake-backend"
+        self.sock.bind(self.endpoint)
+        self.worker = b""
+
+    def recv(self, timeout: float = 20.0) -> list[bytes]:
+        assert self.sock.poll(int(timeout * 1000)), f"nothing from the worker within {timeout} s"
+        frames = self.sock.recv_multipart()
+        assert frames[1] == P.WORKER, frames[:3]
+        return frames
+
+    def welcome(self) -> None:
+        """Take the worker's READY and WELCOME it with a liveness long enough for the whole test."""
+        for _ in range(100):
+            frames = self.recv()
+            if frames[2] == P.READY:
+                self.worker = frames[0]
+                params = {"heartbeat_interval": 5.0, "liveness": 20, "broker_id": "fake"}
+                self.send(P.WELCOME, msgpack.packb(params))
+                return
+        raise AssertionError("no READY from the worker")
+
+    def send(self, command: bytes, *frames: Any) -> None:
+        self.sock.send_multipart([self.worker, P.WORKER, command, *frames], copy=True)
+
+    def task(self, tid: bytes, *args: Any) -> None:
+        self.send(P.TASK, tid, b"work", P.META.pack(1, 0, 0), *encode_call(list(args), {}))
+
+    def answers(self, until: bytes, timeout: float = 20.0) -> dict[bytes, list[bytes]]:
+        """Every W_RESULT / W_ERROR (task id -> frames) up to and including the one for ``until``."""
+        got: dict[bytes, list[bytes]] = {}
+        for _ in range(1000):
+            frames = self.recv(timeout)
+            if frames[2] in (P.W_RESULT, P.W_ERROR):
+                got[frames[3]] = frames[2:]
+                if frames[3] == until:
+                    return got
+        raise AssertionError(f"no answer for {until!r}")
+
+
+@pytest.fixture
+def setup(tmp_short: Path) -> Iterator[tuple[ChaosCluster, FakeBroker]]:
+    ctx = zmq.Context()
+    fake = FakeBroker(ctx, tmp_short)
+    # prefetch 1: a second task waits in the compute process's own socket behind the running one
+    cluster = ChaosCluster(services=SERVICES, backend=fake.endpoint, worker={"prefetch": 1}, root=str(tmp_short))
+    try:
+        yield cluster, fake
+    finally:
+        cluster.close()
+        fake.sock.close(linger=0)
+        ctx.term()
+
+
+def _runner_of(log_dir: str, tid: int) -> int:
+    """Pid of the compute process whose start log shows task ``tid`` (waits for it to start)."""
+    def find() -> int | None:
+        for pid, runs in read_starts(log_dir).items():
+            if any(t == tid for t, _ in runs):
+                return pid
+        return None
+    pid: int = wait_until(find, 20, f"task {tid} started")
+    return pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_cancel_kills_the_running_task_and_frees_its_process(setup: tuple[ChaosCluster, FakeBroker]) -> None:
+    cluster, fake = setup
+    worker = cluster.start_worker(1)
+    fake.welcome()
+    # Given a task with no deadline running in the worker's only compute process
+    fake.task(b"t1", 1, 64, LONG, cluster.log_dir)
+    runner = _runner_of(cluster.log_dir, 1)
+    # When the broker cancels it
+    fake.send(P.W_CANCEL, b"t1")
+    # Then that process is killed and replaced, and the next task runs in the new one
+    wait_until(lambda: _gone(runner), 20, "the cancelled task's process killed")
+    fake.task(b"t2", 2, 64, 0.0, "")
+    got = fake.answers(until=b"t2")
+    assert b"t1" not in got, "a cancelled task must not be answered"
+    value = decode(got[b"t2"][2:])
+    assert value[0] == 2 and value[2] != runner and value[2] in cluster.compute_pids(worker)
+
+
+def test_cancel_of_a_task_waiting_in_the_process_stops_it_before_it_runs(
+        setup: tuple[ChaosCluster, FakeBroker]) -> None:
+    cluster, fake = setup
+    cluster.start_worker(1)
+    fake.welcome()
+    # Given a running task and a long one queued behind it in the same process's socket
+    fake.task(b"t1", 1, 64, 1.0, cluster.log_dir)
+    fake.task(b"t2", 2, 64, LONG, cluster.log_dir)
+    runner = _runner_of(cluster.log_dir, 1)
+    # When the broker cancels the queued one
+    fake.send(P.W_CANCEL, b"t2")
+    # Then the running task still answers, the cancelled one never does, and it holds no process:
+    # a third task is answered long before the cancelled one could have finished
+    fake.task(b"t3", 3, 64, 0.0, "")
+    got = fake.answers(until=b"t3", timeout=30)
+    assert set(got) == {b"t1", b"t3"}
+    assert decode(got[b"t1"][2:])[0] == 1 and decode(got[b"t3"][2:])[0] == 3
+    if any(t == 2 for t, _ in read_starts(cluster.log_dir).get(runner, [])):
+        assert _gone(runner), "the cancelled task started and its process still runs"
