@@ -1,8 +1,10 @@
 """``python -m ndpipe.chaos SCENARIO [--tasks N] [--seed S] [--short]`` or ``--all``.
 
-Runs each scenario on its own fresh cluster and prints the checker's table; the exit status is 1
-if any scenario failed (a lost, duplicated, unexpected or wrong answer, an unexpected error, or a
-recovery bound missed). ``--short`` runs the CI-sized variants (seconds each).
+Runs each scenario on its own fresh cluster and prints the checker's table. Exit status 1 if any
+scenario failed (a lost, duplicated, unexpected or wrong answer, an unexpected error, fewer tasks
+submitted than planned, or a recovery bound missed or without a sample); 3 if none failed but one
+was skipped (the partition scenario without root): a skipped scenario is not a passed one.
+``--short`` runs the CI-sized variants (seconds each).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Callable
 from ndpipe.chaos.checker import Report
 from ndpipe.chaos.scenarios import Params
 
-MODULES = ("ndpipe.chaos.scenarios", "ndpipe.chaos.partition", "ndpipe.chaos.load")
+MODULES = ("ndpipe.chaos.scenarios", "ndpipe.chaos.partition", "ndpipe.chaos.load", "ndpipe.chaos.links")
 ORDER = ("workers_killed", "worker_frozen", "task_hangs", "broker_crashes", "partition", "master_dies",
-         "overload", "garbage", "worker_oom")
+         "overload", "garbage", "worker_oom", "master_frozen", "master_link_cut", "master_link_silent")
 
 
 def scenarios() -> dict[str, Callable[[Params], Report]]:
@@ -41,22 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("name a scenario or pass --all")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = list(table) if args.all else [args.scenario]
-    failed = []
+    failed, skipped = [], []
     for name in names:
         print(f"\n===== {name} (seed {args.seed}{', short' if args.short else ''}) =====", flush=True)
         if name == "partition":
             from ndpipe.chaos.partition import available
             reason = available()
             if reason:
-                print(f"skipped: {reason}")
+                print(f"SKIPPED (not passed): {reason}")
+                skipped.append(name)
                 continue
         report = table[name](Params(tasks=args.tasks, seed=args.seed, short=args.short))
         print(report.table(), flush=True)
         if not report.passed:
             failed.append(name)
-    print(f"\n{len(names) - len(failed)} of {len(names)} scenarios passed" + (f"; FAILED: {', '.join(failed)}"
-                                                                             if failed else ""))
-    return 1 if failed else 0
+    passed = len(names) - len(failed) - len(skipped)
+    print(f"\n{passed} of {len(names)} scenarios passed" + (f"; FAILED: {', '.join(failed)}" if failed else "")
+          + (f"; SKIPPED: {', '.join(skipped)}" if skipped else ""))
+    return 1 if failed else 3 if skipped else 0
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ class Report:
     errors: Counter[str] = field(default_factory=Counter)
     expected_errors: dict[str, int | None] = field(default_factory=dict)  # None: any number allowed
     recovery: dict[str, list[float]] = field(default_factory=dict)  # e.g. "requeue s": [...]
+    bounds: dict[str, float] = field(default_factory=dict)  # recovery name -> max allowed; no sample fails
+    planned: int | None = None  # tasks the scenario meant to submit: fewer submitted fails the run
     checks: dict[str, bool] = field(default_factory=dict)  # scenario-specific bounds and their outcome
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    logs: str = ""  # the cluster's log tails, shown when the run failed
 
     @property
     def errors_as_expected(self) -> bool:
@@ -47,30 +50,44 @@ class Report:
                 return False
         return all(self.errors.get(kind, 0) == n for kind, n in self.expected_errors.items() if n is not None)
 
+    def bound_ok(self, name: str) -> bool:
+        values = self.recovery.get(name, [])
+        return bool(values) and max(values) <= self.bounds[name]
+
+    @property
+    def all_submitted(self) -> bool:
+        return self.planned is None or self.submitted == self.planned
+
     @property
     def passed(self) -> bool:
         return (self.lost == self.duplicated == self.unexpected == self.wrong == 0 and self.errors_as_expected
-                and all(self.checks.values()))
+                and self.all_submitted and all(self.checks.values()) and all(map(self.bound_ok, self.bounds)))
 
     def table(self) -> str:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
         want = ", ".join(f"{k} {'any' if v is None else v}" for k, v in sorted(self.expected_errors.items())) or "none"
+        planned = "" if self.planned is None else \
+            f" of {self.planned:,} planned{'' if self.all_submitted else ' (FAILED)'}"
         lines = [
             f"scenario   {self.scenario}  ({'PASS' if self.passed else 'FAIL'}, {self.seconds:.1f} s)",
             f"injected   {self.injected}",
-            f"tasks      submitted {self.submitted:,}  ok {self.ok:,}  lost {self.lost}  duplicated {self.duplicated}"
-            f"  unexpected {self.unexpected}  wrong {self.wrong}",
+            f"tasks      submitted {self.submitted:,}{planned}  ok {self.ok:,}  lost {self.lost}"
+            f"  duplicated {self.duplicated}  unexpected {self.unexpected}  wrong {self.wrong}",
             f"errors     {errors}  (expected: {want})",
         ]
         for name, values in self.recovery.items():
+            bound = "" if name not in self.bounds else \
+                f"  (bound {self.bounds[name]:g}: {'ok' if self.bound_ok(name) else 'FAILED'})"
             if values:
                 lines.append(f"recovery   {name}: median {statistics.median(values):.3f}  max {max(values):.3f}"
-                             f"  (n = {len(values)})")
+                             f"  (n = {len(values)}){bound}")
             else:
-                lines.append(f"recovery   {name}: no sample")
+                lines.append(f"recovery   {name}: no sample{bound}")
         for name, ok in self.checks.items():
             lines.append(f"check      {name}: {'ok' if ok else 'FAILED'}")
         lines += [f"note       {n}" for n in self.notes]
+        if not self.passed and self.logs:
+            lines.append(f"logs\n{self.logs}")
         return "\n".join(lines)
 
 
@@ -171,6 +188,15 @@ def read_starts(log_dir: str) -> dict[int, list[tuple[int, float]]]:
                 if len(parts) == 2:
                     out.setdefault(pid, []).append((int(parts[0]), float(parts[1])))
     return out
+
+
+def runs_per_task(starts: Mapping[int, list[tuple[int, float]]]) -> dict[int, list[float]]:
+    """task id -> the start time of each of its handler runs, sorted: more than one is work done twice."""
+    out: dict[int, list[float]] = {}
+    for runs in starts.values():
+        for tid, t in runs:
+            out.setdefault(tid, []).append(t)
+    return {tid: sorted(ts) for tid, ts in out.items()}
 
 
 def restarts_after(starts: Mapping[int, list[tuple[int, float]]], victims: set[int], t_fault: float,

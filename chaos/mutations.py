@@ -28,8 +28,7 @@ PACKAGES = {"core": "ndpipe", "broker": "ndpipe/broker", "worker": "ndpipe/worke
             "examples": "ndpipe/examples", "bench": "ndpipe/bench", "chaos": "ndpipe/chaos"}
 
 STATE, IOLOOP, DAEMON, CODEC = "broker/state.py", "master/ioloop.py", "worker/daemon.py", "core/codec.py"
-T_STATE, T_FAIL, T_RESEND, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", \
-    "tests/test_resend.py", "tests/test_master.py"
+T_STATE, T_FAIL, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", "tests/test_master.py"
 CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
 
 
@@ -57,7 +56,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "expired-worker-keeps-tasks", "A worker that falls silent (frozen, cut off) has its tasks run elsewhere",
         "the broker forgets an expired worker without requeueing its tasks", STATE,
         "        for wid in dead:\n            self.worker_gone(wid, now)\n",
-        "        for wid in dead:\n            self.workers[wid].inflight.clear()\n            self.worker_gone(wid, now)\n",
+        "        for wid in dead:\n            self.workers[wid].inflight.clear()\n"
+        "            self.worker_gone(wid, now)\n",
         (f"{T_STATE}::test_dead_worker_tasks_go_back_to_the_head_with_attempt_plus_one",
          f"{T_FAIL}::test_frozen_worker_tasks_finish_before_it_resumes", f"{CHAOS}[worker_frozen]")),
     Mutation(
@@ -85,7 +85,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if tid in self.tasks and False:\n            self.counters[\"duplicates\"] += 1\n",
         (f"{T_STATE}::test_duplicate_submission_is_dropped", f"{CHAOS}[master_link_cut]")),
     Mutation(
-        "duplicate-of-running-task-queued", "A task resent under its id runs once (no duplicate work, no second answer)",
+        "duplicate-of-running-task-queued",
+        "A task resent under its id runs once (no duplicate work, no second answer)",
         "the broker drops a resent task only while it is queued: a resend of a running task runs again", STATE,
         "        if tid in self.tasks:\n            self.counters[\"duplicates\"] += 1\n",
         "        if tid in self.tasks and self.tasks[tid].state == QUEUED:\n"
@@ -96,18 +97,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the master does not resend when PONG carries a new session", IOLOOP,
         "        if self.resend_due or session != self.session:\n",
         "        if self.resend_due or self.session is None:\n",
-        (f"{T_RESEND}::test_frozen_master_gets_every_answer", f"{CHAOS}[master_frozen]")),
+        (f"{CHAOS}[master_frozen]",)),
     Mutation(
         "no-resend-on-link-return", "A master's outstanding tasks survive a dropped connection",
         "the master does not resend when its socket monitor sees the link come back", IOLOOP,
         "                self._resend_at_pong(time.monotonic())\n", "                pass\n",
-        (f"{T_RESEND}::test_cut_master_link_loses_no_answer", f"{CHAOS}[master_link_cut]")),
+        (f"{CHAOS}[master_link_cut]",)),
     Mutation(
         "no-resend-on-new-socket", "A master's outstanding tasks survive a link that went silent",
         "the master opens a new socket after silence but does not resend on it", IOLOOP,
-        "            self.heard = now  # give the new socket a full liveness period\n            self.resend_due = True\n",
+        "            self.heard = now  # give the new socket a full liveness period\n"
+        "            self.resend_due = True\n",
         "            self.heard = now  # give the new socket a full liveness period\n",
-        (f"{T_RESEND}::test_silent_master_link_loses_no_answer",)),
+        (f"{CHAOS}[master_link_silent]",)),
     Mutation(
         "no-resend-at-all", "A master's outstanding tasks survive a broker crash",
         "the master never resends (session, link return and new socket paths all removed)", IOLOOP,
@@ -152,8 +154,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "decoder-allows-any-dtype", "No payload decodes to anything but plain numeric arrays",
         "the decoder accepts every dtype kind (datetime, void, str arrays)", CODEC,
         "    if dt.kind not in _KINDS or dt.hasobject", "    if dt.hasobject",
-        ("tests/test_codec.py::test_fuzzed_headers_only_raise_decode_error",
-         "tests/test_codec.py::test_hostile_input")),
+        ("tests/test_codec.py::test_fuzzed_dtypes_decode_only_to_allowed_kinds",)),
 )
 
 
@@ -173,7 +174,8 @@ def catalog_errors(root: Path, mutations: tuple[Mutation, ...] = MUTATIONS) -> l
 def copy_tree(root: Path, dest: Path) -> Path:
     """Copy the tracked files of ``root`` to ``dest`` and build ``dest/_path/ndpipe`` (symlinks, as
     package-dir maps the folders) so ``PYTHONPATH=dest/_path`` imports the copy. Returns that dir."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root, check=True, capture_output=True).stdout
+    listing = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listing, cwd=root, check=True, capture_output=True).stdout
     for name in filter(None, files.decode().split("\0")):
         if not (root / name).is_file():  # deleted, not yet committed
             continue

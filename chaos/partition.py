@@ -33,7 +33,7 @@ from typing import Any
 
 from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
 from ndpipe.chaos.harness import ChaosCluster, wait_for
-from ndpipe.chaos.scenarios import FAST, SIZE, Params
+from ndpipe.chaos.scenarios import FAST, SIZE, Params, slack
 from ndpipe.config import MasterConfig
 from ndpipe.master import Master
 
@@ -294,7 +294,8 @@ def partition(p: Params) -> Report:
                 f"{plan.seconds * 1000:g} ms submitted until the schedule ends (cap {plan.cap:,}) on 2 hosts "
                 f"(netns) × 2 processes; heartbeat {hb['heartbeat_interval']:g} s × {hb['liveness']:g}")
     report = Report("partition", injected,
-                    recovery={"detect s": [], "requeue s": [], "rejoin s": [], "working again s": []})
+                    recovery={"detect s": [], "requeue s": [], "rejoin s": [], "working again s": []},
+                    bounds={"detect s": plan.bound + slack(p), "requeue s": plan.bound + slack(p)})
     t0 = time.monotonic()
     hosts = Hosts()
     try:
@@ -427,8 +428,7 @@ def _score(c: ChaosCluster, plan: Plan, report: Report, cuts: list[Cut], pid: in
     report.checks["tasks host 1 held restarted on host 2 before link-up"] = len(requeued) == n and all(requeued)
     report.checks["host 1 rejoined (STATUS lists 2 workers) after each link-up"] = len(rejoined) == n and all(rejoined)
     report.checks["host 1 takes work again after each rejoin"] = len(working) == n and all(working)
-    if not report.passed:
-        report.notes.append("logs:\n" + c.logs(1500))
+    report.logs = c.logs(1500)
 
 
 SCENARIOS: dict[str, Callable[[Params], Report]] = {"partition": partition}

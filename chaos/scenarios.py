@@ -18,12 +18,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
-from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
+import psutil
+
+from ndpipe.chaos.checker import History, Report, read_starts, restarts_after, runs_per_task
 from ndpipe.chaos.harness import SERVICES, ChaosCluster, wait_for
 from ndpipe.master import Master
 
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}  # short runs: a dead worker is found in 0.6 s
 SIZE = 64  # elements of each task's input array
+
+
+def slack(p: Params) -> float:
+    """Seconds added to every recovery bound of a CI-sized run: CI shares 2 cores with the whole suite.
+    Full-size runs keep the tight bounds docs/RELIABILITY.md states."""
+    return 1.5 if p.short else 0.0
 
 
 @dataclass
@@ -56,8 +64,7 @@ def finish(c: ChaosCluster, hist: History, report: Report, timeout: float, t0: f
         report.notes.append(f"job incomplete after {timeout:.0f} s (lost tasks below)")
     hist.check(report)
     report.seconds = time.monotonic() - t0
-    if not report.passed:
-        report.notes.append("logs:\n" + c.logs(1500))
+    report.logs = c.logs(1500)
     return report
 
 
@@ -70,7 +77,7 @@ def workers_killed(p: Params) -> Report:
     seconds = max(0.001, kills * statistics.mean(gap) * 4 / tasks * 1.3)  # the job outlasts the kills
     report = Report("workers_killed", f"kill -9 of a random compute process every {gap[0]}–{gap[1]} s, "
                     f"{kills} kills; {tasks:,} tasks of {seconds * 1000:.1f} ms on 2 daemons × 2 processes",
-                    recovery={"requeue s": []})
+                    recovery={"requeue s": []}, bounds={"requeue s": 1.0 + slack(p)}, planned=tasks)
     report.notes.append("requeue s: from the kill to the restart elsewhere of the task it was running, for each "
                         "kill that hit a running task (a kill between two tasks has nothing to requeue)")
     with ChaosCluster(broker={"max_attempts": 10}) as c:
@@ -120,7 +127,8 @@ def worker_frozen(p: Params) -> Report:
     report = Report("worker_frozen", f"SIGSTOP of one worker daemon and its 2 compute processes for {freeze:g} s "
                     f"mid-job, then SIGCONT; {tasks:,} tasks of {seconds * 1000:.0f} ms on 2 daemons × 2 "
                     f"processes; heartbeat {hb['heartbeat_interval']} s × {hb['liveness']}",
-                    recovery={"detect s": [], "requeue s": []})
+                    recovery={"detect s": [], "requeue s": []},
+                    bounds={"detect s": bound + slack(p), "requeue s": bound + slack(p)}, planned=tasks)
     with ChaosCluster(broker=hb) as c:
         c.start_broker()
         workers = [c.start_worker(2), c.start_worker(2)]
@@ -136,6 +144,7 @@ def worker_frozen(p: Params) -> Report:
             wait_for(lambda: _worker_count(watcher) == 1, bound + 5, "the frozen worker declared dead", 0.05)
             report.recovery["detect s"].append(time.monotonic() - t_stop)
             time.sleep(max(0.0, t_stop + freeze - time.monotonic()))
+            t_cont = time.monotonic()
             c.signal_worker(victim, signal.SIGCONT)
             rejoined = True
             try:
@@ -143,50 +152,98 @@ def worker_frozen(p: Params) -> Report:
             except TimeoutError:
                 rejoined = False
             finish(c, hist, report, 300, t0)
-            report.recovery["requeue s"] = restarts_after(read_starts(c.log_dir), frozen, t_stop)[1]
-            report.checks[f"declared dead within liveness × interval + 0.5 s = {bound:g} s"] = (
-                max(report.recovery["detect s"]) <= bound)
+            # Only tasks restarted while it was still stopped count: its own late answers after SIGCONT
+            # would complete the job even if the broker had forgotten to requeue them.
+            held, delays = restarts_after(read_starts(c.log_dir), frozen, t_stop, t_until=t_cont)
+            report.recovery["requeue s"] = delays
+            report.checks["every task it held restarted elsewhere before SIGCONT"] = (
+                bool(held) and len(delays) == len(held))
+            report.notes.append(f"it held {len(held)} running tasks; {len(delays)} restarted elsewhere before SIGCONT")
             report.checks["rejoined after SIGCONT"] = rejoined
     return report
 
 
 # ---- 3 --------------------------------------------------------------------------------------------------
 def task_hangs(p: Params) -> Report:
-    """Handlers that never return: per-call deadlines and a service default from YAML must fire."""
-    hangs = 2 if p.short else 6
+    """Handlers that never return: per-call deadlines and a service default from YAML must fire, every
+    hung process must be killed and replaced, and a hung task the broker times out while it still waits
+    in a worker (queued behind a slow task) must be stopped by W_CANCEL at once, not run for its timeout."""
+    hangs, queued = (2, 1) if p.short else (6, 3)
     tasks = p.n(2_000, 200)
     services = {**SERVICES, "hang_limited": {"handler": "ndpipe.chaos.handlers:hang", "timeout": 1.0}}
     report = Report("task_hangs", f"{hangs} calls that loop forever among {tasks:,} normal ones: half with a "
-                    "per-call timeout of 1 s, half on a service whose YAML timeout is 1 s",
-                    expected_errors={"TaskTimeout": hangs}, recovery={"timeout fired after s": []})
+                    "per-call timeout of 1 s, half on a service whose YAML timeout is 1 s; and "
+                    f"{queued} with a per-call timeout of {QUEUED_HANG_TIMEOUT:g} s queued in a 1-process worker "
+                    f"behind a {QUEUED_HANG_TIMEOUT + 1:g} s task",
+                    expected_errors={"TaskTimeout": hangs + queued},
+                    recovery={"timeout fired after s": [], "cancelled hang ran s": []},
+                    bounds={"timeout fired after s": 1.5 + slack(p), "cancelled hang ran s": 0.75},
+                    planned=tasks + hangs + 2 * queued)
+    report.notes.append(f"cancelled hang ran s: how long a hung task that timed out while queued ran once it "
+                        f"started (W_CANCEL kills it at once; a worker waiting for its own deadline lets it spin "
+                        f"~{QUEUED_HANG_TIMEOUT:g} s)")
     with ChaosCluster(broker=FAST, services=services) as c:
         c.start_broker()
         worker = c.start_worker(2)
+        c.start_worker(1, overrides={"prefetch": 1, "services": {
+            "blockq": "ndpipe.chaos.handlers:work", "hangq": "ndpipe.chaos.handlers:hang"}})
         with c.master() as m:
             c.wait_slots(m, 2)
-            before = set(c.compute_pids(worker))
+            c.wait_slots(m, 2, service="hangq")
             hist, t0 = History(), time.monotonic()
             hang_ids = range(tasks, tasks + hangs)
-            issued: dict[int, float] = {}
             for i, tid in enumerate(hang_ids):
-                issued[tid] = time.monotonic()
                 if i % 2:
                     hist.track(tid, SIZE, m.call("hang_limited", (tid, c.log_dir)))
                 else:
                     hist.track(tid, SIZE, m.call("hang", (tid, c.log_dir), timeout=1.0))
+            for k in range(queued):
+                base = tasks + hangs + 2 * k
+                report.recovery["cancelled hang ran s"].append(_queued_hang(c, m, hist, base, base + 1))
             submit_in_background(m, hist, range(tasks), 0.002, c.log_dir).join(120)
             finish(c, hist, report, 120, t0)
             starts = read_starts(c.log_dir)
-            began = {tid: t for runs in starts.values() for tid, t in runs if tid in issued}
+            began = {tid: t for runs in starts.values() for tid, t in runs if tid in hang_ids}
             for tid in hang_ids:
                 if tid in began and tid in hist.first_at:
                     report.recovery["timeout fired after s"].append(hist.first_at[tid] - began[tid])
-            after = wait_for(lambda: len(c.compute_pids(worker)) == 2 and set(c.compute_pids(worker)), 30,
-                             "2 compute processes again")
-            report.checks["hung processes killed and replaced"] = len(before - after) >= 1
+            hung = {pid for pid, runs in starts.items() if any(tid in hang_ids for tid, _ in runs)}
+            wait_for(lambda: len(c.compute_pids(worker)) == 2, 30, "2 compute processes again")
+            report.checks["every hung process killed, the pool full again"] = (
+                len(hung) == hangs and all(_gone(pid) for pid in hung) and len(c.compute_pids(worker)) == 2)
             more = [m.call("work", (10**6 + k, SIZE, 0.0, "")) for k in range(20)]
             report.checks["pool serves again"] = all(f.result(timeout=30)[0] == 10**6 + k for k, f in enumerate(more))
     return report
+
+
+QUEUED_HANG_TIMEOUT = 2.0
+
+
+def _queued_hang(c: ChaosCluster, m: Master, hist: History, blocker: int, hang: int) -> float:
+    """A slow task, then a hung one with a shorter timeout queued behind it in the same compute process:
+    the broker times the hung one out (and sends W_CANCEL) before it starts. How long did it run?"""
+    hist.track(blocker, SIZE, m.call("blockq", (blocker, SIZE, QUEUED_HANG_TIMEOUT + 1, c.log_dir)))
+    wait_for(partial(_started, c.log_dir, blocker), 30, f"slow task {blocker} started")
+    hist.track(hang, SIZE, m.call("hangq", (hang, c.log_dir), timeout=QUEUED_HANG_TIMEOUT))
+    pid, t_start = wait_for(partial(_started, c.log_dir, hang), 30, f"hung task {hang} started")
+    wait_for(lambda: _gone(pid), 30, f"the process running hung task {hang} killed", every=0.01)
+    return time.monotonic() - t_start
+
+
+def _started(log_dir: str, task: int) -> tuple[int, float] | None:
+    """(pid, start time) of the first run of ``task`` in the start logs, if it has started."""
+    for pid, runs in read_starts(log_dir).items():
+        for tid, t in runs:
+            if tid == task:
+                return pid, t
+    return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _answered_at_least(hist: History, n: int) -> bool:
@@ -201,7 +258,9 @@ def broker_crashes(p: Params) -> Report:
     seconds = (6.0 if p.short else 12.0) * 4 / tasks
     report = Report("broker_crashes", f"kill -9 of the broker {crashes} times mid-job, restarted 0.3 s later each "
                     f"time; {tasks:,} tasks of {seconds * 1000:.0f} ms on 2 daemons × 2 processes; "
-                    "default heartbeats (1 s × 3)", recovery={"serving again after restart s": []})
+                    "default heartbeats (1 s × 3)", recovery={"serving again after restart s": []},
+                    bounds={"serving again after restart s": 3.0 + slack(p)}, planned=tasks)
+    crash_times: list[float] = []
     with ChaosCluster() as c:
         c.start_broker()
         c.start_worker(2)
@@ -213,6 +272,7 @@ def broker_crashes(p: Params) -> Report:
             for k in range(crashes):
                 wait_for(partial(_answered_at_least, hist, tasks * (k + 1) // (crashes + 2)), 120,
                          f"progress before crash {k + 1}")
+                crash_times.append(time.monotonic())
                 c.kill_broker()
                 time.sleep(0.3)
                 c.start_broker()
@@ -220,9 +280,24 @@ def broker_crashes(p: Params) -> Report:
                 first: float = wait_for(partial(hist.answered_after, t_restart), 30, "an answer after the restart")
                 report.recovery["serving again after restart s"].append(first - t_restart)
             finish(c, hist, report, 300, t0)
-            report.checks["serving again within 3 s of each restart"] = (
-                max(report.recovery["serving again after restart s"], default=99) <= 3.0)
+            check_reruns(report, hist, read_starts(c.log_dir), crash_times, slots=4, late=m.counters["late_answers"])
     return report
+
+
+def check_reruns(report: Report, hist: History, starts: dict[int, list[tuple[int, float]]], faults: list[float],
+                 slots: int, late: int) -> None:
+    """Work done twice is bounded by what was running when the broker died: a task may run again only if
+    its first run had started before a crash and its answer came after it (each crash can catch at most
+    ``slots`` tasks running). A broker that queued resent tasks twice fails this."""
+    twice = {tid: ts for tid, ts in runs_per_task(starts).items() if len(ts) > 1}
+    bad = [tid for tid, ts in twice.items()
+           if not any(ts[0] < t < hist.first_at.get(tid, float("inf")) for t in faults)]
+    report.notes.append(f"{len(twice)} tasks ran twice ({slots} slots, {len(faults)} crashes); the master dropped "
+                        f"{late} late answers")
+    # Running at the crash (≤ slots), or finished with the answer lost inside the dying broker (a few).
+    report.checks[f"only tasks under way at a crash ran twice (≤ 2 × {slots} per crash)"] = (
+        not bad and len(twice) <= 2 * slots * len(faults))
+    report.checks["every late answer is of a task that ran twice"] = late <= len(twice)
 
 
 # ---- 9 --------------------------------------------------------------------------------------------------
@@ -232,7 +307,7 @@ def worker_oom(p: Params) -> Report:
     limit = 512 << 20
     report = Report("worker_oom", f"one call allocating until its compute process exceeds worker.memory_limit = "
                     f"{limit >> 20} MiB (RLIMIT_AS), among {tasks:,} normal calls; max_attempts 2",
-                    expected_errors={"TaskCrashed": 1})
+                    expected_errors={"TaskCrashed": 1}, planned=tasks + 1)
     with ChaosCluster(broker={**FAST, "max_attempts": 2}, worker={"memory_limit": limit}) as c:
         c.start_broker()
         c.start_worker(2)

@@ -2,8 +2,9 @@
 
 It keeps every outstanding task (:class:`Pending`) until it resolves, exactly once: results and
 errors, local timeouts, PING/PONG with the session token, a new socket after silence, a silent
-link drop seen by ``LinkWatch``, BrokerUnreachable after ``broker_timeout``. Every outstanding task is
-resent exactly once per such event, at the first PONG after it (``resend_due`` or a new session). User threads talk to it only through ``Master._inbox`` and a wake pipe.
+link drop seen by ``LinkWatch``, BrokerUnreachable after ``broker_timeout``. Every outstanding
+task is resent exactly once per such event, at the first PONG after it (``resend_due`` or a new
+session). User threads talk to it only through ``Master._inbox`` and a wake pipe.
 """
 
 from __future__ import annotations

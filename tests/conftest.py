@@ -22,6 +22,12 @@ from ndpipe.config import WorkerConfig
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}
 
 
+def in_ci() -> bool:
+    """CI=true, CI=1, CI=yes (any case): root-only tests that cannot run must fail there, not skip.
+    The one place this is read, so no test skips silently on a spelling."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until it is truthy; fail the test (AssertionError) after ``timeout`` seconds."""
     try:

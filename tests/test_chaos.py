@@ -5,12 +5,11 @@ its recovery bounds. The full-sized runs are ``python -m ndpipe.chaos --all`` (d
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ndpipe.chaos.__main__ import ORDER, main, scenarios
 from ndpipe.chaos.scenarios import Params
+from tests.conftest import in_ci
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,7 +27,7 @@ def test_network_partition_between_namespace_hosts() -> None:
 
     reason = available()
     if reason:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(f"the partition scenario must run in CI: {reason}")
         pytest.skip(reason)
     report = scenarios()["partition"](Params(short=True, seed=7))

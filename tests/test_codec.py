@@ -371,9 +371,45 @@ def test_fuzzed_headers_only_raise_decode_error(
     frames: list[Any] = [bytes(header[:cut] if cut < len(header) and drop else header)]
     frames += [bytes(f) for f in FUZZ_BASE[1:]] + extra
     try:
-        decode(frames)
+        value = decode(frames)
     except DecodeError:
-        pass
+        return
+    assert_only_plain_numeric(value)
+
+
+def assert_only_plain_numeric(value: Any) -> None:
+    """What a payload decodes to holds arrays and scalars of dtype kinds b, i, u, f, c only."""
+    if isinstance(value, dict):
+        for v in value.values():
+            assert_only_plain_numeric(v)
+    elif isinstance(value, list):
+        for v in value:
+            assert_only_plain_numeric(v)
+    elif isinstance(value, (np.ndarray, np.generic)):
+        assert value.dtype.kind in "biufc" and not value.dtype.hasobject, value.dtype
+
+
+# Every dtype string numpy understands, in every byte order: most must be refused.
+DTYPE_SPECS = sorted({order + code + size for code in np.typecodes["All"] + "USVOMm"
+                      for size in ("", "1", "2", "4", "8", "16", "[s]", "[D]") for order in "<>=|"})
+
+
+@FAST
+@given(spec=st.sampled_from(DTYPE_SPECS), inline=st.booleans())
+def test_fuzzed_dtypes_decode_only_to_allowed_kinds(spec: str, inline: bool) -> None:
+    try:
+        nbytes = 2 * np.dtype(spec).itemsize  # the right byte count: only the dtype may be refused
+    except (TypeError, ValueError):
+        nbytes = 32
+    body = {b"nd": True, b"type": spec, b"kind": b"", b"shape": [2]}
+    frames: list[Any] = [msgpack.packb({**body, b"data": bytes(nbytes)} if inline else {**body, b"buf": 0})]
+    if not inline:
+        frames.append(bytes(nbytes))
+    try:
+        value = decode(frames)
+    except DecodeError:
+        return
+    assert_only_plain_numeric(value)
 
 
 def test_hostile_errors_chain_their_cause() -> None:

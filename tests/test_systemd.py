@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ndpipe.config import WorkerConfig
+from tests.conftest import in_ci
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +42,7 @@ def parse_unit(path: Path) -> dict[str, list[str]]:
 @pytest.fixture
 def analyze() -> str:
     if ANALYZE is None:
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail("systemd-analyze is required in CI (apt-get install systemd)")
         pytest.skip("systemd-analyze not installed")
     return ANALYZE
