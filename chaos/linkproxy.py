@@ -44,7 +44,11 @@ class LinkProxy:
     def _connect_upstream(self) -> socket.socket:
         if self.upstream.startswith("ipc://"):
             up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.connect(self.upstream[len("ipc://"):])
+            try:
+                up.connect(self.upstream[len("ipc://"):])
+            except OSError:
+                up.close()
+                raise
         else:
             host, port = self.upstream[len("tcp://"):].rsplit(":", 1)
             up = socket.create_connection((host, int(port)))

@@ -223,11 +223,15 @@ def _queued_hang(c: ChaosCluster, m: Master, hist: History, blocker: int, hang: 
     """A slow task, then a hung one with a shorter timeout queued behind it in the same compute process:
     the broker times the hung one out (and sends W_CANCEL) before it starts. How long did it run?"""
     hist.track(blocker, SIZE, m.call("blockq", (blocker, SIZE, QUEUED_HANG_TIMEOUT + 1, c.log_dir)))
-    wait_for(partial(_started, c.log_dir, blocker), 30, f"slow task {blocker} started")
+    runner, _t = wait_for(partial(_started, c.log_dir, blocker), 30, f"slow task {blocker} started")
     hist.track(hang, SIZE, m.call("hangq", (hang, c.log_dir), timeout=QUEUED_HANG_TIMEOUT))
-    pid, t_start = wait_for(partial(_started, c.log_dir, hang), 30, f"hung task {hang} started")
-    wait_for(lambda: _gone(pid), 30, f"the process running hung task {hang} killed", every=0.01)
-    return time.monotonic() - t_start
+    # The daemon may kill the process between the slow task's answer and the hung task's first line.
+    wait_for(lambda: _started(c.log_dir, hang) or _gone(runner), 30, f"hung task {hang} started or stopped")
+    started = _started(c.log_dir, hang)
+    if started is None:
+        return 0.0
+    wait_for(lambda: _gone(started[0]), 30, f"the process running hung task {hang} killed", every=0.01)
+    return time.monotonic() - started[1]
 
 
 def _started(log_dir: str, task: int) -> tuple[int, float] | None:

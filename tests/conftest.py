@@ -19,6 +19,10 @@ import pytest
 from ndpipe.chaos.harness import ChaosCluster, wait_for
 from ndpipe.config import WorkerConfig
 
+# Heartbeats for tests: STEADY wherever detecting a dead peer is not the point (3 s of silence before a
+# worker or master is declared dead, so a CI hiccup never requeues a task a test counts); FAST only
+# where detection speed is what the test is about (0.6 s).
+STEADY = {"heartbeat_interval": 0.5, "liveness": 6}
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}
 
 

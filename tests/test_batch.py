@@ -13,7 +13,7 @@ from ndpipe import protocol as P
 from ndpipe.codec import batch_length, decode_batch, decode_outcomes, encode, encode_batch, encode_call
 from ndpipe.errors import DecodeError, TaskCrashed, TaskFailed, TaskTimeout
 from ndpipe.transport import unpack_map
-from tests.conftest import FAST
+from tests.conftest import STEADY
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,7 +56,7 @@ def test_hostile_batch_results_are_refused(value: object, problem: str) -> None:
 
 # ---- through a cluster --------------------------------------------------------------------------------
 def test_map_batches_tiny_calls_and_keeps_order(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:
@@ -74,7 +74,7 @@ def test_map_batches_tiny_calls_and_keeps_order(make_cluster) -> None:  # type: 
 
 
 def test_one_raising_call_fails_alone_with_its_remote_traceback(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:
@@ -88,7 +88,7 @@ def test_one_raising_call_fails_alone_with_its_remote_traceback(make_cluster) ->
 
 
 def test_a_crashing_call_is_isolated_and_the_rest_of_its_batch_completes(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker={**FAST, "max_attempts": 2})
+    c = make_cluster(broker={**STEADY, "max_attempts": 2})
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:
@@ -102,7 +102,7 @@ def test_a_crashing_call_is_isolated_and_the_rest_of_its_batch_completes(make_cl
 
 
 def test_service_timeout_is_per_call_and_a_hung_call_times_out_alone(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:
@@ -117,7 +117,7 @@ def test_service_timeout_is_per_call_and_a_hung_call_times_out_alone(make_cluste
 
 
 def test_large_arrays_are_split_out_of_batches(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:
@@ -130,7 +130,7 @@ def test_large_arrays_are_split_out_of_batches(make_cluster) -> None:  # type: i
 
 
 def test_hostile_batch_submissions_get_bad_request(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:
@@ -157,7 +157,7 @@ def test_hostile_batch_submissions_get_bad_request(make_cluster) -> None:  # typ
 
 def test_a_result_over_the_frame_limit_fails_alone_instead_of_cutting_the_link(make_cluster) -> None:  # type: ignore[no-untyped-def]
     # Given workers that may send frames of at most 1 MiB (libzmq cuts a link on a bigger one)
-    c = make_cluster(broker=FAST, worker={"max_frame_bytes": 1 << 20})
+    c = make_cluster(broker=STEADY, worker={"max_frame_bytes": 1 << 20})
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:

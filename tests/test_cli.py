@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FAST
+from tests.conftest import STEADY
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def ndpipe(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -
 
 @pytest.fixture
 def cluster(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:

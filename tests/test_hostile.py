@@ -10,14 +10,14 @@ import pytest
 import zmq
 
 from ndpipe import protocol as P
-from tests.conftest import FAST
+from tests.conftest import STEADY
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
 def cluster(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker={**FAST, "max_frames": 16, "max_frame_bytes": 1 << 20})
+    c = make_cluster(broker={**STEADY, "max_frames": 16, "max_frame_bytes": 1 << 20})
     c.start_broker()
     c.start_worker(processes=2)
     return c

@@ -19,7 +19,7 @@ from ndpipe.config import MasterConfig
 from ndpipe.errors import BrokerUnreachable, EncodeError, NdpipeError
 from ndpipe.master import Master
 from ndpipe.transport import LinkWatch
-from tests.conftest import FAST, wait_until
+from tests.conftest import STEADY, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,7 +55,7 @@ def test_close_fails_a_submit_blocked_on_the_window(tmp_short) -> None:  # type:
 
 
 def test_callback_cannot_deadlock_on_a_full_window(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master(window=2) as m:
@@ -129,7 +129,7 @@ def test_link_watch_sees_a_drop_and_the_return() -> None:
 
 
 def test_status_replies_are_matched_to_their_requests(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     with c.master() as m:
         results: list[dict[str, object]] = []
@@ -168,7 +168,7 @@ def test_finished_tasks_leave_no_reference_cycles(make_cluster) -> None:  # type
     # first and then a full GC pass over the whole heap: a 5x slower map right after a big submit.
     import gc
 
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     with c.master() as m:

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from ndpipe.errors import BadRequest, QueueFull, TaskFailed, TaskTimeout
-from tests.conftest import FAST
+from tests.conftest import STEADY
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
 def cluster(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     c.start_worker(processes=2)
     return c
@@ -45,7 +45,7 @@ def test_submit_map_scatter_round_trip_values(cluster) -> None:  # type: ignore[
 
 
 def test_several_workers_share_the_work(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=FAST)
+    c = make_cluster(broker=STEADY)
     c.start_broker()
     w1, w2 = c.start_worker(processes=2), c.start_worker(processes=2)
     with c.master() as m:
@@ -97,7 +97,7 @@ def test_timeout_from_caller_and_from_service_default(cluster) -> None:  # type:
 
 def test_queue_full_and_cancel(make_cluster) -> None:  # type: ignore[no-untyped-def]
     # Given a broker with a small queue bound and no worker for the service
-    c = make_cluster(broker={**FAST, "max_queued": 3})
+    c = make_cluster(broker={**STEADY, "max_queued": 3})
     c.start_broker()
     with c.master() as m:
         futs = [m.submit("nobody", i) for i in range(3)]

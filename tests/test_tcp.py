@@ -8,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 
-from tests.conftest import FAST
+from tests.conftest import STEADY
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -21,7 +21,7 @@ def free_port() -> int:
 
 def test_large_arrays_over_tcp_and_a_late_worker(make_cluster) -> None:  # type: ignore[no-untyped-def]
     front, back = free_port(), free_port()
-    c = make_cluster(broker={**FAST, "frontend": f"tcp://127.0.0.1:{front}", "backend": f"tcp://127.0.0.1:{back}"})
+    c = make_cluster(broker={**STEADY, "frontend": f"tcp://127.0.0.1:{front}", "backend": f"tcp://127.0.0.1:{back}"})
     c.start_broker()
     c.start_worker(processes=1)
     rng = np.random.default_rng(7)
