@@ -166,8 +166,11 @@ def catalog_errors(root: Path, mutations: tuple[Mutation, ...] = MUTATIONS) -> l
         if text.count(mut.old) != 1:
             errors.append(f"{mut.name}: text to replace found {text.count(mut.old)} times in {mut.path}")
         for node in mut.catchers:
-            if not (root / node.split("::")[0]).is_file():
+            path, _, test = node.partition("::")
+            if not (root / path).is_file():
                 errors.append(f"{mut.name}: catcher file of {node} missing")
+            elif f"def {test.split('[')[0]}(" not in (root / path).read_text():
+                errors.append(f"{mut.name}: catcher {node} not found in its file")
     return errors
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ndpipe.chaos.__main__ import ORDER, main, scenarios
+from ndpipe.chaos.handlers import expected
 from ndpipe.chaos.scenarios import Params
 from tests.conftest import in_ci
 
@@ -48,7 +49,6 @@ def test_the_checker_catches_every_kind_of_fault() -> None:
     from concurrent.futures import Future
 
     from ndpipe.chaos.checker import History, Report, restarts_after
-    from ndpipe.chaos.handlers import expected
     from ndpipe.errors import TaskTimeout
 
     hist = History()
@@ -76,3 +76,50 @@ def test_the_checker_catches_every_kind_of_fault() -> None:
     assert clean.check(Report("u", "", expected_errors={"TaskTimeout": 1})).passed
     starts = {10: [(1, 1.0), (2, 2.0)], 11: [(3, 1.5), (2, 2.7)]}
     assert restarts_after(starts, {10}, 2.5) == ({2}, [pytest.approx(0.2)])
+
+
+def test_a_run_fails_on_a_missed_bound_a_missing_sample_or_an_unsubmitted_task() -> None:
+    from ndpipe.chaos.checker import History, Report
+
+    hist = History()
+    for tid in range(3):
+        hist.submitted(tid, 8)
+        hist.deliver(tid, [tid, expected(tid, 8)])
+    ok = hist.check(Report("u", "", recovery={"requeue s": [0.1, 0.4]}, bounds={"requeue s": 0.5}, planned=3))
+    assert ok.passed and "bound 0.5: ok" in ok.table()
+    assert not hist.check(Report("u", "", recovery={"requeue s": [0.6]}, bounds={"requeue s": 0.5})).passed
+    no_sample = hist.check(Report("u", "", recovery={"requeue s": []}, bounds={"requeue s": 0.5}))
+    assert not no_sample.passed and "no sample  (bound 0.5: FAILED)" in no_sample.table()
+    stalled = hist.check(Report("u", "", planned=4))  # the submitter stopped one task short
+    assert not stalled.passed and "3 of 4 planned (FAILED)" in stalled.table()
+
+
+def test_reruns_are_allowed_only_for_tasks_under_way_at_a_crash() -> None:
+    from ndpipe.chaos.checker import History, Report
+    from ndpipe.chaos.scenarios import check_reruns
+
+    hist = History()
+    for tid in range(3):
+        hist.submitted(tid, 8)
+    hist.first_at.update({0: 5.0, 1: 5.0, 2: 9.0})
+    # task 0 ran before the crash at 4.0 and again after: fine; task 1 first ran after it: a duplicate
+    starts = {10: [(0, 3.9), (2, 8.0)], 11: [(0, 4.2), (1, 4.5), (1, 4.6)]}
+    report = Report("u", "")
+    check_reruns(report, hist, starts, [4.0], slots=4, late=1)
+    assert not report.passed
+    report = Report("u", "")
+    check_reruns(report, hist, {10: [(0, 3.9)], 11: [(0, 4.2)]}, [4.0], slots=4, late=1)
+    assert report.passed
+    report = Report("u", "")
+    check_reruns(report, hist, {10: [(0, 3.9)], 11: [(0, 4.2)]}, [4.0], slots=4, late=2)
+    assert not report.passed  # a late answer without a second run
+
+
+def test_cli_counts_a_skipped_scenario_as_not_passed(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import ndpipe.chaos.partition as partition
+
+    monkeypatch.setattr(partition, "available", lambda: "no root here (test)")
+    assert main(["partition", "--short"]) == 3
+    out = capsys.readouterr().out
+    assert "SKIPPED (not passed): no root here (test)" in out and "0 of 1 scenarios passed; SKIPPED: partition" in out
