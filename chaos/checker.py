@@ -190,6 +190,15 @@ def read_starts(log_dir: str) -> dict[int, list[tuple[int, float]]]:
     return out
 
 
+def started(log_dir: str, task: int) -> tuple[int, float] | None:
+    """(pid, start time) of the first logged run of ``task``, or None if it has not started."""
+    for pid, runs in read_starts(log_dir).items():
+        for tid, t in runs:
+            if tid == task:
+                return pid, t
+    return None
+
+
 def runs_per_task(starts: Mapping[int, list[tuple[int, float]]]) -> dict[int, list[float]]:
     """task id -> the start time of each of its handler runs, sorted: more than one is work done twice."""
     out: dict[int, list[float]] = {}

@@ -18,10 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
-import psutil
-
-from ndpipe.chaos.checker import History, Report, read_starts, restarts_after, runs_per_task
-from ndpipe.chaos.harness import SERVICES, ChaosCluster, wait_for
+from ndpipe.chaos.checker import History, Report, read_starts, restarts_after, runs_per_task, started
+from ndpipe.chaos.harness import SERVICES, ChaosCluster, process_gone, wait_for
 from ndpipe.master import Master
 
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}  # short runs: a dead worker is found in 0.6 s
@@ -210,7 +208,7 @@ def task_hangs(p: Params) -> Report:
             hung = {pid for pid, runs in starts.items() if any(tid in hang_ids for tid, _ in runs)}
             wait_for(lambda: len(c.compute_pids(worker)) == 2, 30, "2 compute processes again")
             report.checks["every hung process killed, the pool full again"] = (
-                len(hung) == hangs and all(_gone(pid) for pid in hung) and len(c.compute_pids(worker)) == 2)
+                len(hung) == hangs and all(process_gone(pid) for pid in hung) and len(c.compute_pids(worker)) == 2)
             more = [m.call("work", (10**6 + k, SIZE, 0.0, "")) for k in range(20)]
             report.checks["pool serves again"] = all(f.result(timeout=30)[0] == 10**6 + k for k, f in enumerate(more))
     return report
@@ -223,31 +221,18 @@ def _queued_hang(c: ChaosCluster, m: Master, hist: History, blocker: int, hang: 
     """A slow task, then a hung one with a shorter timeout queued behind it in the same compute process:
     the broker times the hung one out (and sends W_CANCEL) before it starts. How long did it run?"""
     hist.track(blocker, SIZE, m.call("blockq", (blocker, SIZE, QUEUED_HANG_TIMEOUT + 1, c.log_dir)))
-    runner, _t = wait_for(partial(_started, c.log_dir, blocker), 30, f"slow task {blocker} started")
+    runner, _t = wait_for(partial(started, c.log_dir, blocker), 30, f"slow task {blocker} started")
     hist.track(hang, SIZE, m.call("hangq", (hang, c.log_dir), timeout=QUEUED_HANG_TIMEOUT))
     # The daemon may kill the process between the slow task's answer and the hung task's first line.
-    wait_for(lambda: _started(c.log_dir, hang) or _gone(runner), 30, f"hung task {hang} started or stopped")
-    started = _started(c.log_dir, hang)
-    if started is None:
+    wait_for(lambda: started(c.log_dir, hang) or process_gone(runner), 30, f"hung task {hang} started or stopped")
+    run = started(c.log_dir, hang)
+    if run is None:
         return 0.0
-    wait_for(lambda: _gone(started[0]), 30, f"the process running hung task {hang} killed", every=0.01)
-    return time.monotonic() - started[1]
+    pid, t_start = run
+    wait_for(lambda: process_gone(pid), 30, f"the process running hung task {hang} killed", every=0.01)
+    return time.monotonic() - t_start
 
 
-def _started(log_dir: str, task: int) -> tuple[int, float] | None:
-    """(pid, start time) of the first run of ``task`` in the start logs, if it has started."""
-    for pid, runs in read_starts(log_dir).items():
-        for tid, t in runs:
-            if tid == task:
-                return pid, t
-    return None
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _answered_at_least(hist: History, n: int) -> bool:

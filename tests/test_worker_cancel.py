@@ -9,17 +9,17 @@ a worker that ignored it would keep the process for 60 s and every wait below wo
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import psutil
 import pytest
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.chaos.checker import read_starts
-from ndpipe.chaos.harness import SERVICES, ChaosCluster
+from ndpipe.chaos.checker import read_starts, started
+from ndpipe.chaos.harness import SERVICES, ChaosCluster, process_gone
 from ndpipe.codec import decode, encode_call
 from tests.conftest import wait_until
 
@@ -88,20 +88,8 @@ def setup(tmp_short: Path) -> Iterator[tuple[ChaosCluster, FakeBroker]]:
 
 def _runner_of(log_dir: str, tid: int) -> int:
     """Pid of the compute process whose start log shows task ``tid`` (waits for it to start)."""
-    def find() -> int | None:
-        for pid, runs in read_starts(log_dir).items():
-            if any(t == tid for t, _ in runs):
-                return pid
-        return None
-    pid: int = wait_until(find, 20, f"task {tid} started")
-    return pid
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    pid, _t = wait_until(partial(started, log_dir, tid), 20, f"task {tid} started")
+    return int(pid)
 
 
 def test_cancel_kills_the_running_task_and_frees_its_process(setup: tuple[ChaosCluster, FakeBroker]) -> None:
@@ -114,7 +102,7 @@ def test_cancel_kills_the_running_task_and_frees_its_process(setup: tuple[ChaosC
     # When the broker cancels it
     fake.send(P.W_CANCEL, b"t1")
     # Then that process is killed and replaced, and the next task runs in the new one
-    wait_until(lambda: _gone(runner), 20, "the cancelled task's process killed")
+    wait_until(lambda: process_gone(runner), 20, "the cancelled task's process killed")
     fake.task(b"t2", 2, 64, 0.0, "")
     got = fake.answers(until=b"t2")
     assert b"t1" not in got, "a cancelled task must not be answered"
@@ -140,4 +128,4 @@ def test_cancel_of_a_task_waiting_in_the_process_stops_it_before_it_runs(
     assert set(got) == {b"t1", b"t3"}
     assert decode(got[b"t1"][2:])[0] == 1 and decode(got[b"t3"][2:])[0] == 3
     if any(t == 2 for t, _ in read_starts(cluster.log_dir).get(runner, [])):
-        assert _gone(runner), "the cancelled task started and its process still runs"
+        assert process_gone(runner), "the cancelled task started and its process still runs"
