@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         print("stale catalog:\n  " + "\n  ".join(stale))
         return 1
+    head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True)
+    print(f"mutating a copy of {root} at {head.stdout.strip() or 'an unknown commit'}", flush=True)
     survivors, misses = [], 0
     for mut in chosen:
         with tempfile.TemporaryDirectory(prefix="ndpmut-") as tmp:
