@@ -213,12 +213,33 @@ def run_catcher(copy: Path, path: Path, node: str, timeout: float) -> tuple[str,
     return "caught", seconds
 
 
+def control(root: Path, chosen: list[Mutation], timeout: float) -> bool:
+    """Every catcher must pass on an unmutated copy first: a catcher that fails anyway (flaky, broken,
+    or the machine too loaded) would count every mutation as caught and prove nothing."""
+    nodes = sorted({node for mut in chosen for node in mut.catchers})
+    with tempfile.TemporaryDirectory(prefix="ndpmut-") as tmp:
+        copy = Path(tmp) / "repo"
+        path = copy_tree(root, copy)
+        env = {**os.environ, "PYTHONPATH": str(path), "PYTHONDONTWRITEBYTECODE": "1"}
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes], cwd=copy,
+                              env=env, capture_output=True, text=True, timeout=timeout * len(nodes))
+    if proc.returncode != 0:
+        print(f"control: the catchers do not all pass on the unmutated code, so no mutation result would "
+              f"mean anything:\n{proc.stdout[-3000:]}")
+        return False
+    print(f"control: all {len(nodes)} catchers pass on the unmutated code ({time.monotonic() - t0:.0f} s)",
+          flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ndpipe.chaos.mutations", description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
     ap.add_argument("--repo", type=Path, default=Path.cwd(), help="the clone to mutate (default: .)")
     ap.add_argument("--list", action="store_true", help="print the catalog and exit")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per catcher run")
+    ap.add_argument("--no-control", action="store_true", help="skip running the catchers on the unmutated copy first")
     args = ap.parse_args(argv)
     root = args.repo.resolve()
     chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
@@ -236,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True)
     print(f"mutating a copy of {root} at {head.stdout.strip() or 'an unknown commit'}", flush=True)
+    if not args.no_control and not control(root, chosen, args.timeout):
+        return 1
     survivors, misses = [], 0
     for mut in chosen:
         with tempfile.TemporaryDirectory(prefix="ndpmut-") as tmp:
