@@ -1,7 +1,10 @@
 """``python -m ndpipe.bench NAME [options]``: run one benchmark, or ``all`` of them in turn.
 
-Every benchmark starts its own broker and workers, measures ndpipe and a raw-pyzmq baseline doing
-the same hops in the same run, and prints the ratio (docs/PERFORMANCE.md explains each table).
+Every benchmark starts its own broker and workers; all but recovery measure ndpipe and raw-pyzmq
+baselines in the same run and print the ratios (docs/PERFORMANCE.md explains each table). ndpipe
+makes 3 hops each way (master → broker → worker daemon → compute process), the raw baseline 2
+(client → C zmq.proxy → echo process); w1 and w2w3 also measure a 3-hop baseline, with a C relay
+where ndpipe has its worker daemon.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import importlib
 import sys
 
 BENCHES = {
-    "w1": "W1: 20,000 tiny tasks pipelined, per message and through map (batched)",
+    "w1": "W1: 20,000 tiny tasks pipelined, per message and through map (against raw batches)",
     "w2w3": "W2: 8 MiB round trips (GB/s); W3: tiny calls one at a time (latency)",
     "sweep": "payload sweep 64 B .. 64 MiB: tasks/s and GB/s",
     "scaling": "1, 2, 4, 8 compute processes on sleep- and CPU-bound tasks",

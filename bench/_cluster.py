@@ -116,7 +116,7 @@ class LocalCluster:
     @property
     def frontend(self) -> str:
         assert self.bcfg is not None
-        return self.bcfg.frontend
+        return str(self.bcfg.frontend)  # str(): plain `mypy bench` sees ndpipe.config as Any
 
     @property
     def slots_per_worker(self) -> int:

@@ -1,8 +1,18 @@
-"""The raw-pyzmq baseline the benchmarks divide ndpipe by: the same hops with nothing but libzmq.
+"""The raw-pyzmq baselines the benchmarks divide ndpipe by: nothing but libzmq on the way.
 
-A DEALER client (this process) → a C ``zmq.proxy`` ROUTER/DEALER device (its own spawn process) →
-``workers`` DEALER echo processes, on ipc in a short temp dir, every HWM at 1,000,000 (a ROUTER drops
-what it cannot queue) and linger 0. It generalises ``RawBaseline`` of ``w1.py`` to numpy payloads:
+ndpipe makes 3 hops each way: master → broker → worker daemon → compute process (a task crosses 6
+process boundaries per round trip). The baselines make 2 or, with ``relay=True``, 3:
+
+* ``broker="proxy"`` (default): a DEALER client (this process) → a C ``zmq.proxy`` ROUTER/DEALER
+  device (its own spawn process) → ``workers`` DEALER echo processes: 2 hops each way;
+* ``relay=True`` puts a C ``zmq.proxy`` DEALER/DEALER relay process between the broker and the echo
+  processes, where ndpipe has its worker daemon: 3 hops each way, as many as ndpipe (the relay
+  costs libzmq only; ndpipe's daemon is Python);
+* ``broker="python"`` replaces the proxy with a minimal pure-Python ROUTER/ROUTER broker (issue 3's
+  floor for any broker in Python), with or without the relay.
+
+All on ipc in a short temp dir, every HWM at 1,000,000 (a ROUTER drops what it cannot queue) and
+linger 0. It generalises ``RawBaseline`` of ``w1.py`` to numpy payloads:
 
 * a payload is ``bytes``, a numpy array, or a list of these (one frame each, sent as one multipart
   message). Parts of ``ZERO_COPY_MIN`` (64 KiB) or more are sent zero-copy (``send(arr, copy=False)``)
@@ -10,8 +20,9 @@ what it cannot queue) and linger 0. It generalises ``RawBaseline`` of ``w1.py`` 
   ``transport.send_frames`` draws the same line, so both sides pay the same per-frame costs);
 * the echo receives with ``recv_multipart(copy=False)`` and sends the same frames back (libzmq
   reference counting, no copy); the client rebuilds each array with ``np.frombuffer`` (no copy) and
-  checks it cheaply: dtype, shape and the first and last element (:func:`same`), the check the
-  benchmarks also make on ndpipe's results inside their timed loops;
+  checks it cheaply: dtype, shape and the first and last element (:func:`same`). Where the
+  benchmark checks ndpipe's results after its clock stops, it passes ``check_after=True`` so the
+  raw replies are kept and checked after the clock stops too;
 * ``handler="module:function"`` makes the echo processes run that function instead: it gets the
   payload frames (a list of ``zmq.Frame``; ``.bytes`` / ``.buffer`` read them) and returns the frames
   to send back (bytes, buffers, numpy arrays or the ``zmq.Frame`` s it got). With a handler the
@@ -45,7 +56,7 @@ from ndpipe.transport import ZERO_COPY_MIN
 RAW_HWM = 1_000_000
 PROBE = b"\x00ndpipe-raw-probe"  # echo processes answer this with their pid
 PAYLOAD = b"x" * 64
-STALL_TIMEOUT_MS = 120_000  # a 64 MiB message through 3 hops on a loaded VM can take seconds
+STALL_TIMEOUT_MS = 120_000  # a 64 MiB message there and back on a loaded VM can take seconds
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # pyzmq enum flags cost ~0.5 µs per `|`
 
 Part = bytes | memoryview | np.ndarray
@@ -95,6 +106,15 @@ def _proxy_main(front: str, back: str) -> None:
     router.bind(front)
     dealer.bind(back)
     zmq.proxy(router, dealer)  # C loop; ends with the process (SIGTERM)
+
+
+def _relay_main(front: str, back: str) -> None:
+    """The hop ndpipe's worker daemon makes, in C: a DEALER to the broker, a DEALER to the echoes."""
+    ctx = zmq.Context()
+    upstream, downstream = _socket(ctx, zmq.DEALER), _socket(ctx, zmq.DEALER)
+    upstream.connect(front)
+    downstream.bind(back)
+    zmq.proxy(upstream, downstream)  # envelopes pass through unchanged, both ways
 
 
 READY = b"READY"  # an echo's first message to the Python broker (the C proxy never sees one)
@@ -212,13 +232,15 @@ class _Message:
 
 
 class RawBaseline:
-    """The proxy and ``workers`` echo processes (running ``handler``, default identity).
+    """The broker (C proxy or minimal Python), optionally a relay, and ``workers`` echo processes
+    (running ``handler``, default identity).
 
-    >>> with RawBaseline(workers=2) as raw:                          # doctest: +SKIP
+    >>> with RawBaseline(workers=2, relay=True) as raw:              # doctest: +SKIP
     ...     seconds = raw.run(10_000, window=1000)
     """
 
-    def __init__(self, workers: int = 2, handler: str | None = None, broker: str = "proxy") -> None:
+    def __init__(self, workers: int = 2, handler: str | None = None, broker: str = "proxy",
+                 relay: bool = False) -> None:
         if handler is not None:
             resolve_handler(handler)  # fail here, not silently inside a spawn process
         if broker not in ("proxy", "python"):
@@ -226,8 +248,10 @@ class RawBaseline:
         self.broker = broker
         self.workers = workers
         self.handler = handler
+        self.relay = relay
         self.ctx = mp.get_context("spawn")
         self.proxy: BaseProcess | None = None
+        self.relay_proc: BaseProcess | None = None
         self.echoes: list[BaseProcess] = []
         self.tmp = ""
         self.zctx: zmq.Context[Any] | None = None
@@ -241,6 +265,11 @@ class RawBaseline:
             self.proxy = self.ctx.Process(target=_pybroker_main if python else _proxy_main, args=(front, back),
                                           name=f"raw-{self.broker}")
             self.proxy.start()
+            if self.relay:
+                self.relay_proc = self.ctx.Process(target=_relay_main, args=(back, f"ipc://{self.tmp}/r"),
+                                                   name="raw-relay")
+                self.relay_proc.start()
+                back = f"ipc://{self.tmp}/r"
             for i in range(self.workers):
                 proc = self.ctx.Process(target=_echo_main, args=(back, self.handler, python), name=f"raw-echo-{i}")
                 proc.start()
@@ -265,7 +294,7 @@ class RawBaseline:
         if self.zctx is not None:
             self.zctx.term()
             self.zctx = None
-        for proc in [*self.echoes, self.proxy]:
+        for proc in [*self.echoes, self.relay_proc, self.proxy]:
             if proc is not None:
                 stop_process(proc)
         if self.tmp:
@@ -278,13 +307,30 @@ class RawBaseline:
             raise RuntimeError("RawBaseline is not started (use it as a context manager)")
         return self.sock
 
+    @property
+    def socket(self) -> zmq.Socket[Any]:
+        """The client DEALER, for a benchmark that drives its own message pattern (``_rawbatch``)."""
+        return self._sock
+
+    @property
+    def hops(self) -> int:
+        """Hops each way between the client and an echo process: 2, or 3 with the relay (ndpipe: 3)."""
+        return 3 if self.relay else 2
+
+    @property
+    def path(self) -> str:
+        """The hops, spelled out, for the printed headers."""
+        broker = "Python broker" if self.broker == "python" else "C zmq.proxy"
+        return f"client → {broker}{' → C relay' if self.relay else ''} → echo ({self.hops} hops each way)"
+
     def _wait_all_echoes(self, timeout: float = 60.0) -> None:
         """Probe until every echo process has answered (so no early connecter gets the whole batch)."""
         sock = self._sock
         seen: set[bytes] = set()
         deadline = time.monotonic() + timeout
         while len(seen) < self.workers:
-            dead = [p.name for p in [self.proxy, *self.echoes] if p is not None and p.exitcode is not None]
+            procs = [self.proxy, self.relay_proc, *self.echoes]
+            dead = [p.name for p in procs if p is not None and p.exitcode is not None]
             if dead:
                 raise RuntimeError(f"raw baseline process(es) exited early: {dead}")
             if time.monotonic() > deadline:
@@ -298,8 +344,10 @@ class RawBaseline:
             sock.recv()
 
     # ---- measurements ---------------------------------------------------------------------------
-    def _pipeline(self, msg: _Message, n: int, window: int, seconds: float | None, min_tasks: int) -> tuple[int, float]:
+    def _pipeline(self, msg: _Message, n: int, window: int, seconds: float | None, min_tasks: int,
+                  check_after: bool = False) -> tuple[int, float]:
         sock = self._sock
+        kept: list[list[Any]] = []  # with check_after: the replies, checked once the clock has stopped
         sent = received = 0
         limit = n
         deadline = None if seconds is None else time.perf_counter() + seconds
@@ -315,15 +363,23 @@ class RawBaseline:
                     reply = msg.recv(sock, _NOBLOCK)
                 except zmq.Again:
                     break
-                msg.verify(reply)
+                if check_after:
+                    kept.append(reply)
+                else:
+                    msg.verify(reply)
                 received += 1
             if deadline is not None and sent >= min_tasks and limit > sent and time.perf_counter() >= deadline:
                 limit = sent  # time is up: stop sending, collect what is in flight
-        return received, time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        for reply in kept:
+            msg.verify(reply)
+        return received, elapsed
 
-    def run(self, n: int, window: int, payload: Payload = PAYLOAD) -> float:
-        """Send ``n`` payloads with at most ``window`` in flight; return elapsed seconds."""
-        return self._pipeline(_Message(payload, self.handler is None), n, window, None, n)[1]
+    def run(self, n: int, window: int, payload: Payload = PAYLOAD, check_after: bool = False) -> float:
+        """Send ``n`` payloads with at most ``window`` in flight; return elapsed seconds. Each reply is
+        checked as it arrives, or (``check_after``) kept and checked after the clock stops."""
+        msg = _Message(payload, self.handler is None)
+        return self._pipeline(msg, n, window, None, n, check_after)[1]
 
     def run_for(self, seconds: float, window: int, payload: Payload = PAYLOAD, min_tasks: int = 1) -> tuple[int, float]:
         """Like :meth:`run`, sending until ``seconds`` have passed (and ``min_tasks`` were sent);
@@ -342,7 +398,8 @@ class RawBaseline:
         return time.perf_counter() - t0
 
     def roundtrips(self, n: int, payload: Payload = PAYLOAD) -> list[float]:
-        """``n`` sequential calls; the seconds of each."""
+        """``n`` sequential calls; the seconds of each, from send to reply (each reply is checked
+        after its clock stops, as W2/W3 check ndpipe's)."""
         msg = _Message(payload, self.handler is None)
         sock = self._sock
         out: list[float] = []
@@ -351,8 +408,9 @@ class RawBaseline:
             msg.send(sock)
             if not sock.poll(STALL_TIMEOUT_MS):
                 raise TimeoutError("raw baseline: no reply")
-            msg.verify(msg.recv(sock))
+            reply = msg.recv(sock)
             out.append(time.perf_counter() - t0)
+            msg.verify(reply)
         return out
 
     def echo(self, payload: Payload = PAYLOAD) -> list[Any]:
@@ -368,6 +426,8 @@ class RawBaseline:
         return msg.rebuild(reply)
 
     def pids(self) -> dict[str, list[int]]:
-        """{"broker": [proxy pid], "workers": [], "compute": [echo pids]}, the roles of LocalCluster.pids()."""
+        """{"broker": [proxy pid], "workers": [relay pid], "compute": [echo pids]}, the roles of
+        LocalCluster.pids() (the relay stands where ndpipe's worker daemon does)."""
         proxy = [self.proxy.pid] if self.proxy is not None and self.proxy.pid is not None else []
-        return {"broker": proxy, "workers": [], "compute": [p.pid for p in self.echoes if p.pid is not None]}
+        relay = [self.relay_proc.pid] if self.relay_proc is not None and self.relay_proc.pid is not None else []
+        return {"broker": proxy, "workers": relay, "compute": [p.pid for p in self.echoes if p.pid is not None]}

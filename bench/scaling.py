@@ -17,7 +17,8 @@ so every task is submitted at once), which is what the raw path does too. ``--mo
 ``Master.map`` instead, with its default chunking (several calls per task when the installed ndpipe
 batches). The raw baseline (``ndpipe.bench._raw.RawBaseline``) does the same work with nothing but
 libzmq: a DEALER client (this process) → a C ``zmq.proxy`` ROUTER/DEALER device (its own process) →
-N DEALER worker processes that call the same function (:func:`raw_call`). All tasks are sent at
+N DEALER worker processes that call the same function (:func:`raw_call`): 2 hops each way, one
+fewer than ndpipe's master → broker → worker daemon → compute process. All tasks are sent at
 once and the proxy's DEALER deals them round robin, an even split, which is the best schedule for
 equal tasks. Each ndpipe row is divided by the raw run of the same N and workload made just before
 it (``ratio``); speed-up and efficiency (speed-up ÷ N) are against N = 1 of the same system.
