@@ -150,13 +150,16 @@ def worker_frozen(p: Params) -> Report:
             except TimeoutError:
                 rejoined = False
             finish(c, hist, report, 300, t0)
-            # Only tasks restarted while it was still stopped count: its own late answers after SIGCONT
-            # would complete the job even if the broker had forgotten to requeue them.
+            # Its own late answers after SIGCONT would complete the job even if the broker had forgotten to
+            # requeue its tasks: every task must have been answered from elsewhere (the answer names the
+            # pid) before SIGCONT, and the requeue is measured only on restarts while it was stopped.
             held, delays = restarts_after(read_starts(c.log_dir), frozen, t_stop, t_until=t_cont)
             report.recovery["requeue s"] = delays
-            report.checks["every task it held restarted elsewhere before SIGCONT"] = (
-                bool(held) and len(delays) == len(held))
-            report.notes.append(f"it held {len(held)} running tasks; {len(delays)} restarted elsewhere before SIGCONT")
+            late = [tid for tid, got in hist.answers.items() if isinstance(got[0], list) and got[0][2] in frozen
+                    and got[0][3] < t_stop and hist.first_at[tid] > t_cont]  # [tid, value, pid, start]
+            report.checks["no task it was running left to its own answers after SIGCONT"] = not late
+            report.notes.append(f"it was running {len(held)} tasks; {len(delays)} restarted elsewhere before SIGCONT; "
+                                f"{len(late)} answered by it after SIGCONT")
             report.checks["rejoined after SIGCONT"] = rejoined
     return report
 
