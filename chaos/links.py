@@ -131,7 +131,7 @@ def _link_job(p: Params, name: str, injected: str, broker: dict[str, Any], maste
                 hist, t0 = History(), time.monotonic()
                 submit_in_background(m, hist, range(tasks), seconds, c.log_dir)
                 windows = fault(proxy, hist, tasks, report)
-                finish(c, hist, report, 30 if p.short else 120, t0)
+                finish(c, hist, report, p.wait(120), t0)
                 counters = m.counters
                 broker = watcher.status()["counters"]
             starts = read_starts(c.log_dir)

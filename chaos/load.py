@@ -204,8 +204,8 @@ def overload(p: Params) -> Report:
             wait_for(lambda: sum(t in hist.first_at for t in later_ids) >= extra, 60, "QueueFull for the excess")
             queued_later = _later(watcher.status())
             c.start_worker(2, overrides={"services": later})
-            submitter.join(120)
-            finish(c, hist, report, 300, t0)
+            submitter.join(p.wait(120))
+            finish(c, hist, report, p.wait(300), t0)
             sampler.stop()
             counters = watcher.status()["counters"]
         peak = max([before, *sampler.rss])
@@ -463,9 +463,9 @@ def garbage(p: Params) -> Report:
             sampler = Sampler(c.broker.pid, watcher, _probe, every=0.2).start()
             time.sleep(max(0.0, start_at - time.monotonic()))
             hist, t0 = History(), time.monotonic()
-            submit_in_background(m, hist, range(tasks), seconds, c.log_dir).join(120)
+            submit_in_background(m, hist, range(tasks), seconds, c.log_dir).join(p.wait(120))
             results = _sender_results(c, senders, limit)
-            finish(c, hist, report, 300, t0)
+            finish(c, hist, report, p.wait(300), t0)
             sampler.stop()
             after = _rss(c.broker.pid)
             expiry = hb["liveness"] * hb["heartbeat_interval"]

@@ -41,6 +41,11 @@ class Params:
     def n(self, long: int, short: int) -> int:
         return self.tasks or (short if self.short else long)
 
+    def wait(self, long: float) -> float:
+        """Seconds to wait for a job's last answer: a CI-sized job takes seconds, so a lost answer
+        should fail it in 60 s, not keep the suite (or a mutation run) waiting for the full-size bound."""
+        return min(long, 60.0) if self.short and not self.tasks else long
+
 
 def submit_in_background(m: Master, hist: History, tids: Iterable[int], seconds: float, log_dir: str,
                          service: str = "work", timeout: float | None = None) -> threading.Thread:
@@ -101,8 +106,8 @@ def workers_killed(p: Params) -> Report:
                 except ProcessLookupError:
                     continue
                 victims.append((pid, t_kill))
-            submitter.join(120)
-            finish(c, hist, report, 300, t0)
+            submitter.join(p.wait(120))
+            finish(c, hist, report, p.wait(300), t0)
             starts = read_starts(c.log_dir)
             for pid, t_kill in victims:
                 report.recovery["requeue s"] += restarts_after(starts, {pid}, t_kill)[1]
@@ -149,7 +154,7 @@ def worker_frozen(p: Params) -> Report:
                 wait_for(lambda: _worker_count(watcher) == 2, 30, "the worker rejoining", 0.05)
             except TimeoutError:
                 rejoined = False
-            finish(c, hist, report, 300, t0)
+            finish(c, hist, report, p.wait(300), t0)
             # Its own late answers after SIGCONT would complete the job even if the broker had forgotten to
             # requeue its tasks: every task must have been answered from elsewhere (the answer names the
             # pid) before SIGCONT, and the requeue is measured only on restarts while it was stopped.
@@ -201,8 +206,8 @@ def task_hangs(p: Params) -> Report:
             for k in range(queued):
                 base = tasks + hangs + 2 * k
                 report.recovery["cancelled hang ran s"].append(_queued_hang(c, m, hist, base, base + 1))
-            submit_in_background(m, hist, range(tasks), 0.002, c.log_dir).join(120)
-            finish(c, hist, report, 120, t0)
+            submit_in_background(m, hist, range(tasks), 0.002, c.log_dir).join(p.wait(120))
+            finish(c, hist, report, p.wait(120), t0)
             starts = read_starts(c.log_dir)
             began = {tid: t for runs in starts.values() for tid, t in runs if tid in hang_ids}
             for tid in hang_ids:
@@ -271,7 +276,7 @@ def broker_crashes(p: Params) -> Report:
                 t_restart = time.monotonic()
                 first: float = wait_for(partial(hist.answered_after, t_restart), 30, "an answer after the restart")
                 report.recovery["serving again after restart s"].append(first - t_restart)
-            finish(c, hist, report, 300, t0)
+            finish(c, hist, report, p.wait(300), t0)
             check_reruns(report, hist, read_starts(c.log_dir), crash_times, slots=4, late=m.counters["late_answers"])
     return report
 
@@ -308,8 +313,8 @@ def worker_oom(p: Params) -> Report:
             hist, t0 = History(), time.monotonic()
             hog = m.call("hog", (tasks, c.log_dir))
             hist.track(tasks, SIZE, hog)
-            submit_in_background(m, hist, range(tasks), 0.002, c.log_dir).join(120)
-            finish(c, hist, report, 120, t0)
+            submit_in_background(m, hist, range(tasks), 0.002, c.log_dir).join(p.wait(120))
+            finish(c, hist, report, p.wait(120), t0)
             exc = hog.exception(timeout=60)
             message = str(exc)
             report.notes.append(f"the caller got: {type(exc).__name__}: {message.splitlines()[0][:200]}")
