@@ -140,6 +140,8 @@ def _link_job(p: Params, name: str, injected: str, broker: dict[str, Any], maste
             report.notes.append(f"master counters {counters}; broker dropped {broker['duplicates']} resent tasks it "
                                 f"held; {len(twice)} tasks ran twice; {proxy.accepted} connections through the proxy")
             report.checks["the master resent after each fault"] = counters["resends"] >= 1 + len(windows) // 2
+            report.checks["the broker dropped resent tasks it still held (its duplicate count > 0)"] = (
+                broker["duplicates"] > 0)
             report.checks["late answers (dropped) only for tasks that ran twice"] = (
                 counters["late_answers"] <= len(twice))
             _check_reruns(report, starts, twice, windows)
