@@ -99,19 +99,28 @@ def test_reruns_are_allowed_only_for_tasks_under_way_at_a_crash() -> None:
     from ndpipe.chaos.scenarios import check_reruns
 
     hist = History()
-    for tid in range(3):
+    for tid in range(4):
         hist.submitted(tid, 8)
-    hist.first_at.update({0: 5.0, 1: 5.0, 2: 9.0})
-    # task 0 ran before the crash at 4.0 and again after: fine; task 1 first ran after it: a duplicate
+    hist.first_at.update({0: 5.0, 1: 5.0, 2: 9.0, 3: 3.5})
+    # Killed at 4.0, restarted at 4.3. Task 0 ran before the restart and again after: fine; task 1
+    # first ran after the restart, so the new broker handed it out twice: a duplicate.
+    crash = [(4.0, 4.3)]
     starts = {10: [(0, 3.9), (2, 8.0)], 11: [(0, 4.2), (1, 4.5), (1, 4.6)]}
     report = Report("u", "")
-    check_reruns(report, hist, starts, [4.0], slots=4, late=1)
+    check_reruns(report, hist, starts, crash, slots=4, late=1)
     assert not report.passed
     report = Report("u", "")
-    check_reruns(report, hist, {10: [(0, 3.9)], 11: [(0, 4.2)]}, [4.0], slots=4, late=1)
+    check_reruns(report, hist, {10: [(0, 3.9)], 11: [(0, 4.2)]}, crash, slots=4, late=1)
+    assert report.passed
+    # in flight to the worker at the kill: it starts just after it, still handed out by the dead broker
+    report = Report("u", "")
+    check_reruns(report, hist, {10: [(0, 4.05)], 11: [(0, 4.4)]}, crash, slots=4, late=1)
     assert report.passed
     report = Report("u", "")
-    check_reruns(report, hist, {10: [(0, 3.9)], 11: [(0, 4.2)]}, [4.0], slots=4, late=2)
+    check_reruns(report, hist, {10: [(3, 3.0)], 11: [(3, 4.4)]}, crash, slots=4, late=0)
+    assert not report.passed  # answered at 3.5, before the crash: its answer was not lost
+    report = Report("u", "")
+    check_reruns(report, hist, {10: [(0, 3.9)], 11: [(0, 4.2)]}, crash, slots=4, late=2)
     assert not report.passed  # a late answer without a second run
 
 
