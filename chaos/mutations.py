@@ -91,7 +91,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if tid in self.tasks:\n            self.counters[\"duplicates\"] += 1\n",
         "        if tid in self.tasks and self.tasks[tid].state == QUEUED:\n"
         "            self.counters[\"duplicates\"] += 1\n",
-        (f"{T_STATE}::test_resent_running_task_is_not_queued_again", f"{CHAOS}[master_link_cut]")),
+        (f"{T_STATE}::test_resent_running_task_is_not_queued_again",
+         f"{T_FAIL}::test_resend_of_a_running_task_runs_it_once")),
     Mutation(
         "no-resend-on-new-session", "A master's outstanding tasks survive the broker forgetting it",
         "the master does not resend when PONG carries a new session", IOLOOP,

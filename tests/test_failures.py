@@ -8,7 +8,10 @@ import time
 from contextlib import contextmanager
 
 import pytest
+import zmq
 
+from ndpipe import protocol as P
+from ndpipe.codec import encode_call
 from ndpipe.errors import TaskCrashed
 from tests.conftest import FAST, STEADY, kill9, wait_until
 
@@ -98,6 +101,38 @@ def test_broker_killed_and_restarted_mid_job(make_cluster) -> None:  # type: ign
         c.start_broker()
         results = [f.result(timeout=60) for f in futs]
         assert results == list(range(100))  # each exactly once, in the right future
+
+
+def test_resend_of_a_running_task_runs_it_once(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A master resends every outstanding task after a link or session change; the broker must drop a
+    resend of a task it is running, not queue it again. With one compute process the order of replies
+    proves it without waiting: a second copy of X would run, and answer, before Y."""
+    c = make_cluster(broker=STEADY)
+    c.start_broker()
+    c.start_worker(processes=1)
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.DEALER)
+    front.linger = 0
+    try:
+        with c.master() as m:
+            c.wait_slots(m, 1, service="sleep")
+            front.connect(c.frontend)
+            options = P.OPTIONS.pack(0, 0, 0)
+            front.send_multipart([P.MASTER, P.SUBMIT, b"sleep", b"task-X", options, *encode_call([1.0, "x"], {})])
+            wait_until(lambda: m.status()["workers"][0]["stats"].get("running") == 1, what="task X running")
+            front.send_multipart([P.MASTER, P.SUBMIT, b"sleep", b"task-X", options, *encode_call([1.0, "x"], {})])
+            front.send_multipart([P.MASTER, P.SUBMIT, b"sleep", b"task-Y", options, *encode_call([0.0, "y"], {})])
+            answered: list[bytes] = []
+            while b"task-Y" not in answered:
+                assert front.poll(20_000), f"no answer after {answered}"
+                frames = front.recv_multipart()
+                assert frames[1] == P.RESULT, frames
+                answered.append(frames[2])
+            assert answered == [b"task-X", b"task-Y"]
+            assert m.status()["counters"]["duplicates"] == 1
+    finally:
+        front.close(linger=0)
+        ctx.term()
 
 
 def test_crashing_handler_fails_after_max_attempts(make_cluster) -> None:  # type: ignore[no-untyped-def]
