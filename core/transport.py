@@ -31,9 +31,12 @@ def readable(sock: zmq.Socket[Any]) -> bool:
 
 
 def configure(
-    sock: zmq.Socket[Any], hwm: int = 100_000, max_frame_bytes: int = -1, router: bool = False
+    sock: zmq.Socket[Any], hwm: int = 100_000, max_frame_bytes: int = -1, router: bool = False,
+    handover: bool = True,
 ) -> zmq.Socket[Any]:
-    """Apply ndpipe's socket defaults; ``router`` adds ROUTER_MANDATORY and ROUTER_HANDOVER."""
+    """Apply ndpipe's socket defaults; ``router`` adds ROUTER_MANDATORY and (unless ``handover`` is
+    false) ROUTER_HANDOVER, which lets a reconnecting peer take over its routing id — and so lets
+    anyone who can connect take over anyone's."""
     sock.linger = 0
     sock.sndhwm = hwm
     sock.rcvhwm = hwm
@@ -41,7 +44,8 @@ def configure(
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     if router:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     return sock
 
 

@@ -1,7 +1,8 @@
 """A compute process: runs handlers for the worker daemon, one task at a time.
 
-The daemon binds a ROUTER on an ipc endpoint private to it; each compute process connects a
-DEALER whose identity is its slot index, says HELLO, then loops: TASK in, RESULT or ERROR out.
+The daemon binds a ROUTER on an ipc endpoint private to its uid; each compute process connects a
+DEALER whose identity is its slot index and a token fresh for each spawn, says HELLO, then loops:
+TASK in, RESULT or ERROR out.
 Decoding and encoding happen here, so the daemon (and the broker) only move frames. A handler
 exception becomes HANDLER_ERROR with its remote traceback; the process carries on. If the process
 dies instead (segfault, OOM kill, ``kill -9``) the daemon sees its sentinel and reports CRASHED.
@@ -173,9 +174,15 @@ def limit_memory(limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES,
+def routing_id(index: int, token: str) -> bytes:
+    """A compute process's identity on the daemon's socket: its slot and a token fresh for each spawn."""
+    return b"c%d-%s" % (index, token.encode())
+
+
+def main(endpoint: str, ident: bytes, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES,
          memory_limit: int = 0, max_frame_bytes: int = 1 << 30) -> None:
     """Process entry point (spawned by the daemon)."""
+    index = int(ident[1:].split(b"-")[0])
     die_with_parent()
     _limits["max_frame_bytes"] = max_frame_bytes
     limit_memory(memory_limit)
@@ -183,7 +190,7 @@ def main(endpoint: str, index: int, services: dict[str, str], parent: int, max_f
     handlers = {name: resolve(spec) for name, spec in services.items()}
     ctx = zmq.Context()
     sock = configure(ctx.socket(zmq.DEALER), hwm=1000)
-    sock.setsockopt(zmq.ROUTING_ID, b"c%d" % index)
+    sock.setsockopt(zmq.ROUTING_ID, ident)
     sock.connect(endpoint)
     sock.send_multipart([P.C_HELLO, str(os.getpid()).encode()])
     try:

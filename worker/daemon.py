@@ -5,6 +5,12 @@ polls the broker socket, the ROUTER its compute processes connect to, every chil
 child death is seen at once and reported as CRASHED, so the broker retries the task elsewhere
 without waiting for a heartbeat to expire) and the stop signal's pipe.
 
+The channel to the compute processes is private: an ipc socket in a fresh 0700 directory (under
+``$RUNTIME_DIRECTORY`` when systemd gives one), so no other uid can connect, and no routing-id
+handover — each spawn gets an identity of its own (slot index and a random token) and the daemon
+talks only to the identities it spawned. (An abstract-namespace socket, listed in /proc/net/unix and
+open to every local user, let a second uid that connected as ``c0`` take over a process's tasks.)
+
 Broker lost (silent for ``liveness`` intervals): a new socket with a new identity, READY again,
 with exponential back-off between attempts. A broker that does not know us (it restarted) answers
 DISCONNECT and we re-register at once. SIGTERM: DRAIN, finish what is running for up to
@@ -16,8 +22,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import socket
+import tempfile
 import time
+from collections import deque
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -58,11 +67,13 @@ class WorkerDaemon:
             os.environ.setdefault(var, "1")
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
-        # Linux abstract socket: nothing on disk to leave behind, even after kill -9.
-        self.child_endpoint = f"ipc://@ndpipe-worker-{os.getpid()}-{os.urandom(6).hex()}"
-        self.children = configure(self.ctx.socket(zmq.ROUTER), hwm=10_000, router=True)
+        self.private_dir = private_dir()
+        self.child_endpoint = f"ipc://{self.private_dir}/compute.sock"
+        self.children = configure(self.ctx.socket(zmq.ROUTER), hwm=10_000, router=True, handover=False)
         self.children.bind(self.child_endpoint)
         self.procs: dict[int, BaseProcess] = {}
+        self.child_ids: dict[bytes, int] = {}  # routing id of each live spawn -> its slot
+        self.retired: deque[bytes] = deque(maxlen=64)  # ids of dead spawns: their last frames are dropped quietly
         self.sock: zmq.Socket[Any] | None = None
         self.interval = P.HEARTBEAT_INTERVAL
         self.liveness = P.LIVENESS
@@ -83,13 +94,19 @@ class WorkerDaemon:
 
     # ---- children -------------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
+        for ident, slot in list(self.child_ids.items()):
+            if slot == index:
+                del self.child_ids[ident]
+                self.retired.append(ident)
+        ident = compute.routing_id(index, os.urandom(8).hex())
         proc = self._mp.Process(
             target=compute.main, name=f"ndpipe-compute-{index}",
-            args=(self.child_endpoint, index, self.services, os.getpid(), self.cfg.max_frames, self.cfg.memory_limit,
-                  self.cfg.max_frame_bytes),
+            args=(self.child_endpoint, ident, self.services, os.getpid(), self.cfg.max_frames,
+                  self.cfg.memory_limit, self.cfg.max_frame_bytes),
         )
         proc.start()
         self.procs[index] = proc
+        self.child_ids[ident] = index
         self.poller.register(proc.sentinel, zmq.POLLIN)
 
     def _on_child_death(self, index: int, now: float) -> None:
@@ -117,6 +134,9 @@ class WorkerDaemon:
         if not self.draining:
             self._spawn(index)
 
+    def _ident_of(self, index: int) -> bytes:
+        return next(ident for ident, slot in self.child_ids.items() if slot == index)
+
     def _kill_child(self, index: int) -> None:
         proc = self.procs.get(index)
         if proc is not None and proc.is_alive():
@@ -124,9 +144,12 @@ class WorkerDaemon:
 
     def _on_child(self, frames: list[Any], now: float) -> None:
         ident = frames[0]
-        if not ident.startswith(b"c") or not ident[1:].isdigit() or int(ident[1:]) >= self.pool.size:
-            raise ProtocolError(f"unknown compute process {ident!r}")
-        index, kind = int(ident[1:]), frames[1]
+        index = self.child_ids.get(ident)
+        if index is None:
+            if ident in self.retired:
+                return  # a dead spawn's last frames, read after its sentinel: its task was already reported
+            raise ProtocolError(f"unknown compute process {ident[:40]!r}")
+        kind = frames[1]
         if kind == P.C_HELLO:
             proc = self.procs.get(index)
             if len(frames) > 2 and proc is not None and frames[2] == str(proc.pid).encode():
@@ -145,7 +168,7 @@ class WorkerDaemon:
     def _start_jobs(self, now: float) -> None:
         while (started := self.pool.next_start(now)) is not None:
             slot, job = started
-            frames = [b"c%d" % slot.index, P.C_TASK, job.tid, job.service.encode(), P.FLAGS.pack(job.flags),
+            frames = [self._ident_of(slot.index), P.C_TASK, job.tid, job.service.encode(), P.FLAGS.pack(job.flags),
                       *job.payload]
             try:
                 send_frames(self.children, frames, zmq.NOBLOCK)
@@ -326,8 +349,16 @@ class WorkerDaemon:
         if self.sock is not None:
             self.sock.close(linger=1000)  # let the last results and DISCONNECT reach the broker
         self.children.close(linger=0)
+        shutil.rmtree(self.private_dir, ignore_errors=True)
         if self._own_ctx:
             self.ctx.term()
+
+
+def private_dir() -> str:
+    """A fresh directory only this uid can enter (mkdtemp makes it 0700), under systemd's
+    ``$RUNTIME_DIRECTORY`` when set (removed by systemd even after kill -9), else the temp dir."""
+    parent = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    return tempfile.mkdtemp(prefix=f"ndpipe-worker-{os.getpid()}-", dir=parent)
 
 
 def serve(config: WorkerConfig, stop: StopSignal | None = None) -> None:
