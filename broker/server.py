@@ -164,7 +164,9 @@ class Broker:
             P.check_header(msg, P.MASTER, 3)
             self.state.cancel(ident, P.task_id_of(msg[2]))
         elif command == P.STATUS:
-            request = frame_bytes(msg[2])[:64] if len(msg) > 2 else b""
+            request = frame_bytes(msg[2]) if len(msg) > 2 else b""
+            if len(request) > P.REQUEST_ID_MAX:  # cut short, it would no longer match the master's request
+                raise ProtocolError(f"STATUS request id of {len(request)} octets (at most {P.REQUEST_ID_MAX})")
             body = msgpack.packb(self._snapshot(now), use_bin_type=True)
             self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
         elif command == P.BYE:
@@ -185,6 +187,7 @@ class Broker:
         except ProtocolError as exc:
             if not tid:
                 raise
+            self.state.counters["rejected"] += 1
             self._error(ident, tid, P.BAD_REQUEST, {"message": str(exc)})
             return
         # Small frames are copied out: a kept zmq.Frame pins the ~8 KiB receive buffer libzmq carved it
@@ -217,6 +220,7 @@ class Broker:
                 tid = P.task_id_of(head[4])
             except ProtocolError:
                 return
+            self.state.counters["rejected"] += 1
             self._error(frame_bytes(head[0]), tid, P.BAD_REQUEST, {"message": f"SUBMIT {why} (broker.max_frames)"})
 
     def _to_master(self, ident: bytes, frames: list[Any]) -> bool:
@@ -291,7 +295,7 @@ class Broker:
         info = unpack_map(frame_bytes(msg[2]))
         services, slots = info.get("services"), info.get("slots")
         if (not isinstance(services, list) or not services or not all(isinstance(s, str) for s in services)
-                or not isinstance(slots, int) or not 0 < slots <= 100_000):
+                or isinstance(slots, bool) or not isinstance(slots, int) or not 0 < slots <= 100_000):
             raise ProtocolError(f"READY needs services (list of str) and slots (1..100000), got {info!r:.200}")
         self.state.worker_ready(wid, services, slots, now, info)
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,

@@ -66,6 +66,7 @@ FLAGS: Final = struct.Struct("!H")  # C_TASK: the task's flags
 FLAG_BATCH: Final = 0x0001  # the payload is a batch of calls; the result is a list of outcomes
 KNOWN_FLAGS: Final = FLAG_BATCH  # a SUBMIT with any other bit set gets BAD_REQUEST
 MAX_TASK_ID: Final = 64  # bytes
+REQUEST_ID_MAX: Final = 64  # bytes: a STATUS request id, echoed in STATUS_REPLY
 MAX_SERVICE: Final = 255  # bytes, UTF-8
 
 # --- defaults -------------------------------------------------------------------------------------

@@ -94,6 +94,30 @@ def test_bad_submit_with_task_id_gets_bad_request(cluster, raw) -> None:  # type
     assert "more than" in answers[b"far-too-many"][1]
 
 
+def test_status_request_ids_are_echoed_whole_and_a_long_one_is_refused(cluster, raw) -> None:  # type: ignore[no-untyped-def]
+    front = raw(cluster.frontend)
+    front.send_multipart([P.MASTER, P.STATUS, b"x" * 65])  # cut short, it would match no request: dropped
+    front.send_multipart([P.MASTER, P.STATUS, b"y" * 64])
+    front.send_multipart([P.MASTER, P.STATUS])
+    replies = []
+    while len(replies) < 2:
+        assert front.poll(10_000), f"replies so far: {replies}"
+        frames = front.recv_multipart()
+        assert frames[1] == P.STATUS_REPLY
+        replies.append(frames[3])
+    assert replies == [b"y" * 64, b""]
+
+
+def test_bad_request_counts_as_rejected(cluster, raw) -> None:  # type: ignore[no-untyped-def]
+    front = raw(cluster.frontend)
+    front.send_multipart([P.MASTER, P.SUBMIT, b"echo", b"bad-options", b"\x00\x01", b"payload"])
+    assert front.poll(10_000)
+    assert front.recv_multipart()[1] == P.ERROR
+    front.send_multipart([P.MASTER, P.STATUS, b"r"])
+    assert front.poll(10_000)
+    assert msgpack.unpackb(front.recv_multipart()[2])["counters"]["rejected"] == 1
+
+
 def test_unknown_worker_is_told_to_register(cluster, raw) -> None:  # type: ignore[no-untyped-def]
     back = raw(cluster.backend)
     back.send_multipart([P.WORKER, P.W_RESULT, b"some-task", b"payload"])
@@ -103,7 +127,8 @@ def test_unknown_worker_is_told_to_register(cluster, raw) -> None:  # type: igno
 
 def test_bad_ready_is_refused(cluster, raw) -> None:  # type: ignore[no-untyped-def]
     back = raw(cluster.backend)
-    for info in ({"services": "echo", "slots": 1}, {"services": ["echo"], "slots": 10**9}, [1, 2]):
+    for info in ({"services": "echo", "slots": 1}, {"services": ["echo"], "slots": 10**9}, [1, 2],
+                 {"services": ["echo"], "slots": True}):  # a bool is an int to Python, not a slot count
         back.send_multipart([P.WORKER, P.READY, msgpack.packb(info)])
     back.send_multipart([P.WORKER, P.READY, b"\xc1garbage"])
     back.send_multipart([P.WORKER, P.HEARTBEAT])  # still unknown: must be told to register
