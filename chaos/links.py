@@ -101,7 +101,8 @@ def master_frozen(p: Params) -> Report:
             finish(c, hist, report, 1, t0)
             report.checks["forgotten by the broker while frozen"] = forgotten
             report.checks["the broker had dropped its queued tasks"] = forgotten and queued_at_forget < tasks // 2
-            report.checks["the master resent after it resumed"] = data["counters"].get("resends", 0) >= 2
+            # The first PONG resends nothing (its tasks went out once already): this one is the resume's.
+            report.checks["the master resent after it resumed"] = data["counters"].get("resends", 0) >= 1
             report.checks["the master process finished cleanly"] = exited == 0
             report.notes.append(f"master counters: {data['counters']}")
     return report
@@ -127,7 +128,7 @@ def _link_job(p: Params, name: str, injected: str, broker: dict[str, Any], maste
             cfg = MasterConfig(**{**c.config["master"], **master, "broker": proxy.endpoint})
             with Master(proxy.endpoint, config=cfg) as m, c.master() as watcher:
                 c.wait_slots(watcher, 4)
-                m.status()  # the first PONG (and its resend) come before the job
+                m.status()  # the first PONG comes before the job
                 hist, t0 = History(), time.monotonic()
                 submit_in_background(m, hist, range(tasks), seconds, c.log_dir)
                 windows = fault(proxy, hist, tasks, report)
@@ -139,7 +140,7 @@ def _link_job(p: Params, name: str, injected: str, broker: dict[str, Any], maste
             twice = sorted(tid for tid, n in runs.items() if n > 1)
             report.notes.append(f"master counters {counters}; broker dropped {broker['duplicates']} resent tasks it "
                                 f"held; {len(twice)} tasks ran twice; {proxy.accepted} connections through the proxy")
-            report.checks["the master resent after each fault"] = counters["resends"] >= 1 + len(windows) // 2
+            report.checks["the master resent after each fault"] = counters["resends"] >= len(windows) // 2
             report.checks["the broker dropped resent tasks it still held (its duplicate count > 0)"] = (
                 broker["duplicates"] > 0)
             report.checks["late answers (dropped) only for tasks that ran twice"] = (

@@ -27,8 +27,9 @@ from pathlib import Path
 PACKAGES = {"core": "ndpipe", "broker": "ndpipe/broker", "worker": "ndpipe/worker", "master": "ndpipe/master",
             "examples": "ndpipe/examples", "bench": "ndpipe/bench", "chaos": "ndpipe/chaos"}
 
-STATE, IOLOOP, DAEMON, CODEC = "broker/state.py", "master/ioloop.py", "worker/daemon.py", "core/codec.py"
+STATE, MSTATE, DAEMON, CODEC = "broker/state.py", "master/state.py", "worker/daemon.py", "core/codec.py"
 T_STATE, T_FAIL, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", "tests/test_master.py"
+T_MSTATE = "tests/test_master_state.py"
 CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
 
 
@@ -95,27 +96,35 @@ MUTATIONS: tuple[Mutation, ...] = (
          f"{T_FAIL}::test_resend_of_a_running_task_runs_it_once")),
     Mutation(
         "no-resend-on-new-session", "A master's outstanding tasks survive the broker forgetting it",
-        "the master does not resend when PONG carries a new session", IOLOOP,
-        "        if self.resend_due or session != self.session:\n",
-        "        if self.resend_due or self.session is None:\n",
-        (f"{CHAOS}[master_frozen]",)),
+        "the master does not resend when PONG carries a new session", MSTATE,
+        "        restarted = self.session is not None and session != self.session\n",
+        "        restarted = False\n",
+        (f"{T_MSTATE}::test_a_new_session_resends_every_outstanding_task_once", f"{CHAOS}[master_frozen]")),
+    Mutation(
+        "first-pong-resends", "A task is sent once unless something may have lost it",
+        "the master resends everything at the first PONG, though nothing was lost", MSTATE,
+        "        restarted = self.session is not None and session != self.session\n",
+        "        restarted = session != self.session\n",
+        (f"{T_MSTATE}::test_tasks_submitted_before_the_first_pong_are_not_sent_twice",)),
     Mutation(
         "no-resend-on-link-return", "A master's outstanding tasks survive a dropped connection",
-        "the master does not resend when its socket monitor sees the link come back", IOLOOP,
-        "                self._resend_at_pong(time.monotonic())\n", "                pass\n",
-        (f"{CHAOS}[master_link_cut]",)),
+        "the master does not resend when its socket monitor sees the link come back", MSTATE,
+        "        self.resend_due = True\n        self.next_ping = now + self.interval\n",
+        "        self.next_ping = now + self.interval\n",
+        (f"{T_MSTATE}::test_link_return_resends_at_the_next_pong_only", f"{CHAOS}[master_link_cut]")),
     Mutation(
         "no-resend-on-new-socket", "A master's outstanding tasks survive a link that went silent",
-        "the master opens a new socket after silence but does not resend on it", IOLOOP,
+        "the master opens a new socket after silence but does not resend on it", MSTATE,
         "            self.heard = now  # give the new socket a full liveness period\n"
         "            self.resend_due = True\n",
         "            self.heard = now  # give the new socket a full liveness period\n",
-        (f"{CHAOS}[master_link_silent]",)),
+        (f"{T_MSTATE}::test_silence_asks_for_a_new_socket_and_a_resend_at_the_next_pong",
+         f"{CHAOS}[master_link_silent]")),
     Mutation(
         "no-resend-at-all", "A master's outstanding tasks survive a broker crash",
-        "the master never resends (session, link return and new socket paths all removed)", IOLOOP,
-        "    def _resend_all(self) -> None:\n        \"\"\"",
-        "    def _resend_all(self) -> None:\n        return\n        \"\"\"",
+        "the master never resends (session, link return and new socket paths all removed)", MSTATE,
+        "    def _resend_all(self, now: float) -> list[Frames]:\n        \"\"\"",
+        "    def _resend_all(self, now: float) -> list[Frames]:\n        return []\n        \"\"\"",
         (f"{T_FAIL}::test_broker_killed_and_restarted_mid_job", f"{CHAOS}[broker_crashes]")),
     Mutation(
         "max-queued-counts-all-services", "broker.max_queued bounds each service's queue, no less",
@@ -129,10 +138,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{T_STATE}::test_queue_full_is_an_explicit_error", f"{CHAOS}[overload]")),
     Mutation(
         "status-replies-in-arrival-order", "Each STATUS reply reaches the request that asked for it",
-        "the master hands STATUS replies to waiters in arrival order, ignoring the request id", IOLOOP,
+        "the master hands STATUS replies to waiters in arrival order, ignoring the request id", MSTATE,
         "            future = self.status_waiters.pop(frame_bytes(frames[3]), None)\n",
         "            future = self.status_waiters.pop(next(iter(self.status_waiters), b\"\"), None)\n",
-        (f"{T_MASTER}::test_status_replies_out_of_order_reach_their_requests",)),
+        (f"{T_MSTATE}::test_status_replies_reach_their_own_request_and_a_withdrawn_one_is_dropped",
+         f"{T_MASTER}::test_status_replies_out_of_order_reach_their_requests")),
     Mutation(
         "worker-ignores-cancel", "A task the broker cancelled stops using its compute process at once",
         "the worker daemon ignores W_CANCEL", DAEMON,

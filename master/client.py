@@ -2,7 +2,9 @@
 
 One background I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe); user
 threads encode their arguments (so encoding errors raise at ``submit``) and hand the frames over
-through a deque and a wake-up pipe. The I/O thread keeps every outstanding task until it resolves:
+as commands through a :class:`~ndpipe.master.ioloop.Channel`; the socket-free
+:class:`~ndpipe.master.state.MasterState` decides what each command, answer and tick means. It
+keeps every outstanding task until it resolves:
 
 * **window** — at most ``window`` tasks outstanding; ``submit`` blocks beyond that.
 * **exactly once** — a task resolves the first time an answer arrives; later answers for the
@@ -31,7 +33,6 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
-import zmq
 
 from ndpipe import protocol as P
 from ndpipe.codec import encode_batch, encode_call
@@ -46,8 +47,8 @@ from ndpipe.errors import (
     TaskTimeout,
     error_from_code,
 )
-from ndpipe.master.ioloop import IOLoop, Pending, resolve
-from ndpipe.transport import configure
+from ndpipe.master.ioloop import Cancel, Channel, Close, Command, IOLoop, Status, StatusWithdrawn, Submit
+from ndpipe.master.state import Pending
 
 log = logging.getLogger("ndpipe.master")
 MAX_CHUNK = 1024  # calls per batch chosen automatically by map()
@@ -83,11 +84,7 @@ class Master:
         self._slots = threading.BoundedSemaphore(self.window)
         self._slots_cache: dict[str, tuple[float, int]] = {}
         self._ident = b"M" + os.urandom(15)
-        self._inbox: deque[tuple[str, Any]] = deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._wake_pending = False  # set by _post when it writes; cleared by the I/O thread before draining
+        self._channel = Channel()
         self._closed = False
         self._lock = threading.RLock()  # orders close() against submit/cancel/status posts
         self._started = threading.Event()
@@ -145,7 +142,7 @@ class Master:
                 self._check_open()
             tid = pending.tid  # not `pending`: a closure over it would make future and pending a GC cycle
             future.add_done_callback(lambda f: self._done(f, tid))
-            self._post("submit", pending)
+            self._post(Submit(pending))
         return future
 
     def _check_open(self) -> None:
@@ -340,13 +337,13 @@ class Master:
         request = os.urandom(8)
         with self._lock:
             self._check_open()
-            self._post("status", (request, future))
+            self._post(Status(request, future))
         try:
             return future.result(timeout)
         except FutureTimeout as exc:  # not the builtin TimeoutError before Python 3.11
             with self._lock:
                 if not self._closed and self._error is None:
-                    self._post("status_cancel", request)
+                    self._post(StatusWithdrawn(request))
             raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
 
     @property
@@ -355,7 +352,7 @@ class Master:
         twice after a requeue or a resend, or one answered after its timeout or cancel; each dropped,
         never delivered twice) and ``resends`` (times every outstanding task was resent)."""
         loop = self._loop
-        return dict(loop.counters) if loop is not None else {"late_answers": 0, "resends": 0}
+        return dict(loop.state.counters) if loop is not None else {"late_answers": 0, "resends": 0}
 
     def close(self) -> None:
         """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent and thread-safe."""
@@ -365,20 +362,10 @@ class Master:
             if self._closed:
                 return
             self._closed = True
-            self._post("close", None)
+            self._post(Close())
         self._thread.join()
-        self._fail_inbox(NdpipeError("master closed before the task was sent"))
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    def _fail_inbox(self, error: BaseException) -> None:
-        """Fail what user threads posted but the I/O thread will never read."""
-        while self._inbox:
-            kind, item = self._inbox.popleft()
-            if kind == "submit":
-                resolve(item.future, error=error)
-            elif kind == "status":
-                resolve(item[1], error=error)
+        self._channel.fail_unread(NdpipeError("master closed before the task was sent"))
+        self._channel.close()
 
     def __enter__(self) -> Master:
         return self
@@ -387,33 +374,22 @@ class Master:
         self.close()
 
     # ---- user thread -> I/O thread --------------------------------------------------------------
-    def _post(self, kind: str, item: Any) -> None:
-        """Hand an item to the I/O thread (callers hold ``_lock`` and have checked it is open)."""
-        self._inbox.append((kind, item))
-        if self._wake_pending:  # the I/O thread has a wake-up it has not consumed: it will see this item
-            return
-        self._wake_pending = True  # one write per wake-up, not per task: a syscall and a thread switch saved
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
-        except BaseException:
-            self._wake_pending = False  # interrupted before the write: the next post must write
-            raise
+    def _post(self, command: Command) -> None:
+        """Hand a command to the I/O thread (callers hold ``_lock`` and have checked it is open)."""
+        self._channel.post(command)
 
     def _done(self, future: Future[Any], tid: bytes) -> None:
         self._slots.release()
         if future.cancelled():
             with self._lock:
                 if not self._closed and self._error is None:
-                    self._post("cancel", tid)
+                    self._post(Cancel(tid))
 
     # ---- I/O thread -----------------------------------------------------------------------------
     def _io_main(self) -> None:
         try:
-            self._ctx: zmq.Context[Any] = zmq.Context()
-            self._sock = self._new_socket()
-            loop = self._loop = IOLoop(self)
+            loop = self._loop = IOLoop(self.cfg, self.endpoint, self._ident, max(100_000, 4 * self.window),
+                                       self._channel)
         except Exception as exc:
             self._error = exc
             self._started.set()
@@ -426,16 +402,7 @@ class Master:
             error = NdpipeError(f"master I/O thread failed: {exc!r}")
             with self._lock:
                 self._error = exc
-            loop._fail_all(error)
-            self._fail_inbox(error)
+            loop.state.fail_all(error)
+            self._channel.fail_unread(error)
         finally:
-            loop.watch.close()
-            self._sock.close(linger=0)
-            self._ctx.term()
-
-    def _new_socket(self) -> zmq.Socket[Any]:
-        sock = configure(self._ctx.socket(zmq.DEALER), hwm=max(100_000, 4 * self.window),
-                         max_frame_bytes=-1)
-        sock.setsockopt(zmq.ROUTING_ID, self._ident)
-        sock.connect(self.endpoint)
-        return sock
+            loop.close()

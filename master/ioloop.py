@@ -1,148 +1,190 @@
-"""The master's I/O thread: one poll loop that alone touches the DEALER socket.
+"""The master's I/O thread: one poll loop that alone owns the context and the DEALER socket.
 
-It keeps every outstanding task (:class:`Pending`) until it resolves, exactly once: results and
-errors, local timeouts, PING/PONG with the session token, a new socket after silence, a silent
-link drop seen by ``LinkWatch``, BrokerUnreachable after ``broker_timeout``. Every outstanding
-task is resent exactly once per such event, at the first PONG after it (``resend_due`` or a new
-session). User threads talk to it only through ``Master._inbox`` and a wake pipe.
+User threads reach it only through a :class:`Channel` of small command dataclasses and a wake-up
+pipe; what to do with each command, each broker message and the passing of time is decided by the
+socket-free :class:`~ndpipe.master.state.MasterState`. The loop carries it out: send the frames the
+state returns, open a new socket when it asks (the broker went silent), tell it when the socket
+monitor saw the link drop and come back.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import time
-from concurrent.futures import Future, InvalidStateError
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.codec import Limits, decode, decode_outcomes
-from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
-from ndpipe.transport import LinkWatch, Throttle, frame_bytes, recv_bounded, send_frames, unpack_map
-
-if TYPE_CHECKING:
-    from ndpipe.master.client import Master
+from ndpipe.config import MasterConfig
+from ndpipe.errors import NdpipeError, ProtocolError
+from ndpipe.master.state import Frames, MasterState, Pending, resolve
+from ndpipe.transport import LinkWatch, Throttle, configure, recv_bounded, send_frames
 
 log = logging.getLogger("ndpipe.master")
+READ_BATCH = 1024  # broker messages read per poll wake-up before the inbox and the clock get a turn
 
 
-@dataclass(slots=True, eq=False)
-class Pending:
+# ---- commands from user threads ----------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class Submit:
+    pending: Pending
+
+
+@dataclass(slots=True, frozen=True)
+class Cancel:
     tid: bytes
-    service: bytes
-    options: bytes
-    payload: list[Any]
-    future: Future[Any]
-    deadline: float | None
-    batch: int = 0  # FLAG_BATCH tasks: number of calls (the result is that many outcomes)
+
+
+@dataclass(slots=True, frozen=True)
+class Status:
+    request: bytes
+    future: Future[dict[str, Any]]
+
+
+@dataclass(slots=True, frozen=True)
+class StatusWithdrawn:
+    request: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Close:
+    pass
+
+
+Command = Submit | Cancel | Status | StatusWithdrawn | Close
+
+
+class Channel:
+    """Commands from user threads to the I/O thread: a deque and a non-blocking wake-up pipe.
+
+    One pipe write per wake-up, not per command: ``_wake_pending`` is set by the poster that writes
+    and cleared by the I/O thread after emptying the pipe and before reading the deque, so a command
+    posted after that point finds the flag clear and writes again. Posters serialise on the master's
+    lock; ``append`` and ``popleft`` on a deque are atomic.
+    """
+
+    def __init__(self) -> None:
+        self.items: deque[Command] = deque()
+        self.wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+
+    def post(self, command: Command) -> None:
+        self.items.append(command)
+        if self._wake_pending:  # the I/O thread has a wake-up it has not consumed: it will see this
+            return
+        self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+        except BaseException:
+            self._wake_pending = False  # interrupted before the write: the next post must write
+            raise
+
+    def woken(self) -> None:
+        """I/O thread: empty the pipe; commands posted from now on write a new wake-up."""
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+
+    def take(self) -> list[Command]:
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
+        return out
+
+    def fail_unread(self, error: BaseException) -> None:
+        """Fail what user threads posted but the I/O thread will never read."""
+        for command in self.take():
+            if isinstance(command, Submit):
+                resolve(command.pending.future, error=error)
+            elif isinstance(command, Status):
+                resolve(command.future, error=error)
+
+    def close(self) -> None:
+        os.close(self.wake_r)
+        os.close(self._wake_w)
 
 
 class IOLoop:
-    """The master's poll loop (runs in the I/O thread, touches the socket alone)."""
+    """Create it in the I/O thread (the socket must be made where it is used), then :meth:`run`."""
 
-    def __init__(self, master: Master) -> None:
-        self.m = master
-        self.pending: dict[bytes, Pending] = {}
-        self.deadlines: list[tuple[float, bytes]] = []
-        self.status_waiters: dict[bytes, Future[dict[str, Any]]] = {}
-        self.watch = LinkWatch(master._sock)
-        cfg = master.cfg
-        self.interval = cfg.heartbeat_interval
-        self.liveness = cfg.liveness
-        self.session: bytes | None = None
-        self.resend_due = False  # the link dropped or the socket is new: resend at the next PONG
-        now = time.monotonic()
-        self.heard = now
-        self.lost_since: float | None = None
-        self.next_ping = now
+    def __init__(self, cfg: MasterConfig, endpoint: str, ident: bytes, hwm: int, channel: Channel) -> None:
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.ident = ident
+        self.hwm = hwm
+        self.channel = channel
+        self.state = MasterState(cfg, endpoint, time.monotonic())
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock = self._new_socket()
+        self.watch = LinkWatch(self.sock)
         self.closing = False
         self.malformed = Throttle(log)
         self.dropped = Throttle(log)
-        self.limits = Limits(max_frames=cfg.max_frames)
-        self.counters = {"late_answers": 0, "resends": 0}
+
+    def _new_socket(self) -> zmq.Socket[Any]:
+        sock = configure(self.ctx.socket(zmq.DEALER), hwm=self.hwm, max_frame_bytes=-1)
+        sock.setsockopt(zmq.ROUTING_ID, self.ident)  # kept across sockets: the broker knows us by it
+        sock.connect(self.endpoint)
+        return sock
 
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.m._wake_r, zmq.POLLIN)
-        poller.register(self.m._sock, zmq.POLLIN)
-        poller.register(self.watch.monitor, zmq.POLLIN)
+        for fd in (self.channel.wake_r, self.sock, self.watch.monitor):
+            poller.register(fd, zmq.POLLIN)
         while not self.closing:
-            now = time.monotonic()
-            wake = self.next_ping
-            if self.deadlines:
-                wake = min(wake, self.deadlines[0][0])
-            events = dict(poller.poll(int(max(0.0, wake - now) * 1000)))
-            if self.m._wake_r in events:
-                try:
-                    while os.read(self.m._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                # After emptying the pipe, before reading the inbox: an item posted before this line is
-                # read just below; one posted after it finds the flag clear and writes a new wake-up.
-                self.m._wake_pending = False
-            self._inbox()
-            if self.m._sock in events:
+            timeout = max(0.0, self.state.next_wake() - time.monotonic())
+            events = dict(poller.poll(int(timeout * 1000)))
+            if self.channel.wake_r in events:
+                self.channel.woken()
+            self._commands()
+            if self.sock in events:
                 self._receive()
             if self.watch.monitor in events and self.watch.came_back():
-                log.warning("link to broker %s dropped and came back: %d tasks to resend",
-                            self.m.endpoint, len(self.pending))
-                self._resend_at_pong(time.monotonic())
-            now = time.monotonic()
-            self._expire(now)
-            if now >= self.next_ping:
-                self._ping(now, poller)
-        self._send([P.MASTER, P.BYE])
-        self.m._sock.close(linger=200)
-        self._fail_all(NdpipeError("master closed before the task finished"))
+                self._send_all(self.state.link_came_back(time.monotonic()))
+            tick = self.state.tick(time.monotonic())
+            if tick.reconnect:
+                self._replace_socket(poller)
+            self._send_all(tick.send)
+        self._send_all([[P.MASTER, P.BYE]])
+        self.sock.close(linger=200)
+        self.state.fail_all(NdpipeError("master closed before the task finished"))
 
-    def _send(self, frames: list[Any]) -> None:
-        try:
-            send_frames(self.m._sock, frames, zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped.warning("broker link full: message dropped (tasks are resent after a reconnect)")
+    def close(self) -> None:
+        self.watch.close()
+        self.sock.close(linger=0)
+        self.ctx.term()
 
-    def _submit(self, p: Pending) -> None:
-        options = p.options
-        if p.deadline is not None:  # tell the broker what is left, not the original timeout
-            _t, attempts, flags = P.OPTIONS.unpack(options)
-            left = max(1, int((p.deadline - time.monotonic()) * 1000))
-            options = P.OPTIONS.pack(left, attempts, flags)
-        self._send([P.MASTER, P.SUBMIT, p.service, p.tid, options, *p.payload])
-
-    def _inbox(self) -> None:
-        inbox = self.m._inbox
-        while inbox:
-            kind, item = inbox.popleft()
-            if kind == "submit":
-                if item.future.done():
-                    continue
-                self.pending[item.tid] = item
-                if item.deadline is not None:
-                    heapq.heappush(self.deadlines, (item.deadline, item.tid))
-                self._submit(item)
-            elif kind == "cancel":
-                if self.pending.pop(item, None) is not None:
-                    self._send([P.MASTER, P.CANCEL, item])
-            elif kind == "status":
-                request, future = item
-                self.status_waiters[request] = future
-                self._send([P.MASTER, P.STATUS, request])
-            elif kind == "status_cancel":
-                self.status_waiters.pop(item, None)
-            elif kind == "close":
+    def _commands(self) -> None:
+        now = time.monotonic()
+        for command in self.channel.take():
+            if isinstance(command, Submit):
+                self._send_all(self.state.submit(command.pending, now))
+            elif isinstance(command, Cancel):
+                self._send_all(self.state.cancel(command.tid))
+            elif isinstance(command, Status):
+                self._send_all(self.state.status(command.request, command.future))
+            elif isinstance(command, StatusWithdrawn):
+                self.state.status_withdrawn(command.request)
+            else:
                 self.closing = True
 
     def _receive(self) -> None:
-        sock = self.m._sock
-        for _ in range(1024):
+        for _ in range(READ_BATCH):
             try:
-                frames = recv_bounded(sock, self.limits.max_frames + 8, head=3)
-                self._on_message(frames)
+                frames = recv_bounded(self.sock, self.cfg.max_frames + 8, head=3)
+                self._send_all(self.state.on_message(frames, time.monotonic()))
             except zmq.Again:
                 return
             except ProtocolError as exc:
@@ -150,137 +192,20 @@ class IOLoop:
             except Exception:  # a bug handling one message must not kill the I/O thread
                 log.exception("error while handling a message from the broker")
 
-    def _on_message(self, frames: list[Any]) -> None:
-        command = P.check_header(frames, P.MASTER, 2)
-        self.heard = time.monotonic()
-        if self.lost_since is not None:
-            log.info("broker %s reachable again", self.m.endpoint)
-            self.lost_since = None
-        if command == P.RESULT:
-            P.check_header(frames, P.MASTER, 4)
-            p = self.pending.pop(P.task_id_of(frames[2]), None)
-            if p is None:  # an answer already delivered (task ran twice), or for a cancelled task
-                self.counters["late_answers"] += 1
-                return
+    def _replace_socket(self, poller: zmq.Poller) -> None:
+        """The broker went silent: a half-open link would swallow everything, so start afresh."""
+        poller.unregister(self.sock)
+        poller.unregister(self.watch.monitor)
+        self.watch.close()
+        self.sock.close(linger=0)
+        self.sock = self._new_socket()
+        self.watch = LinkWatch(self.sock)
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
+
+    def _send_all(self, messages: list[Frames]) -> None:
+        for frames in messages:
             try:
-                if p.batch:
-                    resolve(p.future, value=decode_outcomes(frames[3:], p.batch, self.limits))
-                else:
-                    resolve(p.future, value=decode(frames[3:], self.limits))
-            except DecodeError as exc:
-                resolve(p.future, error=exc)
-        elif command == P.ERROR:
-            self._on_error(frames)
-        elif command == P.PONG:
-            self._on_pong(frames)
-        elif command == P.STATUS_REPLY:
-            P.check_header(frames, P.MASTER, 4)
-            future = self.status_waiters.pop(frame_bytes(frames[3]), None)
-            if future is not None:
-                resolve(future, value=unpack_map(frame_bytes(frames[2]), 64 << 20))
-        else:
-            raise ProtocolError(f"unknown broker command {command!r}")
-
-    def _on_error(self, frames: list[Any]) -> None:
-        P.check_header(frames, P.MASTER, 5)
-        p = self.pending.pop(P.task_id_of(frames[2]), None)
-        if p is None:
-            self.counters["late_answers"] += 1
-            return
-        try:
-            details = unpack_map(frame_bytes(frames[4]), 16 << 20)
-        except ProtocolError as exc:
-            details = {"message": f"undecodable error details: {exc}"}
-        code = frame_bytes(frames[3]).decode("ascii", "replace")
-        resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
-
-    def _on_pong(self, frames: list[Any]) -> None:
-        P.check_header(frames, P.MASTER, 4)
-        session = frame_bytes(frames[2])
-        broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
-        self.interval = min(self.m.cfg.heartbeat_interval, broker_interval)
-        self.next_ping = min(self.next_ping, time.monotonic() + self.interval)
-        if self.resend_due or session != self.session:
-            # A new broker, or one that forgot us, holds none of our tasks; before the first PONG, a
-            # broker that died unseen may have swallowed some; after a link drop or a new socket,
-            # messages in flight both ways are gone. Resend once, here, whichever of these happened
-            # (a second resend would rerun tasks whose answers are on their way): the broker drops
-            # duplicates of tasks it still holds.
-            if self.session is not None and session != self.session:
-                log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
-            self._resend_all()
-        self.resend_due = False
-        self.session = session
-
-    def _resend_all(self) -> None:
-        """After anything that may have lost messages: every outstanding task and status request
-        again (the broker drops duplicates of tasks it still holds)."""
-        self.counters["resends"] += 1
-        for p in list(self.pending.values()):
-            self._submit(p)
-        for request in self.status_waiters:
-            self._send([P.MASTER, P.STATUS, request])
-
-    def _expire(self, now: float) -> None:
-        if len(self.deadlines) > 2 * len(self.pending) + 1024:  # entries of tasks long answered
-            self.deadlines = [(p.deadline, p.tid) for p in self.pending.values() if p.deadline is not None]
-            heapq.heapify(self.deadlines)
-        while self.deadlines and self.deadlines[0][0] <= now:
-            deadline, tid = heapq.heappop(self.deadlines)
-            p = self.pending.get(tid)
-            if p is None or p.deadline != deadline:
-                continue
-            del self.pending[tid]
-            timeout = P.OPTIONS.unpack(p.options)[0] / 1000
-            err = error_from_code(P.TIMEOUT, tid.hex(), {"message": f"no result within {timeout:g} s"})
-            resolve(p.future, error=err)
-            self._send([P.MASTER, P.CANCEL, tid])
-
-    def _ping(self, now: float, poller: zmq.Poller) -> None:
-        silent = now - self.heard
-        if silent > self.interval * self.liveness:
-            if self.lost_since is None:
-                self.lost_since = self.heard
-                log.warning("broker %s silent for %.1f s: reconnecting", self.m.endpoint, silent)
-            limit = self.m.cfg.broker_timeout
-            if limit is not None and now - self.lost_since > limit:
-                self._fail_all(BrokerUnreachable(
-                    f"broker {self.m.endpoint} unreachable for {now - self.lost_since:.1f} s "
-                    f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
-            poller.unregister(self.m._sock)
-            poller.unregister(self.watch.monitor)
-            self.watch.close()
-            self.m._sock.close(linger=0)
-            self.m._sock = self.m._new_socket()
-            self.watch = LinkWatch(self.m._sock)
-            poller.register(self.m._sock, zmq.POLLIN)
-            poller.register(self.watch.monitor, zmq.POLLIN)
-            self.heard = now  # give the new socket a full liveness period
-            self.resend_due = True
-        self._send([P.MASTER, P.PING])
-        self.next_ping = now + self.interval
-
-    def _resend_at_pong(self, now: float) -> None:
-        """The link dropped and came back: resend when the broker answers a PING, which is sent now."""
-        self.resend_due = True
-        self._send([P.MASTER, P.PING])
-        self.next_ping = now + self.interval
-
-    def _fail_all(self, error: BaseException) -> None:
-        pending, self.pending = self.pending, {}
-        for p in pending.values():
-            resolve(p.future, error=error)
-        waiters, self.status_waiters = self.status_waiters, {}
-        for future in waiters.values():
-            resolve(future, error=error)
-
-
-def resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    """Set a future's outcome unless the user cancelled it meanwhile."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except InvalidStateError:
-        pass
+                send_frames(self.sock, frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped.warning("broker link full: message dropped (tasks are resent after a reconnect)")

@@ -200,7 +200,7 @@ class FakeBroker:
 
     def next_status(self, timeout: float = 10.0) -> bytes:
         """Serve PINGs until a new STATUS request arrives (resends of known ones are skipped: the
-        master resends its requests at the first PONG); return its request id."""
+        master resends its requests after any event that may have lost them); return its request id."""
         for _ in range(10_000):
             assert self.sock.poll(int(timeout * 1000)), "no STATUS request from the master"
             ident, header, command, *rest = self.sock.recv_multipart()

@@ -133,13 +133,14 @@ def _submit_raw(m, service: str, payload: list[bytes]):  # type: ignore[no-untyp
     from concurrent.futures import Future
 
     from ndpipe import protocol as P
-    from ndpipe.master.ioloop import Pending
+    from ndpipe.master.ioloop import Submit
+    from ndpipe.master.state import Pending
 
     m._slots.acquire()
     fut: Future[object] = Future()
     p = Pending(uuid.uuid4().bytes, service.encode(), P.OPTIONS.pack(0, 0, 0), payload, fut, None)
     fut.add_done_callback(lambda f: m._done(f, p.tid))
-    m._post("submit", p)
+    m._post(Submit(p))
     return fut
 
 

@@ -1,0 +1,249 @@
+"""The master's decisions, without a socket: :class:`MasterState`.
+
+It keeps every outstanding task (:class:`Pending`) until it resolves, exactly once, and decides
+everything time or the broker changes: local deadlines, PING and the broker's liveness, when to
+give up on a socket, when to resend. Methods take ``now`` (monotonic seconds) and return the
+messages to send, so the whole life cycle is unit-tested without sockets or sleeps
+(``tests/test_master_state.py``). The I/O loop (``ioloop.py``) owns the socket and carries out
+what the state returns.
+
+Resends (PROTOCOL.md §6.2 rule 7). Every outstanding task and status request is resent **once per
+event** that may have lost messages, at the first PONG after the event:
+
+* the link dropped and came back (the socket monitor) — :meth:`MasterState.link_came_back`;
+* the broker was silent for liveness × interval, so the loop opens a new socket — :meth:`tick`;
+* a PONG carries a session other than the last one: the broker restarted or forgot us.
+
+The first PONG of all is none of these: tasks submitted before it went out once already, and a
+broker that lost them unseen shows as one of the events above.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from ndpipe import protocol as P
+from ndpipe.codec import Limits, decode, decode_outcomes
+from ndpipe.config import MasterConfig
+from ndpipe.errors import BrokerUnreachable, DecodeError, ProtocolError, error_from_code
+from ndpipe.transport import frame_bytes, unpack_map
+
+log = logging.getLogger("ndpipe.master")
+Frames = list[Any]
+STATUS_REPLY_MAX = 64 << 20  # bytes of a STATUS_REPLY body the master decodes
+ERROR_DETAILS_MAX = 16 << 20  # bytes of ERROR details (a remote traceback can be long)
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A task the master sent (or will send) and has no answer for yet."""
+
+    tid: bytes
+    service: bytes
+    options: bytes
+    payload: list[Any]
+    future: Future[Any]
+    deadline: float | None
+    batch: int = 0  # FLAG_BATCH tasks: number of calls (the result is that many outcomes)
+
+
+@dataclass(slots=True)
+class Tick:
+    """What :meth:`MasterState.tick` asks of the loop: open a new socket first, then send these."""
+
+    send: list[Frames] = field(default_factory=list)
+    reconnect: bool = False
+
+
+class MasterState:
+    """Outstanding tasks, status requests, deadlines, the broker session and link liveness."""
+
+    def __init__(self, cfg: MasterConfig, endpoint: str, now: float) -> None:
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.pending: dict[bytes, Pending] = {}
+        self.deadlines: list[tuple[float, bytes]] = []  # heap; entries of answered tasks are skipped
+        self.status_waiters: dict[bytes, Future[dict[str, Any]]] = {}
+        self.interval = cfg.heartbeat_interval
+        self.liveness = cfg.liveness
+        self.session: bytes | None = None
+        self.resend_due = False  # an event may have lost messages: resend at the next PONG
+        self.heard = now
+        self.lost_since: float | None = None
+        self.next_ping = now
+        self.limits = Limits(max_frames=cfg.max_frames)
+        self.counters = {"late_answers": 0, "resends": 0}
+
+    def next_wake(self) -> float:
+        """When :meth:`tick` next has something to do."""
+        return min(self.next_ping, self.deadlines[0][0]) if self.deadlines else self.next_ping
+
+    # ---- from user threads --------------------------------------------------------------------
+    def submit(self, p: Pending, now: float) -> list[Frames]:
+        if p.future.done():  # cancelled by the user before the I/O thread saw it
+            return []
+        self.pending[p.tid] = p
+        if p.deadline is not None:
+            heapq.heappush(self.deadlines, (p.deadline, p.tid))
+        return [self._submit_frames(p, now)]
+
+    def cancel(self, tid: bytes) -> list[Frames]:
+        return [[P.MASTER, P.CANCEL, tid]] if self.pending.pop(tid, None) is not None else []
+
+    def status(self, request: bytes, future: Future[dict[str, Any]]) -> list[Frames]:
+        self.status_waiters[request] = future
+        return [[P.MASTER, P.STATUS, request]]
+
+    def status_withdrawn(self, request: bytes) -> None:
+        self.status_waiters.pop(request, None)
+
+    # ---- from the broker ----------------------------------------------------------------------
+    def on_message(self, frames: Frames, now: float) -> list[Frames]:
+        """One message from the broker (without routing id). Raises ProtocolError if malformed."""
+        command = P.check_header(frames, P.MASTER, 2)
+        self.heard = now
+        if self.lost_since is not None:
+            log.info("broker %s reachable again", self.endpoint)
+            self.lost_since = None
+        if command == P.RESULT:
+            P.check_header(frames, P.MASTER, 4)
+            self._on_result(frames)
+        elif command == P.ERROR:
+            P.check_header(frames, P.MASTER, 5)
+            self._on_error(frames)
+        elif command == P.PONG:
+            P.check_header(frames, P.MASTER, 4)
+            return self._on_pong(frames, now)
+        elif command == P.STATUS_REPLY:
+            P.check_header(frames, P.MASTER, 4)
+            future = self.status_waiters.pop(frame_bytes(frames[3]), None)
+            if future is not None:
+                resolve(future, value=unpack_map(frame_bytes(frames[2]), STATUS_REPLY_MAX))
+        else:
+            raise ProtocolError(f"unknown broker command {command!r}")
+        return []
+
+    def _on_result(self, frames: Frames) -> None:
+        p = self.pending.pop(P.task_id_of(frames[2]), None)
+        if p is None:  # an answer already delivered (the task ran twice), or for a cancelled task
+            self.counters["late_answers"] += 1
+            return
+        try:
+            value = decode_outcomes(frames[3:], p.batch, self.limits) if p.batch else decode(frames[3:], self.limits)
+        except DecodeError as exc:
+            resolve(p.future, error=exc)
+        else:
+            resolve(p.future, value=value)
+
+    def _on_error(self, frames: Frames) -> None:
+        p = self.pending.pop(P.task_id_of(frames[2]), None)
+        if p is None:
+            self.counters["late_answers"] += 1
+            return
+        try:
+            details = unpack_map(frame_bytes(frames[4]), ERROR_DETAILS_MAX)
+        except ProtocolError as exc:
+            details = {"message": f"undecodable error details: {exc}"}
+        code = frame_bytes(frames[3]).decode("ascii", "replace")
+        resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
+
+    def _on_pong(self, frames: Frames, now: float) -> list[Frames]:
+        session = frame_bytes(frames[2])
+        broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
+        self.interval = min(self.cfg.heartbeat_interval, broker_interval)
+        self.next_ping = min(self.next_ping, now + self.interval)
+        restarted = self.session is not None and session != self.session
+        if restarted:
+            log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
+        resend = self.resend_due or restarted
+        self.resend_due = False
+        self.session = session
+        return self._resend_all(now) if resend else []
+
+    def _resend_all(self, now: float) -> list[Frames]:
+        """Every outstanding task and status request again (the broker drops duplicates of tasks it
+        still holds). Once per event: a second resend would rerun tasks whose answers are on the way."""
+        self.counters["resends"] += 1
+        out = [self._submit_frames(p, now) for p in self.pending.values()]
+        out += [[P.MASTER, P.STATUS, request] for request in self.status_waiters]
+        return out
+
+    def link_came_back(self, now: float) -> list[Frames]:
+        """The socket monitor saw the link drop and return: resend at the PONG of the PING sent now."""
+        log.warning("link to broker %s dropped and came back: %d tasks to resend", self.endpoint, len(self.pending))
+        self.resend_due = True
+        self.next_ping = now + self.interval
+        return [[P.MASTER, P.PING]]
+
+    # ---- time ---------------------------------------------------------------------------------
+    def tick(self, now: float) -> Tick:
+        """Fail tasks past their deadline (and CANCEL them at the broker); PING when due; after
+        silence for liveness × interval ask for a new socket; after ``broker_timeout`` of it, fail
+        everything outstanding with BrokerUnreachable."""
+        out = Tick(self._expire(now))
+        if now < self.next_ping:
+            return out
+        silent = now - self.heard
+        if silent > self.interval * self.liveness:
+            if self.lost_since is None:
+                self.lost_since = self.heard
+                log.warning("broker %s silent for %.1f s: reconnecting", self.endpoint, silent)
+            limit = self.cfg.broker_timeout
+            if limit is not None and now - self.lost_since > limit:
+                self.fail_all(BrokerUnreachable(
+                    f"broker {self.endpoint} unreachable for {now - self.lost_since:.1f} s "
+                    f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
+            out.reconnect = True
+            self.heard = now  # give the new socket a full liveness period
+            self.resend_due = True
+        out.send.append([P.MASTER, P.PING])
+        self.next_ping = now + self.interval
+        return out
+
+    def _expire(self, now: float) -> list[Frames]:
+        if len(self.deadlines) > 2 * len(self.pending) + 1024:  # mostly entries of tasks long answered
+            self.deadlines = [(p.deadline, p.tid) for p in self.pending.values() if p.deadline is not None]
+            heapq.heapify(self.deadlines)
+        out: list[Frames] = []
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, tid = heapq.heappop(self.deadlines)
+            p = self.pending.get(tid)
+            if p is None or p.deadline != deadline:
+                continue
+            del self.pending[tid]
+            timeout = P.OPTIONS.unpack(p.options)[0] / 1000
+            error = error_from_code(P.TIMEOUT, tid.hex(), {"message": f"no result within {timeout:g} s"})
+            resolve(p.future, error=error)
+            out.append([P.MASTER, P.CANCEL, tid])
+        return out
+
+    def fail_all(self, error: BaseException) -> None:
+        """Resolve every outstanding task and status request with ``error`` (closing, or a lost broker)."""
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            resolve(p.future, error=error)
+        waiters, self.status_waiters = self.status_waiters, {}
+        for future in waiters.values():
+            resolve(future, error=error)
+
+    def _submit_frames(self, p: Pending, now: float) -> Frames:
+        options = p.options
+        if p.deadline is not None:  # tell the broker what is left, not the original timeout
+            _t, attempts, flags = P.OPTIONS.unpack(options)
+            options = P.OPTIONS.pack(max(1, int((p.deadline - now) * 1000)), attempts, flags)
+        return [P.MASTER, P.SUBMIT, p.service, p.tid, options, *p.payload]
+
+
+def resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless the user cancelled it meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
