@@ -36,7 +36,6 @@ from ndpipe.transport import (
 log = logging.getLogger("ndpipe.broker")
 
 EXPIRY_TICKS = 4  # expiry checks per heartbeat interval
-BATCH = 256  # messages read from one socket before looking at the other (fairness)
 
 
 class Broker:
@@ -119,12 +118,12 @@ class Broker:
                  sum(len(w.inflight) for w in self.state.workers.values()))
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
-        for _ in range(BATCH):
+        for _ in range(P.READ_BATCH):
             if not readable(sock):
                 return
             try:
                 front = sock is self.frontend
-                frames = recv_bounded(sock, self.cfg.max_frames + 8, head=6 if front else 4,
+                frames = recv_bounded(sock, P.read_cap(self.cfg.max_frames), head=6 if front else 4,
                                       header=P.MASTER if front else P.WORKER)
             except zmq.Again:
                 return
@@ -295,8 +294,8 @@ class Broker:
         info = unpack_map(frame_bytes(msg[2]))
         services, slots = info.get("services"), info.get("slots")
         if (not isinstance(services, list) or not services or not all(isinstance(s, str) for s in services)
-                or isinstance(slots, bool) or not isinstance(slots, int) or not 0 < slots <= 100_000):
-            raise ProtocolError(f"READY needs services (list of str) and slots (1..100000), got {info!r:.200}")
+                or isinstance(slots, bool) or not isinstance(slots, int) or not 0 < slots <= P.MAX_SLOTS):
+            raise ProtocolError(f"READY needs services (list of str) and slots (1..{P.MAX_SLOTS}), got {info!r:.200}")
         self.state.worker_ready(wid, services, slots, now, info)
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
                   "broker_id": self.state.broker_id.hex()}

@@ -107,8 +107,8 @@ class BrokerConfig(BaseModel):
     max_queued: int = _num(protocol.MAX_QUEUED, ge=1)
     max_services: int = _num(protocol.MAX_SERVICES, ge=1)
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
-    max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
-    hwm: int = _num(100_000, ge=1000, le=2**31 - 1)
+    max_frame_bytes: int = _num(protocol.MAX_FRAME_BYTES, ge=1024, le=2**63 - 1)
+    hwm: int = _num(protocol.HWM, ge=1000, le=2**31 - 1)
     rcvhwm: int = _num(1000, ge=100, le=2**31 - 1)
 
 
@@ -134,7 +134,7 @@ class WorkerConfig(BaseModel):
     reconnect_max: float = _num(protocol.RECONNECT_MAX, gt=0, le=3600)
     drain_timeout: float = _num(30.0, ge=0, le=86400)
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
-    max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
+    max_frame_bytes: int = _num(protocol.MAX_FRAME_BYTES, ge=1024, le=2**63 - 1)
     memory_limit: int = _num(0, ge=0, le=2**63 - 1)  # bytes of address space per compute process; 0 = none
 
     @field_validator("services", mode="before")
@@ -177,7 +177,7 @@ class MasterConfig(BaseModel):
     max_attempts: int = _num(0, ge=0, le=100)
     broker_timeout: Timeout = 60.0
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
-    max_frame_bytes: int = _num(1 << 30, ge=1024, le=2**63 - 1)
+    max_frame_bytes: int = _num(protocol.MAX_FRAME_BYTES, ge=1024, le=2**63 - 1)
 
 
 class LoggingConfig(BaseModel):

@@ -78,6 +78,19 @@ RECONNECT_MAX: Final = 8.0
 MAX_FRAMES: Final = 1024  # payload frames per message
 MAX_QUEUED: Final = 100_000  # tasks per service
 MAX_SERVICES: Final = 10_000  # services with queued tasks; names are free text, so this bounds the broker
+MAX_FRAME_BYTES: Final = 1 << 30  # one frame; libzmq drops the link on a bigger one (ZMQ_MAXMSGSIZE)
+MAX_SLOTS: Final = 100_000  # READY's slots, at most
+HWM: Final = 100_000  # messages queued per peer on a host-to-host socket (sndhwm = rcvhwm)
+CHILD_HWM: Final = 10_000  # the worker daemon's ROUTER to its compute processes
+COMPUTE_HWM: Final = 1_000  # a compute process's DEALER to its daemon
+READ_BATCH: Final = 256  # messages a poll loop reads from one socket before turning to the others
+ENVELOPE_FRAMES: Final = 8  # frames around a payload (routing id, header, command, ids, options), with room
+
+
+def read_cap(max_frames: int) -> int:
+    """Frames a receiver reads of one message before it drops the rest: the payload limit plus the
+    envelope (PROTOCOL.md §9: `max_frames + 8`, counting the routing id)."""
+    return max_frames + ENVELOPE_FRAMES
 
 # --- daemon <-> compute process (internal, one host, ipc) -----------------------------------------
 C_HELLO: Final = b"H"  # C->D  the compute process is ready

@@ -16,6 +16,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ndpipe import protocol as P
 from ndpipe.errors import ProtocolError
 
 ZERO_COPY_MIN = 64 * 1024  # below this, copying a frame is cheaper than zero-copy (pyzmq #1032)
@@ -31,7 +32,7 @@ def readable(sock: zmq.Socket[Any]) -> bool:
 
 
 def configure(
-    sock: zmq.Socket[Any], hwm: int = 100_000, max_frame_bytes: int = -1, router: bool = False,
+    sock: zmq.Socket[Any], hwm: int = P.HWM, max_frame_bytes: int = -1, router: bool = False,
     handover: bool = True,
 ) -> zmq.Socket[Any]:
     """Apply ndpipe's socket defaults; ``router`` adds ROUTER_MANDATORY and (unless ``handover`` is

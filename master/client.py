@@ -388,7 +388,7 @@ class Master:
     # ---- I/O thread -----------------------------------------------------------------------------
     def _io_main(self) -> None:
         try:
-            loop = self._loop = IOLoop(self.cfg, self.endpoint, self._ident, max(100_000, 4 * self.window),
+            loop = self._loop = IOLoop(self.cfg, self.endpoint, self._ident, max(P.HWM, 4 * self.window),
                                        self._channel)
         except Exception as exc:
             self._error = exc

@@ -183,7 +183,7 @@ class IOLoop:
     def _receive(self) -> None:
         for _ in range(READ_BATCH):
             try:
-                frames = recv_bounded(self.sock, self.cfg.max_frames + 8, head=3)
+                frames = recv_bounded(self.sock, P.read_cap(self.cfg.max_frames), head=3)
                 self._send_all(self.state.on_message(frames, time.monotonic()))
             except zmq.Again:
                 return

@@ -29,7 +29,7 @@ from ndpipe.errors import ConfigError, DecodeError, EncodeError
 from ndpipe.transport import configure, send_frames
 
 log = logging.getLogger("ndpipe.compute")
-_limits = {"max_frame_bytes": 1 << 30}  # set by main() from worker.max_frame_bytes
+_limits = {"max_frame_bytes": P.MAX_FRAME_BYTES}  # set by main() from worker.max_frame_bytes
 Handler = Callable[..., Any]
 
 
@@ -180,7 +180,7 @@ def routing_id(index: int, token: str) -> bytes:
 
 
 def main(endpoint: str, ident: bytes, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES,
-         memory_limit: int = 0, max_frame_bytes: int = 1 << 30) -> None:
+         memory_limit: int = 0, max_frame_bytes: int = P.MAX_FRAME_BYTES) -> None:
     """Process entry point (spawned by the daemon)."""
     index = int(ident[1:].split(b"-")[0])
     die_with_parent()
@@ -189,7 +189,7 @@ def main(endpoint: str, ident: bytes, services: dict[str, str], parent: int, max
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     handlers = {name: resolve(spec) for name, spec in services.items()}
     ctx = zmq.Context()
-    sock = configure(ctx.socket(zmq.DEALER), hwm=1000)
+    sock = configure(ctx.socket(zmq.DEALER), hwm=P.COMPUTE_HWM)
     sock.setsockopt(zmq.ROUTING_ID, ident)
     sock.connect(endpoint)
     sock.send_multipart([P.C_HELLO, str(os.getpid()).encode()])

@@ -69,7 +69,7 @@ class WorkerDaemon:
         self._own_ctx = context is None
         self.private_dir = private_dir()
         self.child_endpoint = f"ipc://{self.private_dir}/compute.sock"
-        self.children = configure(self.ctx.socket(zmq.ROUTER), hwm=10_000, router=True, handover=False)
+        self.children = configure(self.ctx.socket(zmq.ROUTER), hwm=P.CHILD_HWM, router=True, handover=False)
         self.children.bind(self.child_endpoint)
         self.procs: dict[int, BaseProcess] = {}
         self.child_ids: dict[bytes, int] = {}  # routing id of each live spawn -> its slot
@@ -199,7 +199,7 @@ class WorkerDaemon:
         if self.sock is not None:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
-        sock = configure(self.ctx.socket(zmq.DEALER), hwm=100_000, max_frame_bytes=self.cfg.max_frame_bytes)
+        sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.cfg.max_frame_bytes)
         sock.connect(self.cfg.broker)
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)
@@ -317,9 +317,9 @@ class WorkerDaemon:
         for sock, handler in ((self.sock, self._on_broker), (self.children, self._on_child)):
             if sock is None or sock not in events:
                 continue
-            for _ in range(256):
+            for _ in range(P.READ_BATCH):
                 try:
-                    frames = recv_bounded(sock, self.cfg.max_frames + 8, head=5 if sock is self.sock else 3)
+                    frames = recv_bounded(sock, P.read_cap(self.cfg.max_frames), head=5 if sock is self.sock else 3)
                     handler(frames, now)
                 except zmq.Again:
                     break
