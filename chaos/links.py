@@ -41,7 +41,9 @@ def _answered_at_least(hist: History, n: int) -> bool:
 def resumable_master(endpoint: str, tasks: int, seconds: float, log_dir: str, out: str, interval: float,
                      limit: float) -> None:
     """Body of the master process ``master_frozen`` stops: submit, wait (bounded), write every outcome."""
-    cfg = MasterConfig(broker=endpoint, window=tasks + 16, heartbeat_interval=interval)
+    # A long liveness of its own: on SIGCONT the master must not take the broker for silent (a new
+    # socket resends too), so only the new session token in the next PONG can make it resend.
+    cfg = MasterConfig(broker=endpoint, window=tasks + 16, heartbeat_interval=interval, liveness=50)
     with Master(endpoint, config=cfg) as m:
         futures = [m.call("work", (tid, SIZE, seconds, log_dir)) for tid in range(tasks)]
         print("submitted", flush=True)
@@ -62,7 +64,8 @@ def master_frozen(p: Params) -> Report:
     tasks, seconds = p.n(200, 40), 0.1
     report = Report("master_frozen", f"SIGSTOP of a master process with {tasks} tasks outstanding ({seconds * 1000:.0f}"
                     f" ms each on 1 daemon × 2 processes) until the broker forgets it (heartbeat "
-                    f"{hb['heartbeat_interval']} s × {hb['liveness']}), then SIGCONT; its link stays up",
+                    f"{hb['heartbeat_interval']} s × {hb['liveness']}), then SIGCONT; its link stays up, and its own "
+                    "liveness (50 intervals) keeps it from opening a new socket: only the new session can resend",
                     recovery={"frozen until forgotten s": []})
     with ChaosCluster(broker=hb) as c:
         c.start_broker()
