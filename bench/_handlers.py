@@ -29,7 +29,7 @@ def stamped_sleep(seconds: float, marker_dir: str = "") -> dict[str, Any]:
 def cpu_work(iterations: int) -> int:
     """A fixed amount of pure-Python CPU work: ``iterations`` rounds of an integer LCG; returns the last value.
 
-    Fixed work, not a loop that watches the clock (like ``ndpipe.examples.handlers:spin``): when more
+    Fixed work, not a loop that watches the clock (like ``ndpipe.chaos.handlers:spin``): when more
     processes than cores share the CPU, a clock-watching loop still ends on time, having done less,
     and would show a speed-up the machine does not have. No numpy, so no BLAS threads either.
     """

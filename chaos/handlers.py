@@ -1,4 +1,5 @@
-"""Handlers the chaos scenarios run (``ndpipe.chaos.handlers:NAME``).
+"""Handlers the chaos scenarios and the test suite run (``ndpipe.chaos.handlers:NAME``): faults and
+probes, kept out of ``ndpipe.examples`` (which shows what a handler looks like).
 
 ``work`` derives its answer from its input alone (an array seeded by the task id), so the checker
 can recompute what every answer must be. Each run also appends ``task-id start-time`` to a file
@@ -9,6 +10,7 @@ frozen process was holding and when each of them started again elsewhere.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import IO, Any
 
@@ -55,3 +57,43 @@ def hog(tid: int, log_dir: str = "") -> None:
     blocks = []
     while True:
         blocks.append(np.ones(8 << 20))
+
+
+# ---- faults and probes for the test suite (not examples of handlers) ----------------------------
+
+
+def crash(code: int = 0) -> None:
+    """Kill the compute process outright (as a segfault or the OOM killer would)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def zeros(n: int) -> np.ndarray:
+    """A float64 array of ``n`` zeros: a small call with a large result."""
+    return np.zeros(n)
+
+
+def crash_on(x: Any, bad: Any) -> Any:
+    """Return ``x``, but kill the compute process when ``x == bad`` (a poison input)."""
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def spin(seconds: float) -> int:
+    """A pure-Python busy loop holding the GIL for ``seconds``."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def pid() -> int:
+    """The compute process's pid (tests use it to pick a victim)."""
+    return os.getpid()
+
+
+def slow_pid(seconds: float) -> int:
+    """Sleep, then return the pid that ran the task."""
+    time.sleep(seconds)
+    return os.getpid()

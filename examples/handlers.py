@@ -8,8 +8,6 @@ derived from a seed, so workers and the checking master build the same model wit
 from __future__ import annotations
 
 import functools
-import os
-import signal
 import time
 from typing import Any
 
@@ -60,14 +58,8 @@ def fail(message: str = "boom") -> None:
     raise ValueError(message)
 
 
-def crash(code: int = 0) -> None:
-    """Kill the compute process outright (as a segfault or the OOM killer would)."""
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def zeros(n: int) -> np.ndarray:
-    """A float64 array of ``n`` zeros: a small call with a large result."""
-    return np.zeros(n)
 
 
 def reciprocal(x: float) -> float:
@@ -75,11 +67,6 @@ def reciprocal(x: float) -> float:
     return 1 / x
 
 
-def crash_on(x: Any, bad: Any) -> Any:
-    """Return ``x``, but kill the compute process when ``x == bad`` (a poison input)."""
-    if x == bad:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return x
 
 
 def sleep(seconds: float, value: Any = None) -> Any:
@@ -88,21 +75,6 @@ def sleep(seconds: float, value: Any = None) -> Any:
     return value
 
 
-def spin(seconds: float) -> int:
-    """A pure-Python busy loop holding the GIL for ``seconds``."""
-    end = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < end:
-        n += 1
-    return n
 
 
-def pid() -> int:
-    """The compute process's pid (tests use it to pick a victim)."""
-    return os.getpid()
 
-
-def slow_pid(seconds: float) -> int:
-    """Sleep, then return the pid that ran the task."""
-    time.sleep(seconds)
-    return os.getpid()
