@@ -12,11 +12,20 @@ Task life cycle (PROTOCOL.md §5)::
                  └──── worker dead / crashed / handed back (attempt check) ──┘
 
 Payload frames are stored as received and forwarded untouched; the broker never decodes them.
+
+Dispatch picks the least-loaded worker with credit (in-flight / slots; ties: the one that waited
+longest) in O(log n): each service keeps a heap of (load, last dispatch, seq, version, worker).
+Every change to a worker's credit or load goes through :meth:`BrokerState._offer` (or ``_index``),
+which bumps its version and pushes a fresh entry, so older entries are stale and skipped when
+popped; an entry popped while the worker has no credit is dropped, and the worker comes back with
+the next change that frees credit (each of those calls ``_offer``). A heap grown past twice its
+service's workers is rebuilt.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
@@ -61,6 +70,7 @@ class WorkerRecord:
     draining: bool = False
     stalled: bool = False  # its link was full: no TASK until it next speaks
     last_dispatch: float = 0.0
+    version: int = 0  # bumped on every change of credit or load: older heap entries are stale
 
     @property
     def free(self) -> int:
@@ -166,6 +176,9 @@ class BrokerState:
         self._sessions = 0
         self._deadlines: list[tuple[float, bytes]] = []
         self._dirty: set[str] = set()  # services that may be able to dispatch
+        # service -> heap of (load, last dispatch, seq, version, worker): workers that may have credit
+        self._free: dict[str, list[tuple[float, float, int, int, WorkerRecord]]] = {}
+        self._seq = itertools.count()
         self.counters = dict.fromkeys(
             ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled"), 0
         )
@@ -263,7 +276,7 @@ class BrokerState:
         self.workers[wid] = rec
         for service in rec.services:
             self.by_service.setdefault(service, []).append(rec)
-            self._dirty.add(service)
+        self._offer(rec)
         return rec
 
     def worker_seen(self, wid: bytes, now: float, stats: bytes | None = None) -> bool:
@@ -273,7 +286,7 @@ class BrokerState:
         rec.expires = now + self.expiry
         if rec.stalled:
             rec.stalled = False
-            self._dirty.update(rec.services)
+            self._offer(rec)
         if stats is not None:
             rec.stats = stats
         return True
@@ -334,7 +347,7 @@ class BrokerState:
         rec = self.workers.get(wid)
         if rec is not None and tid in rec.inflight:
             rec.inflight.discard(tid)
-            self._dirty.update(rec.services)
+            self._offer(rec)
         return self.tasks.get(tid)
 
     def _settle(self, task: Task, wid: bytes) -> None:
@@ -346,7 +359,7 @@ class BrokerState:
             other = self.workers.get(task.worker)
             if other is not None and task.tid in other.inflight:
                 other.inflight.discard(task.tid)
-                self._dirty.update(other.services)
+                self._offer(other)
                 self.cancels.append((other.wid, task.tid))
         self._finish(task)
 
@@ -380,32 +393,59 @@ class BrokerState:
 
     # ---- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> Iterator[tuple[Task, WorkerRecord]]:
-        """Yield (task, worker) pairs to send: least-loaded worker with credit, ties LRU."""
+        """Yield (task, worker) pairs to send: least-loaded worker with credit, ties LRU; O(log n) each."""
         while self._dirty:
             service = self._dirty.pop()
             queue = self.queues.get(service)
-            peers = self.by_service.get(service)
-            if not queue or not peers:
+            heap = self._free.get(service)
+            if not queue or not heap:
                 continue
             while len(queue):
-                best = None
-                best_key = (2.0, 0.0)
-                for rec in peers:
-                    if rec.free > 0:
-                        key = (len(rec.inflight) / rec.slots, rec.last_dispatch)
-                        if key < best_key:
-                            best, best_key = rec, key
+                best = self._pop_free(heap)
                 if best is None:
                     break
                 task = queue.pop()
                 if task is None:
+                    self._index(best)  # not used after all: index it again
                     break
                 task.state = INFLIGHT
                 task.worker = best.wid
                 task.attempt += 1
                 best.inflight.add(task.tid)
                 best.last_dispatch = now
+                self._index(best)  # less credit: other services need no new pass, so not _offer
                 yield task, best
+
+    def _pop_free(self, heap: list[tuple[float, float, int, int, WorkerRecord]]) -> WorkerRecord | None:
+        """The least-loaded worker with credit, taken off the heap (stale entries are dropped)."""
+        while heap:
+            _load, _last, _seq, version, rec = heapq.heappop(heap)
+            if version == rec.version and rec.free > 0 and self.workers.get(rec.wid) is rec:
+                return rec
+        return None
+
+    def _offer(self, rec: WorkerRecord) -> None:
+        """The worker's credit may have grown: index it afresh and give its services a dispatch pass."""
+        self._index(rec)
+        self._dirty.update(rec.services)
+
+    def _index(self, rec: WorkerRecord) -> None:
+        rec.version += 1
+        if rec.free <= 0:
+            return
+        entry = (len(rec.inflight) / rec.slots, rec.last_dispatch, next(self._seq), rec.version, rec)
+        for service in rec.services:
+            heap = self._free.setdefault(service, [])
+            heapq.heappush(heap, entry)
+            if len(heap) > 2 * len(self.by_service.get(service, ())) + 16:
+                self._rebuild(service)
+
+    def _rebuild(self, service: str) -> None:
+        """Drop the stale entries of one service's heap (each worker has at most one live entry)."""
+        heap = [(len(r.inflight) / r.slots, r.last_dispatch, next(self._seq), r.version, r)
+                for r in self.by_service.get(service, ()) if r.free > 0]
+        heapq.heapify(heap)
+        self._free[service] = heap
 
     # ---- time -----------------------------------------------------------------------------------
     def stall(self, task: Task) -> None:
@@ -451,7 +491,7 @@ class BrokerState:
             rec = self.workers.get(task.worker or b"")
             if rec is not None and task.tid in rec.inflight:
                 rec.inflight.discard(task.tid)
-                self._dirty.update(rec.services)
+                self._offer(rec)
                 self.cancels.append((rec.wid, task.tid))
             self._finish(task)
         details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
@@ -464,6 +504,7 @@ class BrokerState:
             del self.queues[name]  # size counts live tasks only: what remains in its lanes is dead
         for name in [n for n, peers in self.by_service.items() if not peers and n not in self.queues]:
             del self.by_service[name]
+            self._free.pop(name, None)
 
     @property
     def has_work(self) -> bool:

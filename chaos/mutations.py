@@ -127,6 +127,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    def _resend_all(self, now: float) -> list[Frames]:\n        return []\n        \"\"\"",
         (f"{T_FAIL}::test_broker_killed_and_restarted_mid_job", f"{CHAOS}[broker_crashes]")),
     Mutation(
+        "freed-credit-not-indexed", "A worker with free credit gets the queued work it offers to do",
+        "a result frees the worker's slot but does not index it for dispatch again", STATE,
+        "            rec.inflight.discard(tid)\n            self._offer(rec)\n",
+        "            rec.inflight.discard(tid)\n            self._dirty.update(rec.services)\n",
+        (f"{T_STATE}::test_no_dispatch_without_credit_and_credit_returns_on_result",
+         "tests/test_broker_dispatch.py::test_dispatch_index_chooses_what_a_scan_would")),
+    Mutation(
         "max-queued-counts-all-services", "broker.max_queued bounds each service's queue, no less",
         "QUEUE_FULL counts every task the broker holds, in any service", STATE,
         "        if len(queue) >= self.max_queued:\n", "        if len(self.tasks) >= self.max_queued:\n",
