@@ -20,6 +20,7 @@ EXPECTED = {
     "scaling": ["sleep", "cpu"],
     "broker_cost": ["bytes/task", "idle workers"],
     "recovery": ["compute", "daemon"],
+    "dispatch": ["index ÷ scan", "1,000"],
 }
 
 
