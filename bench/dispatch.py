@@ -16,6 +16,7 @@ import argparse
 import time
 from collections.abc import Iterator
 
+from ndpipe.bench._cluster import machine_line
 from ndpipe.broker.state import INFLIGHT, BrokerState, Task, WorkerRecord
 
 SLOTS = 4
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=20_000)
     args = ap.parse_args(argv)
     sizes, tasks = ((10, 1_000), 2_000) if args.quick else ((10, 100, 1_000, 4_000), args.tasks)
+    print(machine_line())
     print(f"dispatch: one service, N workers × {SLOTS} slots, all busy but one; {tasks:,} tasks each "
           "submitted, dispatched and answered (BrokerState only, no sockets)")
     print(f"{'workers':>8} {'scan µs/task':>13} {'index µs/task':>14} {'index ÷ scan':>13}")
