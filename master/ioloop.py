@@ -127,8 +127,12 @@ class IOLoop:
         self.channel = channel
         self.state = MasterState(cfg, endpoint, time.monotonic())
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self._new_socket()
-        self.watch = LinkWatch(self.sock)
+        try:
+            self.sock = self._new_socket()
+            self.watch = LinkWatch(self.sock)
+        except BaseException:  # e.g. an endpoint libzmq refuses: release the context, then say why
+            self.ctx.destroy(linger=0)
+            raise
         self.closing = False
         self.malformed = Throttle(log)
         self.dropped = Throttle(log)

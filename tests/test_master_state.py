@@ -151,3 +151,11 @@ def test_malformed_messages_raise_protocol_error(state: MasterState) -> None:
     for frames in ([P.MASTER], [b"NDPW02", P.RESULT, b"a", b"x"], [P.MASTER, b"\x7f"], [P.MASTER, P.PONG, S1]):
         with pytest.raises(ProtocolError):
             state.on_message(frames, 1.0)
+
+
+def test_a_master_that_cannot_connect_says_why() -> None:
+    from ndpipe.errors import NdpipeError
+    from ndpipe.master import Master
+
+    with pytest.raises(NdpipeError, match="cannot start: .*"):
+        Master("tcp://no-port-here")
