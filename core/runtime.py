@@ -43,11 +43,7 @@ class StopSignal:
 
     def clear(self) -> None:
         """Drain the self-pipe after a wake-up."""
-        try:
-            while os.read(self._rfd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self._rfd)
 
     def request(self) -> None:
         """Ask for a stop from code (tests, embedding)."""
@@ -104,4 +100,13 @@ def trim_heap() -> None:
             _LIBC = ctypes.CDLL(None)
         _LIBC.malloc_trim(0)
     except (OSError, AttributeError):
+        pass
+
+
+def drain_pipe(fd: int) -> None:
+    """Read a non-blocking wake-up pipe until it is empty."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
         pass

@@ -23,6 +23,7 @@ from ndpipe import protocol as P
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.master.state import Frames, MasterState, Pending, resolve
+from ndpipe.runtime import drain_pipe
 from ndpipe.transport import LinkWatch, Throttle, configure, recv_bounded, send_frames
 
 log = logging.getLogger("ndpipe.master")
@@ -90,11 +91,7 @@ class Channel:
 
     def woken(self) -> None:
         """I/O thread: empty the pipe; commands posted from now on write a new wake-up."""
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self.wake_r)
         self._wake_pending = False
 
     def take(self) -> list[Command]:
