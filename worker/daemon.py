@@ -73,6 +73,7 @@ class WorkerDaemon:
         self.children.bind(self.child_endpoint)
         self.procs: dict[int, BaseProcess] = {}
         self.child_ids: dict[bytes, int] = {}  # routing id of each live spawn -> its slot
+        self.ident_of: dict[int, bytes] = {}  # slot -> routing id of its live spawn
         self.retired: deque[bytes] = deque(maxlen=64)  # ids of dead spawns: their last frames are dropped quietly
         self.sock: zmq.Socket[Any] | None = None
         self.interval = P.HEARTBEAT_INTERVAL
@@ -94,10 +95,10 @@ class WorkerDaemon:
 
     # ---- children -------------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
-        for ident, slot in list(self.child_ids.items()):
-            if slot == index:
-                del self.child_ids[ident]
-                self.retired.append(ident)
+        old = self.ident_of.pop(index, None)
+        if old is not None:
+            del self.child_ids[old]
+            self.retired.append(old)
         ident = compute.routing_id(index, os.urandom(8).hex())
         proc = self._mp.Process(
             target=compute.main, name=f"ndpipe-compute-{index}",
@@ -107,6 +108,7 @@ class WorkerDaemon:
         proc.start()
         self.procs[index] = proc
         self.child_ids[ident] = index
+        self.ident_of[index] = ident
         self.poller.register(proc.sentinel, zmq.POLLIN)
 
     def _on_child_death(self, index: int, now: float) -> None:
@@ -133,9 +135,6 @@ class WorkerDaemon:
             raise NdpipeError(f"compute processes die before starting ({why}); check the handlers")
         if not self.draining:
             self._spawn(index)
-
-    def _ident_of(self, index: int) -> bytes:
-        return next(ident for ident, slot in self.child_ids.items() if slot == index)
 
     def _kill_child(self, index: int) -> None:
         proc = self.procs.get(index)
@@ -168,7 +167,7 @@ class WorkerDaemon:
     def _start_jobs(self, now: float) -> None:
         while (started := self.pool.next_start(now)) is not None:
             slot, job = started
-            frames = [self._ident_of(slot.index), P.C_TASK, job.tid, job.service.encode(), P.FLAGS.pack(job.flags),
+            frames = [self.ident_of[slot.index], P.C_TASK, job.tid, job.service.encode(), P.FLAGS.pack(job.flags),
                       *job.payload]
             try:
                 send_frames(self.children, frames, zmq.NOBLOCK)
