@@ -94,6 +94,7 @@ class Master:
         self._thread.start()
         self._started.wait()
         if self._error is not None:
+            self._channel.close()
             raise NdpipeError(f"master cannot start: {self._error}") from self._error
 
     # ---- user API -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from typing import Any
 
@@ -157,5 +158,7 @@ def test_a_master_that_cannot_connect_says_why() -> None:
     from ndpipe.errors import NdpipeError
     from ndpipe.master import Master
 
+    fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(NdpipeError, match="cannot start: .*"):
         Master("tcp://no-port-here")
+    assert len(os.listdir("/proc/self/fd")) == fds  # its wake-up pipe closed, its context released
