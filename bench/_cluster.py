@@ -120,7 +120,7 @@ class LocalCluster:
 
     @property
     def slots_per_worker(self) -> int:
-        return self.processes + self.prefetch
+        return self.processes * WorkerConfig(processes=self.processes, prefetch=self.prefetch).lane_credit
 
     def master_config(self, **overrides: Any) -> MasterConfig:
         return MasterConfig(broker=self.frontend, **{**self.master_kwargs, **overrides})

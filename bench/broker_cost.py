@@ -315,58 +315,84 @@ def part_b(sizes: list[int], trickle: int) -> list[MemRow]:
 N_COUNTERS = 4  # per simulator process: welcomes, disconnects, heartbeats sent, heartbeats received
 
 
-def _idle_workers(backend: str, count: int, counters: Any, index: int) -> None:
-    """``count`` fake worker daemons in one process; runs until SIGTERM."""
-    from ndpipe import __version__
+class _IdleDaemons:
+    """``count`` fake worker daemons, each with ``lanes`` lane connections, in one process. Daemons
+    heartbeat; lanes join with the key from WELCOME and then stay silent, as real idle lanes do."""
 
-    ctx = zmq.Context()
-    ctx.max_sockets = count + 64
-    host = socket.gethostname()
-    info = msgpack.packb({"services": [IDLE], "slots": 1, "processes": 1, "host": host, "pid": os.getpid(),
-                          "version": __version__})
-    stats = msgpack.packb({"cpu": 0.0, "rss": 50_000_000, "running": 0, "waiting": 0, "processes": 1})
-    poller = zmq.Poller()
-    socks: list[zmq.Socket[Any]] = []
-    for _ in range(count):
-        s = ctx.socket(zmq.DEALER)
+    def __init__(self, backend: str, count: int, index: int, lanes: int) -> None:
+        from ndpipe import __version__
+
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.ctx.max_sockets = count * (1 + lanes) + 64
+        self.backend, self.index, self.host = backend, index, socket.gethostname()
+        self.info = {"services": [IDLE], "lanes": lanes, "credit": 1, "host": self.host, "pid": os.getpid(),
+                     "version": __version__}
+        lane_stats = [{"lane": i, "pid": 0, "cpu": 0.0, "rss": 50_000_000, "running": False, "done": 0}
+                      for i in range(lanes)]
+        self.stats = msgpack.packb({"cpu": 0.0, "rss": 50_000_000 * (1 + lanes), "running": 0, "processes": lanes,
+                                    "lanes": lane_stats})
+        self.poller = zmq.Poller()
+        self.socks = [self._dealer() for _ in range(count)]
+        self.number = {s: n for n, s in enumerate(self.socks)}
+        self.lane_socks = {s: [self._dealer() for _ in range(lanes)] for s in self.socks}
+        for s in self.socks:
+            self._ready(s)
+            self.poller.register(s, zmq.POLLIN)
+        self.interval = P.HEARTBEAT_INTERVAL
+        self.welcomes = self.disconnects = self.sent = self.received = 0
+
+    def _dealer(self) -> zmq.Socket[Any]:
+        s: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         s.linger = 0
-        s.connect(backend)
-        s.send_multipart([P.WORKER, P.READY, info])  # queued until the connection is up
-        poller.register(s, zmq.POLLIN)
-        socks.append(s)
-    interval = P.HEARTBEAT_INTERVAL
-    rng = random.Random(index)
-    now = time.monotonic()
-    due = [now + rng.random() * interval for _ in socks]  # independent daemons beat at random phases
-    welcomes = disconnects = sent = received = 0
-    base = index * N_COUNTERS
-    while True:
-        for sock, _ev in poller.poll(int(interval * 1000 / 20)):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                command = frames[1] if len(frames) > 1 else b""
-                if command == P.HEARTBEAT:
-                    received += 1
-                elif command == P.WELCOME:
-                    welcomes += 1
-                    params = msgpack.unpackb(frames[2]) if len(frames) > 2 else {}
-                    interval = float(params.get("heartbeat_interval", interval))
-                elif command == P.DISCONNECT:  # the broker forgot this one: register again
-                    disconnects += 1
-                    sock.send_multipart([P.WORKER, P.READY, info])
+        s.connect(self.backend)
+        return s
+
+    def _ready(self, sock: zmq.Socket[Any]) -> None:
+        info = {**self.info, "id": f"{self.host}:{os.getpid()}:{self.index}:{self.number[sock]}"}
+        sock.send_multipart([P.WORKER, P.READY, msgpack.packb(info)])  # queued until the connection is up
+
+    def on_message(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+        command = frames[1] if len(frames) > 1 else b""
+        if command == P.HEARTBEAT:
+            self.received += 1
+        elif command == P.WELCOME:
+            self.welcomes += 1
+            params = msgpack.unpackb(frames[2]) if len(frames) > 2 else {}
+            self.interval = float(params.get("heartbeat_interval", self.interval))
+            for i, lane in enumerate(self.lane_socks[sock]):
+                join = {"key": params["key"], "lane": i, "pid": 0}
+                lane.send_multipart([P.WORKER, P.LANE, msgpack.packb(join, use_bin_type=True)])
+        elif command == P.DISCONNECT:  # the broker forgot this one: register again
+            self.disconnects += 1
+            self._ready(sock)
+
+    def run(self, counters: Any) -> None:
+        rng = random.Random(self.index)
         now = time.monotonic()
-        for i, t in enumerate(due):
-            if t <= now:
-                try:
-                    socks[i].send_multipart([P.WORKER, P.HEARTBEAT, stats], zmq.NOBLOCK)
-                    sent += 1
-                except zmq.Again:
-                    pass
-                due[i] = max(t + interval, now)
-        counters[base:base + N_COUNTERS] = [welcomes, disconnects, sent, received]
+        due = [now + rng.random() * self.interval for _ in self.socks]  # independent daemons, random phases
+        base = self.index * N_COUNTERS
+        while True:
+            for sock, _ev in self.poller.poll(int(self.interval * 1000 / 20)):
+                while True:
+                    try:
+                        self.on_message(sock, sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            now = time.monotonic()
+            for i, t in enumerate(due):
+                if t <= now:
+                    try:
+                        self.socks[i].send_multipart([P.WORKER, P.HEARTBEAT, self.stats], zmq.NOBLOCK)
+                        self.sent += 1
+                    except zmq.Again:
+                        pass
+                    due[i] = max(t + self.interval, now)
+            counters[base:base + N_COUNTERS] = [self.welcomes, self.disconnects, self.sent, self.received]
+
+
+def _idle_workers(backend: str, count: int, counters: Any, index: int, lanes: int = 4) -> None:
+    """Process entry: ``count`` fake idle daemons × ``lanes`` lanes; runs until SIGTERM."""
+    _IdleDaemons(backend, count, index, lanes).run(counters)
 
 
 @dataclass
@@ -386,8 +412,10 @@ class IdleRow:
 
 
 def workers_in_status(cluster: LocalCluster) -> int:
+    """Registered worker daemons whose lanes have all joined."""
     with cluster.master() as m:
-        return len(m.status(timeout=30)["workers"])
+        workers = m.status(timeout=30)["workers"]
+    return sum(1 for w in workers if len(w["lanes"]) == w["info"].get("lanes", 0))
 
 
 def wait_workers(cluster: LocalCluster, count: int, sims: list[Any], timeout: float = 120.0) -> int:
@@ -417,9 +445,10 @@ def measure_cpu(broker_pid: int, sim_pids: list[int], seconds: float) -> tuple[f
     return wall, b1 - b0, s1 - s0, other
 
 
-def part_c(workers: int, procs: int, seconds: float, idle_seconds: float) -> list[IdleRow]:
-    print(f"(c) broker CPU with {workers:,} idle workers heartbeating (default 1 s × liveness 3), simulated by "
-          f"{procs} processes; {seconds:.0f} s windows\n", flush=True)
+def part_c(workers: int, procs: int, seconds: float, idle_seconds: float, lanes: int = 4) -> list[IdleRow]:
+    print(f"(c) broker CPU with {workers:,} idle worker daemons × {lanes} lanes ({workers * (1 + lanes):,} "
+          f"connections), daemons heartbeating (default 1 s × liveness 3), simulated by {procs} processes; "
+          f"{seconds:.0f} s windows\n", flush=True)
     ctx = mp.get_context("spawn")
     counters = ctx.Array("q", N_COUNTERS * procs, lock=False)
     rows: list[IdleRow] = []
@@ -429,7 +458,7 @@ def part_c(workers: int, procs: int, seconds: float, idle_seconds: float) -> lis
         wall, b, _s, other = measure_cpu(bpid, [], idle_seconds)
         rows.append(IdleRow("no worker", 0, wall, b, 0.0, other))
         shares = [workers // procs + (1 if i < workers % procs else 0) for i in range(procs)]
-        sims = [ctx.Process(target=_idle_workers, args=(cluster.bcfg.backend, k, counters, i),
+        sims = [ctx.Process(target=_idle_workers, args=(cluster.bcfg.backend, k, counters, i, lanes),
                             name=f"idle-workers-{i}") for i, k in enumerate(shares)]
         try:
             for p in sims:
@@ -442,7 +471,7 @@ def part_c(workers: int, procs: int, seconds: float, idle_seconds: float) -> lis
             after = workers_in_status(cluster)
             dis = sum(c1[i * N_COUNTERS + 1] - c0[i * N_COUNTERS + 1] for i in range(procs))
             beats = sum(c1[i * N_COUNTERS + 3] - c0[i * N_COUNTERS + 3] for i in range(procs))
-            rows.append(IdleRow(f"{workers:,} idle workers", min(seen, after), wall, b, s, other, dis, beats))
+            rows.append(IdleRow(f"{workers:,} idle × {lanes} lanes", min(seen, after), wall, b, s, other, dis, beats))
             if after != workers:
                 print(f"  note: STATUS counted {seen:,} workers before the window and {after:,} after")
         finally:
@@ -480,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trickle", type=int, default=10_000,
                     help="(b) also queue this many one SUBMIT per PING round trip (default 10,000; 0 = skip)")
     ap.add_argument("--workers", type=int, help="(c) idle workers (default 1,000; --quick 100)")
+    ap.add_argument("--lanes", type=int, default=4, help="(c) lanes per idle worker daemon (default 4)")
     ap.add_argument("--sim-procs", type=int, help="(c) simulator processes (default 4; --quick 2)")
     ap.add_argument("--seconds", type=float, help="(c) measurement window (default 10; --quick 3)")
     args = ap.parse_args(argv)
@@ -499,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = args.workers or (100 if q else 1000)
         procs = args.sim_procs or (2 if q else 4)
         seconds = args.seconds or (3.0 if q else 10.0)
-        part_c(workers, max(1, min(procs, workers)), seconds, 1.0 if q else 3.0)
+        part_c(workers, max(1, min(procs, workers)), seconds, 1.0 if q else 3.0, args.lanes)
     print(f"total wall time {time.monotonic() - t0:.1f} s; load average "
           f"{', '.join(f'{x:.2f}' for x in psutil.getloadavg())} (other work on the machine skews every figure)")
     return 0

@@ -53,6 +53,7 @@ class Broker:
         self.backend = self._router()
         self._malformed = Throttle(log)
         self._undeliverable = Throttle(log)
+        self._old = Throttle(log)
 
     def _router(self) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -115,7 +116,7 @@ class Broker:
         log.info("broker stopping: %d completed, %d failed, %d requeued, %d queued, %d in flight",
                  c["completed"], c["failed"], c["requeued"],
                  sum(len(q) for q in self.state.queues.values()),
-                 sum(len(w.inflight) for w in self.state.workers.values()))
+                 sum(len(w.inflight) for w in self.state.lanes.values()))
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(P.READ_BATCH):
@@ -124,7 +125,7 @@ class Broker:
             try:
                 front = sock is self.frontend
                 frames = recv_bounded(sock, P.read_cap(self.cfg.max_frames), head=6 if front else 4,
-                                      header=P.MASTER if front else P.WORKER)
+                                      header=P.MASTER if front else (P.WORKER, *P.OLD_WORKERS))
             except zmq.Again:
                 return
             except TooManyFrames as exc:
@@ -237,71 +238,96 @@ class Broker:
         body = msgpack.packb(details, use_bin_type=True)
         self._to_master(ident, [P.MASTER, P.ERROR, tid, code.encode(), body])
 
-    # ---- workers --------------------------------------------------------------------------------
+    # ---- workers: daemons and lanes ------------------------------------------------------------------
     def _on_worker(self, frames: list[Any]) -> None:
         if len(frames) < 3:
             raise ProtocolError(f"worker message has {len(frames)} frames")
-        wid, msg = frames[0], frames[1:]
+        rid, msg = frames[0], frames[1:]
+        if frame_bytes(msg[0]) in P.OLD_WORKERS:  # no DISCONNECT: it would only register again, in a loop
+            self._old.warning("refused a worker speaking %s (ndpipe before lanes, 0.1.x): upgrade it to %s",
+                              frame_bytes(msg[0]).decode(), P.WORKER.decode())
+            return
         command = P.check_header(msg, P.WORKER, 2)
         now = time.monotonic()
         if command == P.READY:
-            self._on_ready(wid, msg, now)
+            self._on_ready(rid, msg, now)
             return
-        stats = frame_bytes(msg[2]) if command == P.HEARTBEAT and len(msg) > 2 and len(msg[2]) <= 65536 else None
-        known = self.state.worker_seen(wid, now, stats)
-        if command == P.W_RESULT:
-            self._on_worker_result(wid, msg)
-        elif command == P.W_ERROR:
-            self._on_worker_error(wid, msg, now)
-        elif command == P.DISCONNECT:
-            if known:
-                handed = self.state.worker_gone(wid, now, penalize=False)
-                log.info("worker %s disconnected; %d tasks handed back", wid.hex(), len(handed))
+        if command == P.LANE:
+            self._on_lane(rid, msg, now)
             return
-        elif command == P.HEARTBEAT:
-            pass
-        elif command == P.DRAIN:
-            if known:
-                self.state.worker_drain(wid)
-                log.info("worker %s draining", wid.hex())
-        else:
-            raise ProtocolError(f"unknown worker command {command!r}")
+        if command in (P.W_RESULT, P.W_ERROR):
+            self._on_answer(rid, msg, now)
+            return
+        known = self._on_daemon(rid, command, msg, now)
         if not known:  # it lost us or we lost it: tell it to register again
-            self._to_worker(wid, [P.WORKER, P.DISCONNECT])
+            self._to_worker(rid, [P.WORKER, P.DISCONNECT])
 
-    def _on_worker_result(self, wid: bytes, msg: list[Any]) -> None:
-        """Accepted even from a forgotten worker: the first answer wins."""
-        P.check_header(msg, P.WORKER, 4)
-        task = self.state.complete(wid, P.task_id_of(msg[2]))
-        if task is not None:
-            self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *msg[3:]])
+    def _on_daemon(self, rid: bytes, command: bytes, msg: list[Any], now: float) -> bool:
+        """HEARTBEAT, DRAIN, LANE_GONE, DISCONNECT: a daemon's own commands (a lane's DISCONNECT too).
+        Returns whether the sender is a registered daemon (or a lane saying goodbye)."""
+        stats = frame_bytes(msg[2]) if command == P.HEARTBEAT and len(msg) > 2 and len(msg[2]) <= 65536 else None
+        known = self.state.worker_seen(rid, now, stats)
+        if command == P.DISCONNECT:
+            if known:
+                handed = self.state.worker_gone(rid, now, penalize=False)
+                log.info("worker %s disconnected; %d tasks handed back", rid.hex(), len(handed))
+            elif rid in self.state.lanes:  # a lane leaving (its daemon drains): its prefetched tasks go back
+                self.state.lane_gone(rid, now, penalize=False)
+            return True  # never answered: it is leaving
+        if command == P.DRAIN and known:
+            self.state.worker_drain(rid)
+            log.info("worker %s draining", rid.hex())
+        elif command == P.LANE_GONE:
+            P.check_header(msg, P.WORKER, 3)
+            index, pid = P.parse_lane_gone(unpack_map(frame_bytes(msg[2])))
+            back = self.state.lane_ended(rid, index, pid, now) if known else None
+            if back is not None:
+                log.info("worker %s lane %d (pid %d) ended; %d tasks handed back", rid.hex(), index, pid, len(back))
+        elif command not in (P.HEARTBEAT, P.DRAIN):
+            raise ProtocolError(f"unknown worker command {command!r}")
+        return known
 
-    def _on_worker_error(self, wid: bytes, msg: list[Any], now: float) -> None:
-        P.check_header(msg, P.WORKER, 5)
-        tid, code = P.task_id_of(msg[2]), P.error_code_of(msg[3])
-        why = ""
-        if code == P.CRASHED:  # say in a final MAX_ATTEMPTS why the last attempt died (e.g. out of memory)
-            try:
-                why = str(unpack_map(frame_bytes(msg[4])).get("message", ""))[:500]
-            except ProtocolError:
-                pass
-        task = self.state.fail(wid, tid, code, now, why)
-        if task is not None:
-            self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), msg[4]])
+    def _on_answer(self, rid: bytes, msg: list[Any], now: float) -> None:
+        """W_RESULT or W_ERROR: taken only from the lane holding the task, or its daemon (§5 rule 4)."""
+        tid, code, body = P.parse_answer(msg)
+        known = self.state.lane_seen(rid) | self.state.worker_seen(rid, now)
+        if code is None:
+            task = self.state.complete(rid, tid)
+            if task is not None:
+                self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *body])
+        else:
+            why = ""
+            if code == P.CRASHED:  # say in a final MAX_ATTEMPTS why the last attempt died (e.g. out of memory)
+                try:
+                    why = str(unpack_map(frame_bytes(body[0])).get("message", ""))[:500]
+                except ProtocolError:
+                    pass
+            task = self.state.fail(rid, tid, code, now, why)
+            if task is not None:
+                self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), body[0]])
+        if not known:
+            self._to_worker(rid, [P.WORKER, P.DISCONNECT])
 
-    def _on_ready(self, wid: bytes, msg: list[Any], now: float) -> None:
+    def _on_ready(self, rid: bytes, msg: list[Any], now: float) -> None:
         P.check_header(msg, P.WORKER, 3)
-        info = unpack_map(frame_bytes(msg[2]))
-        services, slots = info.get("services"), info.get("slots")
-        if (not isinstance(services, list) or not services or not all(isinstance(s, str) for s in services)
-                or isinstance(slots, bool) or not isinstance(slots, int) or not 0 < slots <= P.MAX_SLOTS):
-            raise ProtocolError(f"READY needs services (list of str) and slots (1..{P.MAX_SLOTS}), got {info!r:.200}")
-        self.state.worker_ready(wid, services, slots, now, info)
+        ready = P.parse_ready(unpack_map(frame_bytes(msg[2])))
+        host = self.state.worker_ready(rid, ready.services, ready.credit, now, ready.info, ready.lanes, ready.name)
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
-                  "broker_id": self.state.broker_id.hex()}
-        self._to_worker(wid, [P.WORKER, P.WELCOME, msgpack.packb(params)])
-        log.info("worker %s ready: %s, %d slots, host %s pid %s", wid.hex(), ",".join(services), slots,
-                 info.get("host"), info.get("pid"))
+                  "broker_id": self.state.broker_id.hex(), "key": host.key, "id": host.name}
+        self._to_worker(rid, [P.WORKER, P.WELCOME, msgpack.packb(params, use_bin_type=True)])
+        log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s", ready.name, ",".join(ready.services),
+                 ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
+
+    def _on_lane(self, rid: bytes, msg: list[Any], now: float) -> None:
+        P.check_header(msg, P.WORKER, 3)
+        key, index, pid = P.parse_lane(unpack_map(frame_bytes(msg[2])))
+        lane = self.state.lane_ready(rid, key, index, now, pid)
+        if lane is None:  # a key no live worker holds (it was forgotten, or never was): the lane starts over
+            self._malformed.warning("lane %d (pid %d) presented a key no registered worker has: told DISCONNECT",
+                                    index, pid)
+            self._to_worker(rid, [P.WORKER, P.DISCONNECT])
+        else:
+            log.debug("lane %s joined (pid %d)", lane.address, pid)
 
     def _to_worker(self, wid: bytes, frames: list[Any]) -> bool:
         try:
@@ -314,19 +340,21 @@ class Broker:
     # ---- dispatch and time ----------------------------------------------------------------------
     def _flush(self, now: float) -> None:
         for task, rec in self.state.dispatch(now):
-            meta = P.META.pack(task.attempt, self._remaining_ms(task, now), task.flags)
-            frames = [P.WORKER, P.TASK, task.tid, task.service.encode(), meta, *task.payload]
+            frames = P.task_frames(task.tid, task.service.encode(), task.attempt, self._remaining_ms(task, now),
+                                   task.flags, task.payload)
             try:
                 send_frames(self.backend, [rec.wid, *frames], zmq.NOBLOCK)
-            except zmq.Again:  # its link is full: hand back this task, keep the worker
+            except zmq.Again:  # its link is full: hand back this task, keep the lane
                 self.state.stall(task)
-            except zmq.ZMQError as exc:  # EHOSTUNREACH: it is gone; requeue what it held
-                log.warning("worker %s unreachable (%s): its tasks requeued", rec.wid.hex(), exc)
-                self.state.worker_gone(rec.wid, now, penalize=False)
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: its connection is gone; requeue what it held
+                log.warning("lane %s unreachable (%s): its tasks requeued", rec.address, exc)
+                self.state.lane_gone(rec.wid, now, penalize=False)
         for failure in self.state.take_failures():
             self._error(failure.task.master, failure.task.tid, failure.code, failure.details)
-        for wid, tid in self.state.take_cancels():
-            self._to_worker(wid, [P.WORKER, P.W_CANCEL, tid])
+        for lane, tid in self.state.take_cancels():  # queued in the lane: it drops it; running: its daemon kills it
+            self._to_worker(lane.wid, [P.WORKER, P.W_CANCEL, tid])
+            if lane.host.hid != lane.wid:
+                self._to_worker(lane.host.hid, [P.WORKER, P.W_CANCEL, tid])
 
     @staticmethod
     def _remaining_ms(task: Task, now: float) -> int:
@@ -345,7 +373,7 @@ class Broker:
     def _heartbeat(self, now: float) -> None:
         self.state.prune()
         trim_heap()
-        for wid in list(self.state.workers):
+        for wid in list(self.state.hosts):
             try:
                 send_frames(self.backend, [wid, P.WORKER, P.HEARTBEAT], zmq.NOBLOCK)
             except zmq.Again:

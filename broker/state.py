@@ -1,4 +1,10 @@
-"""Socket-free broker state: fair service queues, the worker table, the in-flight table, expiry.
+"""Socket-free broker state: fair service queues, workers and their lanes, the in-flight table, expiry.
+
+A worker is a daemon (:class:`HostRecord`: liveness, services, credit per lane) and its lanes
+(:class:`LaneRecord`: one compute process each, on its own connection: the unit of dispatch). A lane
+joins with the key its daemon got in WELCOME; it dies with its daemon (expiry, DISCONNECT) or alone
+(LANE_GONE, an unroutable TASK). Answers are taken only from the lane holding the task or its
+daemon, so a lane presumed dead cannot settle a task that has moved on.
 
 Every method that depends on time takes ``now`` (a ``time.monotonic()`` value) so the whole state
 machine is unit-tested without sleeping. The poll loop in :mod:`ndpipe.broker.server` reads frames,
@@ -13,13 +19,13 @@ Task life cycle (PROTOCOL.md §5)::
 
 Payload frames are stored as received and forwarded untouched; the broker never decodes them.
 
-Dispatch picks the least-loaded worker with credit (in-flight / slots; ties: the one that waited
-longest) in O(log n): each service keeps a heap of (load, last dispatch, seq, version, worker).
-Every change to a worker's credit or load goes through :meth:`BrokerState._offer` (or ``_index``),
+Dispatch picks the least-loaded lane with credit (in-flight / slots; ties: the one that waited
+longest) in O(log n): each service keeps a heap of (load, last dispatch, seq, version, lane).
+Every change to a lane's credit or load goes through :meth:`BrokerState._offer` (or ``_index``),
 which bumps its version and pushes a fresh entry, so older entries are stale and skipped when
-popped; an entry popped while the worker has no credit is dropped, and the worker comes back with
+popped; an entry popped while the lane has no credit is dropped, and the lane comes back with
 the next change that frees credit (each of those calls ``_offer``). A heap grown past twice its
-service's workers is rebuilt.
+service's lanes is rebuilt.
 """
 
 from __future__ import annotations
@@ -57,24 +63,47 @@ class Task:
 
 
 @dataclass(slots=True, eq=False)
-class WorkerRecord:
-    """A registered worker daemon and its credit (``slots``)."""
+class HostRecord:
+    """A registered worker daemon: the liveness, services and per-lane credit of all its lanes."""
 
-    wid: bytes
+    hid: bytes  # routing id of the daemon's connection
+    name: str  # the worker's id: lane addresses are "name/index"
     services: tuple[str, ...]
-    slots: int
+    nlanes: int
+    credit: int  # tasks in flight per lane
+    key: bytes  # what its lanes present to join it (random, sent only in WELCOME)
     expires: float
     info: dict[str, Any] = field(default_factory=dict)
     stats: bytes = b""  # its last HEARTBEAT stats frame, decoded only for STATUS (heartbeats stay cheap)
-    inflight: set[bytes] = field(default_factory=set)
     draining: bool = False
+    lanes: dict[int, LaneRecord] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class LaneRecord:
+    """One compute process of a worker, on its own connection: the unit of dispatch and credit."""
+
+    wid: bytes  # routing id of the lane's connection (a task's ``worker``)
+    host: HostRecord
+    index: int
+    pid: int
+    slots: int
+    inflight: set[bytes] = field(default_factory=set)
     stalled: bool = False  # its link was full: no TASK until it next speaks
     last_dispatch: float = 0.0
     version: int = 0  # bumped on every change of credit or load: older heap entries are stale
 
     @property
+    def services(self) -> tuple[str, ...]:
+        return self.host.services
+
+    @property
+    def address(self) -> str:
+        return f"{self.host.name}/{self.index}"
+
+    @property
     def free(self) -> int:
-        return 0 if self.draining or self.stalled else self.slots - len(self.inflight)
+        return 0 if self.host.draining or self.stalled else self.slots - len(self.inflight)
 
 
 class ServiceQueue:
@@ -168,19 +197,22 @@ class BrokerState:
         self.broker_id = os.urandom(8)
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ServiceQueue] = {}
-        self.workers: dict[bytes, WorkerRecord] = {}
-        self.by_service: dict[str, list[WorkerRecord]] = {}
+        self.hosts: dict[bytes, HostRecord] = {}  # worker daemons by their connection's routing id
+        self.by_key: dict[bytes, HostRecord] = {}
+        self.by_name: dict[str, HostRecord] = {}
+        self.lanes: dict[bytes, LaneRecord] = {}  # lanes by their connection's routing id
+        self.by_service: dict[str, list[LaneRecord]] = {}
         self.masters: dict[bytes, tuple[float, int, bytes]] = {}  # id -> (expires, session number, id)
         self.failures: list[Failure] = []  # filled by state changes, drained by the loop
-        self.cancels: list[tuple[bytes, bytes]] = []  # (worker, task): W_CANCEL to send
+        self.cancels: list[tuple[LaneRecord, bytes]] = []  # (lane, task): W_CANCEL to send (lane and daemon)
         self._sessions = 0
         self._deadlines: list[tuple[float, bytes]] = []
         self._dirty: set[str] = set()  # services that may be able to dispatch
         # service -> heap of (load, last dispatch, seq, version, worker): workers that may have credit
-        self._free: dict[str, list[tuple[float, float, int, int, WorkerRecord]]] = {}
+        self._free: dict[str, list[tuple[float, float, int, int, LaneRecord]]] = {}
         self._seq = itertools.count()
         self.counters = dict.fromkeys(
-            ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled"), 0
+            ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped"), 0
         )
 
     @property
@@ -265,46 +297,104 @@ class BrokerState:
         self.queues[task.service].discard()
         self._finish(task)
 
-    # ---- workers --------------------------------------------------------------------------------
+    # ---- workers: daemons (hosts) and their lanes ---------------------------------------------------
     def worker_ready(
-        self, wid: bytes, services: Iterable[str], slots: int, now: float, info: dict[str, Any] | None = None
-    ) -> WorkerRecord:
-        """Register a worker (a second READY on the same identity re-registers it)."""
-        if wid in self.workers:
-            self.worker_gone(wid, now, penalize=False)
-        rec = WorkerRecord(wid, tuple(services), slots, now + self.expiry, info or {})
-        self.workers[wid] = rec
-        for service in rec.services:
+        self, hid: bytes, services: Iterable[str], slots: int, now: float, info: dict[str, Any] | None = None,
+        lanes: int = 1, name: str | None = None,
+    ) -> HostRecord:
+        """Register a worker daemon whose ``lanes`` will each get ``slots`` credit once they join.
+
+        A second READY on the same connection, or one under the same name (the daemon registering
+        again on a new socket), replaces the old registration and hands its tasks back."""
+        name = name or hid.hex()
+        if hid in self.hosts:
+            self.worker_gone(hid, now, penalize=False)
+        old = self.by_name.get(name)
+        if old is not None:
+            self.worker_gone(old.hid, now, penalize=False)
+        rec = HostRecord(hid, name, tuple(services), lanes, slots, os.urandom(P.KEY_BYTES), now + self.expiry,
+                         info or {})
+        self.hosts[hid] = rec
+        self.by_key[rec.key] = rec
+        self.by_name[name] = rec
+        return rec
+
+    def lane_ready(self, lid: bytes, key: bytes, index: int, now: float, pid: int = 0) -> LaneRecord | None:
+        """A lane joins the worker whose key it presents; None if no live worker has that key or the
+        index is out of its range. A lane joining where one is registered replaces it (hand-back)."""
+        host = self.by_key.get(key)
+        if host is None or not 0 <= index < host.nlanes:
+            return None
+        old = host.lanes.get(index)
+        if old is not None:
+            self.lane_gone(old.wid, now, penalize=False)
+        if lid in self.lanes:  # the connection was another lane before: that one is gone
+            self.lane_gone(lid, now, penalize=False)
+        rec = LaneRecord(lid, host, index, pid, host.credit)
+        host.lanes[index] = rec
+        self.lanes[lid] = rec
+        for service in host.services:
             self.by_service.setdefault(service, []).append(rec)
         self._offer(rec)
         return rec
 
-    def worker_seen(self, wid: bytes, now: float, stats: bytes | None = None) -> bool:
-        rec = self.workers.get(wid)
+    def worker_seen(self, hid: bytes, now: float, stats: bytes | None = None) -> bool:
+        """A message from a daemon's connection: it is alive (and so are its lanes)."""
+        rec = self.hosts.get(hid)
         if rec is None:
             return False
         rec.expires = now + self.expiry
-        if rec.stalled:
-            rec.stalled = False
-            self._offer(rec)
+        for lane in rec.lanes.values():
+            self.lane_seen(lane.wid)
         if stats is not None:
             rec.stats = stats
         return True
 
-    def worker_drain(self, wid: bytes) -> None:
-        rec = self.workers.get(wid)
+    def lane_seen(self, lid: bytes) -> bool:
+        rec = self.lanes.get(lid)
+        if rec is None:
+            return False
+        if rec.stalled:
+            rec.stalled = False
+            self._offer(rec)
+        return True
+
+    def worker_drain(self, hid: bytes) -> None:
+        rec = self.hosts.get(hid)
         if rec is not None:
-            rec.draining = True
+            rec.draining = True  # every lane's credit is now 0: their heap entries are dropped when popped
 
-    def worker_gone(self, wid: bytes, now: float, penalize: bool = True) -> list[Task]:
-        """Remove a worker; requeue its in-flight tasks at the head of their queues.
-
-        ``penalize`` is False for a graceful DISCONNECT: handed-back tasks keep their attempt count.
-        Returns the tasks requeued.
-        """
-        rec = self.workers.pop(wid, None)
+    def worker_gone(self, hid: bytes, now: float, penalize: bool = True) -> list[Task]:
+        """Remove a worker daemon and all its lanes; requeue their in-flight tasks at the head of
+        their queues. ``penalize`` is False for a graceful DISCONNECT: handed-back tasks keep their
+        attempt count. Returns the tasks requeued."""
+        rec = self.hosts.pop(hid, None)
         if rec is None:
             return []
+        self.by_key.pop(rec.key, None)
+        if self.by_name.get(rec.name) is rec:
+            del self.by_name[rec.name]
+        requeued: list[Task] = []
+        for lane in list(rec.lanes.values()):
+            requeued += self.lane_gone(lane.wid, now, penalize)
+        return requeued
+
+    def lane_ended(self, hid: bytes, index: int, pid: int, now: float) -> list[Task] | None:
+        """The daemon says its lane ``index`` (process ``pid``) ended: hand back what it held. None if
+        that lane is not registered (already replaced, or never joined)."""
+        host = self.hosts.get(hid)
+        lane = host.lanes.get(index) if host is not None else None
+        if lane is None or lane.pid != pid:
+            return None
+        return self.lane_gone(lane.wid, now, penalize=False)
+
+    def lane_gone(self, lid: bytes, now: float, penalize: bool = True) -> list[Task]:
+        """Remove one lane; requeue its in-flight tasks (``penalize`` as in :meth:`worker_gone`)."""
+        rec = self.lanes.pop(lid, None)
+        if rec is None:
+            return []
+        if rec.host.lanes.get(rec.index) is rec:
+            del rec.host.lanes[rec.index]
         for service in rec.services:
             peers = self.by_service.get(service, [])
             if rec in peers:
@@ -312,9 +402,10 @@ class BrokerState:
         requeued = []
         for tid in rec.inflight:
             task = self.tasks.get(tid)
-            if task is not None and task.worker == wid and task.state == INFLIGHT:
+            if task is not None and task.worker == lid and task.state == INFLIGHT:
                 if self._requeue(task, penalize, "worker lost while running the task"):
                     requeued.append(task)
+        rec.inflight.clear()
         return requeued
 
     def _requeue(self, task: Task, penalize: bool, why: str) -> bool:
@@ -342,57 +433,55 @@ class BrokerState:
         self.tasks.pop(task.tid, None)
 
     # ---- results --------------------------------------------------------------------------------
-    def _release(self, wid: bytes, tid: bytes) -> Task | None:
-        """Free the reporting worker's slot; return the task if the broker still holds it."""
-        rec = self.workers.get(wid)
-        if rec is not None and tid in rec.inflight:
-            rec.inflight.discard(tid)
-            self._offer(rec)
-        return self.tasks.get(tid)
-
-    def _settle(self, task: Task, wid: bytes) -> None:
-        """The task has its answer: take it out of its queue if it was waiting again, stop a copy
-        running elsewhere (first answer wins), forget it."""
-        if task.state == QUEUED:
-            self.queues[task.service].discard()
-        elif task.worker is not None and task.worker != wid:
-            other = self.workers.get(task.worker)
-            if other is not None and task.tid in other.inflight:
-                other.inflight.discard(task.tid)
-                self._offer(other)
-                self.cancels.append((other.wid, task.tid))
-        self._finish(task)
-
-    def complete(self, wid: bytes, tid: bytes) -> Task | None:
-        """A worker answered; return the task to deliver, or None if nobody waits for it any more.
-
-        A late answer from a worker presumed dead still counts: the first answer wins.
-        """
-        task = self._release(wid, tid)
-        if task is not None:
-            self._settle(task, wid)
-            self.counters["completed"] += 1
+    def _holder(self, sender: bytes, tid: bytes) -> Task | None:
+        """The task if ``sender`` may answer it: the lane it is in flight at, or that lane's daemon
+        (which reports what its lane could not say: a crash, a timeout). Anyone else's answer is
+        dropped: a lane presumed dead, a stranger, a task waiting in its queue."""
+        task = self.tasks.get(tid)
+        if task is None or task.state != INFLIGHT or task.worker is None:
+            return None
+        lane = self.lanes.get(task.worker)
+        if lane is None or (sender != lane.wid and sender != lane.host.hid):
+            return None
         return task
 
-    def fail(self, wid: bytes, tid: bytes, code: str, now: float, why: str = "") -> Task | None:
-        """A worker reported an error. CRASHED is retried (attempt check); others go to the master.
-        ``why`` (the report's message) ends up in the MAX_ATTEMPTS error of a task that crashed too often.
+    def _release(self, task: Task) -> None:
+        """Free the slot the task held at its lane."""
+        lane = self.lanes.get(task.worker or b"")
+        if lane is not None and task.tid in lane.inflight:
+            lane.inflight.discard(task.tid)
+            self._offer(lane)
 
-        Returns the task whose error must be forwarded, or None (requeued, stale or unknown).
-        """
-        task = self._release(wid, tid)
+    def complete(self, lid: bytes, tid: bytes) -> Task | None:
+        """A lane answered; return the task to deliver, or None if the answer is not the holder's
+        (late, from a lane presumed dead, or unknown): the task is then still owed by its holder."""
+        task = self._holder(lid, tid)
         if task is None:
+            self.counters["dropped"] += 1
             return None
+        self._release(task)
+        self._finish(task)
+        self.counters["completed"] += 1
+        return task
+
+    def fail(self, sender: bytes, tid: bytes, code: str, now: float, why: str = "") -> Task | None:
+        """A lane or its daemon reported an error. CRASHED is retried (attempt check); others go to the
+        master. ``why`` (the report's message) ends up in the MAX_ATTEMPTS error of a task that
+        crashed too often. Returns the task whose error must be forwarded, or None."""
+        task = self._holder(sender, tid)
+        if task is None:
+            self.counters["dropped"] += 1
+            return None
+        self._release(task)
         if code == P.CRASHED:
-            if task.state == INFLIGHT and task.worker == wid:
-                self._requeue(task, True, why or "compute process died while running the task")
-            return None  # a stale crash report (the task already moved on) changes nothing
-        self._settle(task, wid)
+            self._requeue(task, True, why or "compute process died while running the task")
+            return None
+        self._finish(task)
         self.counters["failed"] += 1
         return task
 
     # ---- dispatch -------------------------------------------------------------------------------
-    def dispatch(self, now: float) -> Iterator[tuple[Task, WorkerRecord]]:
+    def dispatch(self, now: float) -> Iterator[tuple[Task, LaneRecord]]:
         """Yield (task, worker) pairs to send: least-loaded worker with credit, ties LRU; O(log n) each."""
         while self._dirty:
             service = self._dirty.pop()
@@ -416,20 +505,20 @@ class BrokerState:
                 self._index(best)  # less credit: other services need no new pass, so not _offer
                 yield task, best
 
-    def _pop_free(self, heap: list[tuple[float, float, int, int, WorkerRecord]]) -> WorkerRecord | None:
+    def _pop_free(self, heap: list[tuple[float, float, int, int, LaneRecord]]) -> LaneRecord | None:
         """The least-loaded worker with credit, taken off the heap (stale entries are dropped)."""
         while heap:
             _load, _last, _seq, version, rec = heapq.heappop(heap)
-            if version == rec.version and rec.free > 0 and self.workers.get(rec.wid) is rec:
+            if version == rec.version and rec.free > 0 and self.lanes.get(rec.wid) is rec:
                 return rec
         return None
 
-    def _offer(self, rec: WorkerRecord) -> None:
+    def _offer(self, rec: LaneRecord) -> None:
         """The worker's credit may have grown: index it afresh and give its services a dispatch pass."""
         self._index(rec)
         self._dirty.update(rec.services)
 
-    def _index(self, rec: WorkerRecord) -> None:
+    def _index(self, rec: LaneRecord) -> None:
         rec.version += 1
         if rec.free <= 0:
             return
@@ -451,7 +540,7 @@ class BrokerState:
     def stall(self, task: Task) -> None:
         """The TASK could not be sent because the worker's link is full: hand back that one task
         (no attempt counted) and send that worker nothing more until it speaks again."""
-        rec = self.workers.get(task.worker or b"")
+        rec = self.lanes.get(task.worker or b"")
         if rec is not None:
             rec.inflight.discard(task.tid)
             rec.stalled = True
@@ -463,12 +552,12 @@ class BrokerState:
 
     # ---- time -----------------------------------------------------------------------------------
     def expire(self, now: float) -> tuple[list[bytes], list[bytes]]:
-        """Housekeeping: returns (dead workers, expired masters).
+        """Housekeeping: returns (dead worker daemons, expired masters).
 
-        Dead workers' tasks are requeued; timed-out tasks go to ``failures`` with TIMEOUT (and to
+        The tasks of dead daemons' lanes are requeued; timed-out tasks go to ``failures`` with TIMEOUT (and to
         ``cancels`` when a worker still runs them); expired masters lose their queued tasks.
         """
-        dead = [w.wid for w in self.workers.values() if w.expires <= now]
+        dead = [w.hid for w in self.hosts.values() if w.expires <= now]
         for wid in dead:
             self.worker_gone(wid, now)
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -488,11 +577,11 @@ class BrokerState:
         if task.state == QUEUED:
             self._drop_queued(task)
         else:
-            rec = self.workers.get(task.worker or b"")
+            rec = self.lanes.get(task.worker or b"")
             if rec is not None and task.tid in rec.inflight:
                 rec.inflight.discard(task.tid)
                 self._offer(rec)
-                self.cancels.append((rec.wid, task.tid))
+                self.cancels.append((rec, task.tid))
             self._finish(task)
         details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
         self.failures.append(Failure(task, P.TIMEOUT, details))
@@ -515,14 +604,14 @@ class BrokerState:
         out, self.failures = self.failures, []
         return out
 
-    def take_cancels(self) -> list[tuple[bytes, bytes]]:
+    def take_cancels(self) -> list[tuple[LaneRecord, bytes]]:
         out, self.cancels = self.cancels, []
         return out
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A plain-data view for STATUS replies and logs."""
         inflight: dict[str, int] = {}
-        for rec in self.workers.values():  # O(tasks in flight), not O(tasks held): a STATUS stays cheap
+        for rec in self.lanes.values():  # O(tasks in flight), not O(tasks held): a STATUS stays cheap
             for tid in rec.inflight:
                 task = self.tasks.get(tid)
                 if task is not None:
@@ -533,21 +622,25 @@ class BrokerState:
             services[name] = {
                 "queued": len(self.queues.get(name) or ()),
                 "inflight": inflight.get(name, 0),
-                "workers": len(peers),
-                "slots": sum(w.slots for w in peers),
+                "workers": len({id(lane.host) for lane in peers}),
+                "lanes": len(peers),
+                "slots": sum(lane.slots for lane in peers),
             }
         workers = [
             {
-                "id": w.wid.hex(),
+                "id": w.name,
+                "conn": w.hid.hex(),
                 "services": list(w.services),
-                "slots": w.slots,
-                "inflight": len(w.inflight),
+                "slots": sum(lane.slots for lane in w.lanes.values()),
+                "inflight": sum(len(lane.inflight) for lane in w.lanes.values()),
                 "draining": w.draining,
                 "expires_in": round(w.expires - now, 3),
+                "lanes": [{"lane": i, "address": lane.address, "pid": lane.pid, "slots": lane.slots,
+                           "inflight": len(lane.inflight)} for i, lane in sorted(w.lanes.items())],
                 "info": w.info,
                 "stats": w.stats,
             }
-            for w in self.workers.values()
+            for w in self.hosts.values()
         ]
         return {
             "broker_id": self.broker_id.hex(),

@@ -51,6 +51,13 @@ def hang(tid: int, log_dir: str = "") -> None:
         n += 1
 
 
+def hang_deaf(tid: int, log_dir: str = "") -> None:
+    """Like :func:`hang`, but first ignores SIGALRM, the lane's own deadline timer: only the daemon's
+    backstop can end it."""
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    hang(tid, log_dir)
+
+
 def hog(tid: int, log_dir: str = "") -> None:
     """Allocate (and touch) 64 MiB blocks until the process runs out of memory."""
     _log_start(log_dir, tid)

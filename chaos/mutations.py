@@ -28,6 +28,7 @@ PACKAGES = {"core": "ndpipe", "broker": "ndpipe/broker", "worker": "ndpipe/worke
             "examples": "ndpipe/examples", "bench": "ndpipe/bench", "chaos": "ndpipe/chaos"}
 
 STATE, MSTATE, DAEMON, CODEC = "broker/state.py", "master/state.py", "worker/daemon.py", "core/codec.py"
+LANE = "worker/lane.py"
 T_STATE, T_FAIL, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", "tests/test_master.py"
 T_MSTATE = "tests/test_master_state.py"
 CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
@@ -57,21 +58,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "expired-worker-keeps-tasks", "A worker that falls silent (frozen, cut off) has its tasks run elsewhere",
         "the broker forgets an expired worker without requeueing its tasks", STATE,
         "        for wid in dead:\n            self.worker_gone(wid, now)\n",
-        "        for wid in dead:\n            self.workers[wid].inflight.clear()\n"
-        "            self.worker_gone(wid, now)\n",
+        "        for wid in dead:\n            for lane in self.hosts[wid].lanes.values():\n"
+        "                lane.inflight.clear()\n            self.worker_gone(wid, now)\n",
         (f"{T_STATE}::test_dead_worker_tasks_go_back_to_the_head_with_attempt_plus_one",
          f"{T_FAIL}::test_frozen_worker_tasks_finish_before_it_resumes", f"{CHAOS}[worker_frozen]")),
     Mutation(
         "crash-not-retried", "A task whose compute process died runs again",
         "a CRASHED report settles the task instead of requeueing it", STATE,
-        '                self._requeue(task, True, why or "compute process died while running the task")\n',
-        "                self._finish(task)\n",
+        '            self._requeue(task, True, why or "compute process died while running the task")\n',
+        "            self._finish(task)\n",
         (f"{T_STATE}::test_poison_task_fails_after_max_attempts",
          f"{T_FAIL}::test_compute_process_killed_mid_task_runs_elsewhere", f"{CHAOS}[workers_killed]")),
     Mutation(
         "child-death-unreported", "A task whose compute process died runs again",
-        "the worker daemon replaces a dead compute process without reporting its task", DAEMON,
-        "        if job is not None:\n            log.warning(", "        if False:\n            log.warning(",
+        "the worker daemon replaces a dead lane without reporting the task it was running", DAEMON,
+        '        if view.state == RUNNING and not lane.killed.startswith("cancel"):\n',
+        "        if False:\n",
         (f"{T_FAIL}::test_compute_process_killed_mid_task_runs_elsewhere", f"{CHAOS}[workers_killed]")),
     Mutation(
         "attempts-unbounded", "A task that kills its process every time fails after max_attempts",
@@ -129,8 +131,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "freed-credit-not-indexed", "A worker with free credit gets the queued work it offers to do",
         "a result frees the worker's slot but does not index it for dispatch again", STATE,
-        "            rec.inflight.discard(tid)\n            self._offer(rec)\n",
-        "            rec.inflight.discard(tid)\n            self._dirty.update(rec.services)\n",
+        "            lane.inflight.discard(task.tid)\n            self._offer(lane)\n",
+        "            lane.inflight.discard(task.tid)\n            self._dirty.update(lane.services)\n",
         (f"{T_STATE}::test_no_dispatch_without_credit_and_credit_returns_on_result",
          "tests/test_broker_dispatch.py::test_dispatch_index_chooses_what_a_scan_would")),
     Mutation(
@@ -152,17 +154,52 @@ MUTATIONS: tuple[Mutation, ...] = (
          f"{T_MASTER}::test_status_replies_out_of_order_reach_their_requests")),
     Mutation(
         "worker-ignores-cancel", "A task the broker cancelled stops using its compute process at once",
-        "the worker daemon ignores W_CANCEL", DAEMON,
-        "            slot = self.pool.cancel(P.task_id_of(frames[2]))\n", "            slot = None\n",
+        "the worker daemon ignores W_CANCEL (the lane running the task is not killed)", DAEMON,
+        '                    self._kill(lane, "cancel")\n', "                    pass\n",
         ("tests/test_worker_cancel.py::test_cancel_kills_the_running_task_and_frees_its_process",
-         "tests/test_worker_cancel.py::test_cancel_of_a_task_waiting_in_the_process_stops_it_before_it_runs",
          f"{CHAOS}[task_hangs]")),
     Mutation(
-        "hung-process-not-killed", "A task over its service timeout is stopped and its process replaced",
-        "the worker daemon reports TIMEOUT but leaves the process running", DAEMON,
-        "            slot.reported = True\n            self._kill_child(slot.index)\n            self._report(",
-        "            slot.reported = True\n            self._report(",
-        (f"{CHAOS}[task_hangs]",)),
+        "lane-ignores-cancel", "A task the broker cancelled stops using its compute process at once",
+        "a lane runs a task it holds although W_CANCEL for it arrived first", LANE,
+        "                    self.queue = deque(t for t in self.queue if t.tid != tid)\n",
+        "                    pass\n",
+        ("tests/test_worker_cancel.py::test_cancel_of_a_task_waiting_in_the_process_stops_it_before_it_runs",
+         f"{CHAOS}[task_hangs]")),
+    Mutation(
+        "lane-timer-not-armed", "A task over its timeout is stopped on time, even holding the GIL",
+        "the lane does not arm its deadline timer (only the daemon's backstop, a second later, kills it)", LANE,
+        "            signal.setitimer(signal.ITIMER_REAL, timeout)  # SIGALRM's default action ends the process\n",
+        "            pass\n",
+        ("tests/test_lanes.py::test_a_handler_holding_the_gil_is_stopped_by_its_lanes_own_timer",)),
+    Mutation(
+        "no-deadline-backstop", "A task over its timeout is stopped, whatever its handler does to signals",
+        "the worker daemon never kills a lane past its deadline", DAEMON,
+        '                self._kill(lane, "timeout")\n', "                pass\n",
+        ("tests/test_lanes.py::test_a_handler_that_silences_the_timer_is_killed_by_the_daemon",)),
+    Mutation(
+        "answers-from-anyone", "Only the lane that holds a task can answer it",
+        "the broker takes an answer from any connection (a lane presumed dead, a stranger)", STATE,
+        "        if lane is None or (sender != lane.wid and sender != lane.host.hid):\n",
+        "        if lane is None:\n",
+        (f"{T_STATE}::test_late_result_from_a_lane_presumed_dead_is_dropped_and_the_holder_answers",
+         f"{T_STATE}::test_the_daemon_reports_for_its_lane_and_nobody_else_does")),
+    Mutation(
+        "lane-joins-without-key", "Only the lanes of a registered worker get tasks",
+        "the broker lets a lane join with any key (it picks some worker)", STATE,
+        "        host = self.by_key.get(key)\n",
+        "        host = self.by_key.get(key) or next(iter(self.by_key.values()), None)\n",
+        (f"{T_STATE}::test_a_lane_needs_its_workers_key_and_an_index_in_range",
+         "tests/test_worker_private.py::test_a_connection_posing_as_a_lane_gets_no_task")),
+    Mutation(
+        "ended-lane-keeps-tasks", "Tasks waiting at a lane that died run elsewhere",
+        "the broker forgets a lane that ended without handing back the tasks it held", STATE,
+        "        for tid in rec.inflight:\n            task = self.tasks.get(tid)\n"
+        "            if task is not None and task.worker == lid and task.state == INFLIGHT:\n",
+        "        for tid in ():\n            task = self.tasks.get(tid)\n"
+        "            if task is not None and task.worker == lid and task.state == INFLIGHT:\n",
+        (f"{T_STATE}::test_lane_gone_hands_back_without_penalty_and_only_for_the_same_process",
+         f"{T_STATE}::test_a_dead_daemon_takes_its_lanes_and_their_tasks_count_an_attempt",
+         f"{CHAOS}[workers_killed]")),
     Mutation(
         "forgotten-master-keeps-queue", "Work of a master that died is dropped, not computed for nobody",
         "the broker forgets a master but keeps its queued tasks", STATE,

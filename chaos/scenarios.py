@@ -185,7 +185,7 @@ def task_hangs(p: Params) -> Report:
                     expected_errors={"TaskTimeout": hangs + queued},
                     recovery={"timeout fired after s": [], "cancelled hang ran s": []},
                     bounds={"timeout fired after s": 1.5 + slack(p), "cancelled hang ran s": 0.75},
-                    planned=tasks + hangs + 2 * queued)
+                    planned=tasks + hangs + 3 * queued)
     report.notes.append(f"cancelled hang ran s: how long a hung task that timed out while queued ran once it "
                         f"started (W_CANCEL kills it at once; a worker waiting for its own deadline lets it spin "
                         f"~{QUEUED_HANG_TIMEOUT:g} s)")
@@ -212,8 +212,8 @@ def task_hangs(p: Params) -> Report:
                     hist.track(tid, SIZE, futures[-1])
                 futures_wait(futures, timeout=p.wait(60))  # a wave left hanging shows as lost tasks below
             for k in range(queued):
-                base = tasks + hangs + 2 * k
-                report.recovery["cancelled hang ran s"].append(_queued_hang(c, m, hist, base, base + 1))
+                base = tasks + hangs + 3 * k
+                report.recovery["cancelled hang ran s"].append(_queued_hang(c, m, hist, base, base + 1, base + 2))
             submit_in_background(m, hist, range(tasks), 0.002, c.log_dir).join(p.wait(120))
             finish(c, hist, report, p.wait(120), t0)
             starts = read_starts(c.log_dir)
@@ -238,22 +238,26 @@ def task_hangs(p: Params) -> Report:
 QUEUED_HANG_TIMEOUT = 2.0
 
 
-def _queued_hang(c: ChaosCluster, m: Master, hist: History, blocker: int, hang: int) -> float:
-    """A slow task, then a hung one with a shorter timeout queued behind it in the same compute process:
-    the broker times the hung one out (and sends W_CANCEL) before it starts. How long did it run?"""
-    hist.track(blocker, SIZE, m.call("blockq", (blocker, SIZE, QUEUED_HANG_TIMEOUT + 1, c.log_dir)))
-    runner, _t = wait_for(partial(started, c.log_dir, blocker), 30, f"slow task {blocker} started")
+def _queued_hang(c: ChaosCluster, m: Master, hist: History, blocker: int, hang: int, probe: int) -> float:
+    """A slow task, then a hung one with a shorter timeout queued behind it in the same lane: the
+    broker times the hung one out (and sends W_CANCEL) before it starts. How long did it run?"""
+    slow = m.call("blockq", (blocker, SIZE, QUEUED_HANG_TIMEOUT + 1, c.log_dir))
+    hist.track(blocker, SIZE, slow)
+    wait_for(partial(started, c.log_dir, blocker), 30, f"slow task {blocker} started")
     hist.track(hang, SIZE, m.call("hangq", (hang, c.log_dir), timeout=QUEUED_HANG_TIMEOUT))
-    # The daemon may kill the process between the slow task's answer and the hung task's first line.
-    wait_for(lambda: started(c.log_dir, hang) or process_gone(runner), 30, f"hung task {hang} started or stopped")
+    # The lane drops the hung task if W_CANCEL reached it first (it never runs); if it started, its
+    # daemon kills the lane. A probe queued behind it tells which: once the probe has answered, the
+    # hung task either ran or never will.
+    slow.result(timeout=30)
+    check = m.call("blockq", (probe, SIZE, 0.0, c.log_dir))
+    hist.track(probe, SIZE, check)
+    check.result(timeout=30)
     run = started(c.log_dir, hang)
     if run is None:
         return 0.0
     pid, t_start = run
     wait_for(lambda: process_gone(pid), 30, f"the process running hung task {hang} killed", every=0.01)
     return time.monotonic() - t_start
-
-
 
 
 def _answered_at_least(hist: History, n: int) -> bool:

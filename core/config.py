@@ -154,6 +154,12 @@ class WorkerConfig(BaseModel):
         return value
 
     @property
+    def lane_credit(self) -> int:
+        """Tasks the broker may have in flight at each lane: the running one plus an equal share of
+        ``prefetch`` (waiting in that lane's socket), at most LANE_CREDIT_MAX."""
+        return min(protocol.LANE_CREDIT_MAX, 1 + -(-self.prefetch // self.effective_processes))
+
+    @property
     def effective_processes(self) -> int:
         """``processes``, or when 0 the CPUs this process may run on (affinity, so a worker pinned by
         systemd ``CPUAffinity=`` or a container cpuset does not oversubscribe; else ``os.cpu_count()``)."""

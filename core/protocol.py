@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 import zmq
 
@@ -21,7 +22,8 @@ from ndpipe.errors import ProtocolError
 
 # --- protocol headers (frame 0) ------------------------------------------------------------------
 MASTER: Final = b"NDPM01"
-WORKER: Final = b"NDPW02"
+WORKER: Final = b"NDPW03"  # 03: lanes (each compute process its own connection, PROTOCOL.md §10)
+OLD_WORKERS: Final = (b"NDPW01", b"NDPW02")  # refused with a log line that says why
 
 # --- master <-> broker commands (frame 1) ---------------------------------------------------------
 SUBMIT: Final = b"\x01"  # M->B  service, task_id, options, payload...
@@ -35,15 +37,19 @@ ERROR: Final = b"\x08"  # B->M  task_id, code, details
 STATUS_REPLY: Final = b"\x09"  # B->M  body (msgpack map)
 
 # --- worker <-> broker commands (frame 1) ---------------------------------------------------------
-READY: Final = b"\x11"  # W->B  info (msgpack map: services, slots, pid, host, version)
-WELCOME: Final = b"\x12"  # B->W  params (msgpack map: heartbeat_interval, liveness, broker_id)
+# A worker is a daemon connection (READY, HEARTBEAT, DRAIN, LANE_GONE, reports) and one connection per
+# lane (LANE, then TASK in, W_RESULT / W_ERROR out). One connection MAY be both (a one-lane worker).
+READY: Final = b"\x11"  # W->B  info (msgpack map: id, services, lanes, credit, pid, host, version)
+WELCOME: Final = b"\x12"  # B->W  params (msgpack map: heartbeat_interval, liveness, broker_id, key)
 TASK: Final = b"\x13"  # B->W  task_id, service, meta, payload...
 W_RESULT: Final = b"\x14"  # W->B  task_id, payload...
 W_ERROR: Final = b"\x15"  # W->B  task_id, code, details
 HEARTBEAT: Final = b"\x16"  # both; W->B may add one stats frame (msgpack map)
 DRAIN: Final = b"\x17"  # W->B  send me no new tasks (graceful stop)
 DISCONNECT: Final = b"\x18"  # both; B->W means "unknown to me: register again"
-W_CANCEL: Final = b"\x19"  # B->W  task_id: stop running it, no reply needed
+W_CANCEL: Final = b"\x19"  # B->W  task_id: stop running it, no reply needed (to the lane and its daemon)
+LANE: Final = b"\x1a"  # W->B  lane info (msgpack map: key, lane, pid): this connection is lane i
+LANE_GONE: Final = b"\x1b"  # W->B  lane info (msgpack map: lane, pid): that lane's process ended
 
 
 # --- error codes (ASCII frame in ERROR / W_ERROR) -------------------------------------------------
@@ -60,9 +66,8 @@ ERROR_CODES: Final = frozenset(
 # --- fixed binary fields --------------------------------------------------------------------------
 OPTIONS: Final = struct.Struct("!IHH")  # timeout_ms (0 = none), max_attempts (0 = default), flags
 META: Final = struct.Struct("!HIH")  # attempt (1-based), timeout_ms (0 = none), flags (from OPTIONS)
-FLAGS: Final = struct.Struct("!H")  # C_TASK: the task's flags
 
-# --- task flags (OPTIONS, META, C_TASK) -----------------------------------------------------------
+# --- task flags (OPTIONS, META) ------------------------------------------------------------------
 FLAG_BATCH: Final = 0x0001  # the payload is a batch of calls; the result is a list of outcomes
 KNOWN_FLAGS: Final = FLAG_BATCH  # a SUBMIT with any other bit set gets BAD_REQUEST
 MAX_TASK_ID: Final = 64  # bytes
@@ -79,10 +84,11 @@ MAX_FRAMES: Final = 1024  # payload frames per message
 MAX_QUEUED: Final = 100_000  # tasks per service
 MAX_SERVICES: Final = 10_000  # services with queued tasks; names are free text, so this bounds the broker
 MAX_FRAME_BYTES: Final = 1 << 30  # one frame; libzmq drops the link on a bigger one (ZMQ_MAXMSGSIZE)
-MAX_SLOTS: Final = 100_000  # READY's slots, at most
+MAX_SLOTS: Final = 100_000  # READY's credit per lane, at most
+MAX_LANES: Final = 1024  # READY's lanes, at most
+LANE_CREDIT_MAX: Final = 64  # the reference worker's credit per lane (1 + its share of worker.prefetch)
+KEY_BYTES: Final = 16  # WELCOME's key: what a lane presents to join its worker
 HWM: Final = 100_000  # messages queued per peer on a host-to-host socket (sndhwm = rcvhwm)
-CHILD_HWM: Final = 10_000  # the worker daemon's ROUTER to its compute processes
-COMPUTE_HWM: Final = 1_000  # a compute process's DEALER to its daemon
 READ_BATCH: Final = 256  # messages a poll loop reads from one socket before turning to the others
 ENVELOPE_FRAMES: Final = 8  # frames around a payload (routing id, header, command, ids, options), with room
 
@@ -92,12 +98,12 @@ def read_cap(max_frames: int) -> int:
     envelope (PROTOCOL.md §9: `max_frames + 8`, counting the routing id)."""
     return max_frames + ENVELOPE_FRAMES
 
-# --- daemon <-> compute process (internal, one host, ipc) -----------------------------------------
-C_HELLO: Final = b"H"  # C->D  the compute process is ready
-C_TASK: Final = b"T"  # D->C  task_id, service, flags, payload... (the daemon enforces deadlines)
-C_RESULT: Final = b"R"  # C->D  task_id, payload...
-C_ERROR: Final = b"E"  # C->D  task_id, code, details
-EXIT_OUT_OF_MEMORY: Final = 86  # a compute process's exit status after a handler's MemoryError
+# --- worker daemon <-> its lanes (internal, one host: a pipe each, inherited, and a shared slot) ---
+L_HELLO: Final = b"H"  # lane -> daemon: handlers loaded, ready to join the broker
+L_JOIN: Final = b"J"  # daemon -> lane: + msgpack map {key, heartbeat_interval, liveness}: (re)join
+L_DRAIN: Final = b"D"  # daemon -> lane: finish what you hold, say DISCONNECT, exit 0
+EXIT_OUT_OF_MEMORY: Final = 86  # a lane's exit status after a handler's MemoryError
+EXIT_LINK_LOST: Final = 87  # a lane's broker connection broke, or the broker did not know it
 
 Frame = bytes | zmq.Frame | memoryview
 
@@ -167,3 +173,81 @@ def error_code_of(frame: Frame) -> str:
     if not 0 < len(raw) <= 32 or not raw.replace(b"_", b"").isalpha() or not raw.isupper():
         raise ProtocolError(f"bad error code {raw[:32]!r}")
     return raw.decode("ascii")
+
+
+# --- message layouts: parse and build helpers (frames after the ROUTER's routing id) --------------
+def _map_field(info: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
+    value = info.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{what} needs {key} (int {lo}..{hi}), got {value!r:.80}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyInfo:
+    """A worker daemon's READY: what its lanes offer and how much credit each gets."""
+
+    services: tuple[str, ...]
+    lanes: int
+    credit: int  # tasks in flight per lane
+    name: str  # the worker's id in addresses "name/lane" (defaults to host:pid)
+    info: dict[str, Any]
+
+
+def parse_ready(info: dict[str, Any]) -> ReadyInfo:
+    services = info.get("services")
+    if not isinstance(services, list) or not services or not all(isinstance(s, str) and s for s in services):
+        raise ProtocolError(f"READY needs services (non-empty list of str), got {services!r:.200}")
+    lanes = _map_field(info, "lanes", 1, MAX_LANES, "READY")
+    credit = _map_field(info, "credit", 1, MAX_SLOTS, "READY")
+    name = info.get("id", f"{info.get('host', '?')}:{info.get('pid', '?')}")
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_SERVICE:
+        raise ProtocolError(f"READY id must be a str of 1..{MAX_SERVICE} characters, got {name!r:.80}")
+    return ReadyInfo(tuple(services), lanes, credit, name, info)
+
+
+def parse_lane(info: dict[str, Any]) -> tuple[bytes, int, int]:
+    """(key, lane index, pid) from a LANE info map."""
+    key = info.get("key")
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise ProtocolError(f"LANE needs key ({KEY_BYTES} octets, bin), got {key!r:.80}")
+    return key, _map_field(info, "lane", 0, MAX_LANES - 1, "LANE"), _map_field(info, "pid", 0, 1 << 31, "LANE")
+
+
+def parse_lane_gone(info: dict[str, Any]) -> tuple[int, int]:
+    """(lane index, pid) from a LANE_GONE info map."""
+    return _map_field(info, "lane", 0, MAX_LANES - 1, "LANE_GONE"), _map_field(info, "pid", 0, 1 << 31, "LANE_GONE")
+
+
+def task_frames(tid: bytes, service: bytes, attempt: int, timeout_ms: int, flags: int,
+                payload: Sequence[Frame]) -> list[Frame]:
+    """TASK as the broker sends it to a lane (without the routing id)."""
+    return [WORKER, TASK, tid, service, META.pack(attempt, timeout_ms, flags), *payload]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMsg:
+    tid: bytes
+    service: str
+    attempt: int
+    timeout_ms: int
+    flags: int
+    payload: list[Any]
+
+
+def parse_task(frames: Sequence[Frame]) -> TaskMsg:
+    """A TASK as a lane receives it: header, command, task id, service, meta, payload (≥ 1 frame)."""
+    check_header(frames, WORKER, 6)
+    attempt, timeout_ms, flags = parse_meta(frames[4])
+    return TaskMsg(task_id_of(frames[2]), service_of(frames[3]), attempt, timeout_ms, flags, list(frames[5:]))
+
+
+def parse_answer(frames: Sequence[Frame]) -> tuple[bytes, str | None, list[Any]]:
+    """W_RESULT -> (task id, None, payload); W_ERROR -> (task id, code, [details])."""
+    command = check_header(frames, WORKER, 4)
+    tid = task_id_of(frames[2])
+    if command == W_RESULT:
+        return tid, None, list(frames[3:])
+    if len(frames) < 5:
+        raise ProtocolError(f"W_ERROR needs 5 frames, got {len(frames)}")
+    return tid, error_code_of(frames[3]), [frames[4]]

@@ -59,23 +59,24 @@ class TooManyFrames(ProtocolError):
         self.head = head
 
 
-def recv_bounded(sock: zmq.Socket[Any], max_frames: int, head: int = 0, header: bytes | None = None,
-                 at: int = 1) -> list[Any]:
+def recv_bounded(sock: zmq.Socket[Any], max_frames: int, head: int = 0,
+                 header: bytes | tuple[bytes, ...] | None = None, at: int = 1) -> list[Any]:
     """Read one multipart message without blocking, refusing more than ``max_frames`` frames.
 
     The first ``head`` frames (routing id, header, command, task id: always small) come back as
     ``bytes``, the rest as ``zmq.Frame`` so payloads stay zero-copy; a Frame object costs a few µs
     more than bytes, on every hop of every message. With ``header``, a message whose frame ``at``
-    is not that protocol header is drained as plain bytes and refused at once: a flood of garbage
+    is not that protocol header (or one of them) is drained as plain bytes and refused at once: a flood of garbage
     costs the reader as little as possible, so it cannot fall behind and pile messages up.
 
     Raises ``zmq.Again`` when nothing is waiting, ``ProtocolError`` (after draining the rest of
     the message, so the stream stays aligned) when the cap is exceeded or the header is wrong.
     """
+    headers = (header,) if isinstance(header, bytes) else header
     frames: list[Any] = [sock.recv(_NOBLOCK, copy=head > 0)]
     too_many = False
     while sock.get(_RCVMORE):
-        if header is not None and len(frames) == at + 1 and frames[at] != header:
+        if headers is not None and len(frames) == at + 1 and frames[at] not in headers:
             while sock.get(_RCVMORE):
                 sock.recv()
             raise ProtocolError(f"bad protocol header {frame_bytes(frames[at])[:16]!r}, expected {header!r}")

@@ -56,6 +56,8 @@ class Cluster(ChaosCluster):
             "normalize": "ndpipe.examples.handlers:normalize",
             "spin": "ndpipe.chaos.handlers:spin",
             "hang": {"handler": "ndpipe.examples.handlers:sleep", "timeout": 0.5},
+            "spin_limited": {"handler": "ndpipe.chaos.handlers:hang", "timeout": 0.5},
+            "deaf": {"handler": "ndpipe.chaos.handlers:hang_deaf", "timeout": 0.5},
             "reciprocal": "ndpipe.examples.handlers:reciprocal",
             "zeros": "ndpipe.chaos.handlers:zeros",
             "crash_on": "ndpipe.chaos.handlers:crash_on",

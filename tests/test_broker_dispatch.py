@@ -1,6 +1,7 @@
 """The broker's O(log n) dispatch index, checked against the rule it replaces (a scan of all workers).
 
-A seeded random walk of registrations, submits, results, crashes, stalls, drains and deaths; after
+A seeded random walk of registrations (daemons of 1-3 lanes), submits, results, crashes, stalls,
+drains, lane deaths and daemon deaths; after
 every step the state dispatches and each choice must be the one a full scan would make (least
 in-flight / slots among workers with credit, ties: the longest since its last dispatch), and no
 service may be left with a queued task while one of its workers has credit.
@@ -13,13 +14,13 @@ import random
 import pytest
 
 from ndpipe import protocol as P
-from ndpipe.broker.state import INFLIGHT, BrokerState, WorkerRecord
+from ndpipe.broker.state import INFLIGHT, BrokerState, LaneRecord
 
 pytestmark = pytest.mark.timeout(60)
 SERVICES = ("a", "b", "c")
 
 
-def key(rec: WorkerRecord, inflight: int, last: float) -> tuple[float, float]:
+def key(rec: LaneRecord, inflight: int, last: float) -> tuple[float, float]:
     return inflight / rec.slots, last
 
 
@@ -38,6 +39,16 @@ def dispatch_and_check(s: BrokerState, now: float, last: dict[bytes, float]) -> 
     return sent
 
 
+def register(s: BrokerState, rng: random.Random, now: float, last: dict[bytes, float]) -> None:
+    """A daemon of 1-3 lanes (replacing one of the same name), every lane joined."""
+    wid = b"w%d" % rng.randrange(12)
+    host = s.worker_ready(wid, rng.sample(SERVICES, rng.randint(1, 3)), rng.randint(1, 4), now,
+                          lanes=rng.randint(1, 3), name=wid.decode())
+    for i in range(host.nlanes):
+        s.lane_ready(wid + b"/%d" % i, host.key, i, now, pid=i)
+        last.pop(wid + b"/%d" % i, None)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_dispatch_index_chooses_what_a_scan_would(seed: int) -> None:
     rng = random.Random(seed)
@@ -51,10 +62,8 @@ def test_dispatch_index_chooses_what_a_scan_would(seed: int) -> None:
         s.master_seen(b"m", now)
         op = rng.random()
         inflight = [(tid, t.worker) for tid, t in s.tasks.items() if t.state == INFLIGHT and t.worker]
-        if op < 0.08 or not s.workers:
-            wid = b"w%d" % rng.randrange(12)
-            s.worker_ready(wid, rng.sample(SERVICES, rng.randint(1, 3)), rng.randint(1, 4), now)
-            last.pop(wid, None)
+        if op < 0.08 or not s.hosts:
+            register(s, rng, now, last)
         elif op < 0.45:
             for _ in range(rng.randint(1, 5)):
                 s.submit(b"m", b"t%d" % next_task, rng.choice(SERVICES), [b"p"], now, 0, 0, 0)
@@ -68,11 +77,13 @@ def test_dispatch_index_chooses_what_a_scan_would(seed: int) -> None:
         elif op < 0.85 and inflight:
             s.stall(s.tasks[rng.choice(inflight)[0]])
         elif op < 0.93:
-            s.worker_seen(rng.choice(list(s.workers)), now)  # ends a stall
-        elif op < 0.96:
-            s.worker_drain(rng.choice(list(s.workers)))
+            s.worker_seen(rng.choice(list(s.hosts)), now)  # ends a stall
+        elif op < 0.95:
+            s.worker_drain(rng.choice(list(s.hosts)))
+        elif op < 0.97 and s.lanes:
+            s.lane_gone(rng.choice(list(s.lanes)), now, penalize=rng.random() < 0.5)
         else:
-            s.worker_gone(rng.choice(list(s.workers)), now, penalize=rng.random() < 0.5)
+            s.worker_gone(rng.choice(list(s.hosts)), now, penalize=rng.random() < 0.5)
         sent += dispatch_and_check(s, now, last)
         heaps = s._free  # the index itself: its stale entries must stay bounded
         for service, heap in heaps.items():

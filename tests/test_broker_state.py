@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ndpipe import protocol as P
-from ndpipe.broker.state import INFLIGHT, QUEUED, BrokerState, ServiceQueue, Task
+from ndpipe.broker.state import INFLIGHT, QUEUED, BrokerState, LaneRecord, ServiceQueue, Task
 
 pytestmark = pytest.mark.timeout(30)
 M1, M2 = b"master-1", b"master-2"
@@ -20,6 +20,14 @@ def submit(s: BrokerState, tid: bytes, master: bytes = M1, service: str = "svc",
     return s.submit(master, tid, service, [b"payload"], now, timeout_ms, max_attempts)
 
 
+def ready(s: BrokerState, wid: bytes, services: list[str], slots: int, now: float = 0.0) -> LaneRecord:
+    """A one-lane worker whose daemon and lane share one connection ``wid`` (PROTOCOL.md §2.2 allows it)."""
+    host = s.worker_ready(wid, services, slots, now, name=wid.decode())
+    lane = s.lane_ready(wid, host.key, 0, now, pid=1)
+    assert lane is not None
+    return lane
+
+
 def expire_keeping_masters(s: BrokerState, now: float) -> list[bytes]:
     """Expire at ``now`` with the masters still alive (they ping); return the dead workers."""
     for master in list(s.masters):
@@ -29,8 +37,8 @@ def expire_keeping_masters(s: BrokerState, now: float) -> list[bytes]:
 
 def test_dispatch_goes_to_least_loaded_worker_then_lru() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 2, now=0.0)
-    s.worker_ready(b"w2", ["svc"], 2, now=0.0)
+    ready(s, b"w1", ["svc"], 2, now=0.0)
+    ready(s, b"w2", ["svc"], 2, now=0.0)
     for i in range(3):
         submit(s, b"t%d" % i)
     sent = [(t.tid, w.wid) for t, w in s.dispatch(now=1.0)]
@@ -40,7 +48,7 @@ def test_dispatch_goes_to_least_loaded_worker_then_lru() -> None:
 
 def test_no_dispatch_without_credit_and_credit_returns_on_result() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     submit(s, b"b")
     assert [t.tid for t, _ in s.dispatch(0.0)] == [b"a"]
@@ -52,10 +60,10 @@ def test_no_dispatch_without_credit_and_credit_returns_on_result() -> None:
 
 def test_worker_only_gets_its_services() -> None:
     s = make()
-    s.worker_ready(b"w1", ["other"], 4, now=0.0)
+    ready(s, b"w1", ["other"], 4, now=0.0)
     submit(s, b"a")
     assert list(s.dispatch(0.0)) == []
-    s.worker_ready(b"w2", ["svc"], 1, now=0.0)
+    ready(s, b"w2", ["svc"], 1, now=0.0)
     assert [w.wid for _, w in s.dispatch(0.0)] == [b"w2"]
 
 
@@ -86,21 +94,21 @@ def test_queue_full_is_an_explicit_error() -> None:
 
 def test_dead_worker_tasks_go_back_to_the_head_with_attempt_plus_one() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     submit(s, b"b")
     list(s.dispatch(0.0))
     dead = expire_keeping_masters(s, 3.5)  # 3 intervals of silence
     assert dead == [b"w1"]
     assert s.tasks[b"a"].state == QUEUED and s.tasks[b"a"].attempt == 1
-    s.worker_ready(b"w2", ["svc"], 1, now=4.0)
+    ready(s, b"w2", ["svc"], 1, now=4.0)
     (task, rec), = list(s.dispatch(4.0))
     assert task.tid == b"a" and task.attempt == 2 and rec.wid == b"w2"
 
 
 def test_heartbeat_keeps_worker_alive() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     for t in (1.0, 2.0, 3.0, 4.0):
         assert s.worker_seen(b"w1", t)
         assert s.expire(t)[0] == []
@@ -111,8 +119,8 @@ def test_heartbeat_keeps_worker_alive() -> None:
 def test_poison_task_fails_after_max_attempts() -> None:
     s = make(max_attempts=2)
     submit(s, b"poison")
-    s.worker_ready(b"w0", ["svc"], 1, now=0.0)
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w0", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     for n in range(2):
         ((task, rec),) = list(s.dispatch(float(n)))
         assert task.tid == b"poison" and task.attempt == n + 1
@@ -126,7 +134,7 @@ def test_poison_task_fails_after_max_attempts() -> None:
 def test_per_task_max_attempts_overrides_default() -> None:
     s = make(max_attempts=5)
     submit(s, b"a", max_attempts=1)
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     list(s.dispatch(0.0))
     s.fail(b"w", b"a", P.CRASHED, 0.0)
     assert [f.code for f in s.take_failures()] == [P.MAX_ATTEMPTS]
@@ -134,17 +142,17 @@ def test_per_task_max_attempts_overrides_default() -> None:
 
 def test_handler_error_is_forwarded_not_retried() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
     task = s.fail(b"w", b"a", P.HANDLER_ERROR, 0.0)
     assert task is not None and task.tid == b"a"
-    assert b"a" not in s.tasks and s.workers[b"w"].free == 1
+    assert b"a" not in s.tasks and s.lanes[b"w"].free == 1
 
 
 def test_graceful_disconnect_requeues_without_penalty() -> None:
     s = make(max_attempts=1)
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
     requeued = s.worker_gone(b"w", 0.5, penalize=False)
@@ -154,24 +162,24 @@ def test_graceful_disconnect_requeues_without_penalty() -> None:
 
 def test_draining_worker_gets_no_new_tasks() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 4, now=0.0)
+    ready(s, b"w", ["svc"], 4, now=0.0)
     s.worker_drain(b"w")
     submit(s, b"a")
     assert list(s.dispatch(0.0)) == []
 
 
-def test_late_result_from_presumed_dead_worker_is_delivered_once() -> None:
+def test_late_result_from_a_lane_presumed_dead_is_dropped_and_the_holder_answers() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
     expire_keeping_masters(s, 3.5)  # w1 declared dead, a requeued
-    s.worker_ready(b"w2", ["svc"], 1, now=3.6)
+    ready(s, b"w2", ["svc"], 1, now=3.6)
     list(s.dispatch(3.6))
-    first = s.complete(b"w1", b"a")  # the frozen worker woke up and answered
-    assert first is not None
-    assert s.complete(b"w2", b"a") is None  # second answer: nobody waits for it
-    assert s.workers[b"w2"].free == 1
+    assert s.complete(b"w1", b"a") is None  # the frozen worker woke up: not the holder any more
+    assert s.counters["dropped"] == 1 and s.tasks[b"a"].worker == b"w2"
+    assert s.complete(b"w2", b"a") is not None  # the holder's answer is the one delivered
+    assert s.lanes[b"w2"].free == 1 and b"a" not in s.tasks
 
 
 def test_cancel_only_queued_tasks_of_the_same_master() -> None:
@@ -180,7 +188,7 @@ def test_cancel_only_queued_tasks_of_the_same_master() -> None:
     assert not s.cancel(M2, b"a")
     assert s.cancel(M1, b"a")
     assert b"a" not in s.tasks and len(s.queues["svc"]) == 0
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     assert list(s.dispatch(0.0)) == []
 
 
@@ -190,19 +198,19 @@ def test_queued_task_times_out_and_is_not_dispatched() -> None:
     s.expire(now=0.6)
     assert s.take_cancels() == []  # it was only queued: dropped, error to master
     assert [(f.task.tid, f.code) for f in s.take_failures()] == [(b"a", P.TIMEOUT)]
-    s.worker_ready(b"w", ["svc"], 1, now=0.7)
+    ready(s, b"w", ["svc"], 1, now=0.7)
     assert list(s.dispatch(0.7)) == []
 
 
 def test_inflight_task_times_out_and_frees_credit() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     submit(s, b"a", timeout_ms=500)
     list(s.dispatch(0.0))
     s.worker_seen(b"w", 0.5)
     s.expire(now=0.6)
-    assert s.take_cancels() == [(b"w", b"a")]  # the worker is told to stop it
-    assert s.workers[b"w"].free == 1
+    assert [(lane.wid, tid) for lane, tid in s.take_cancels()] == [(b"w", b"a")]  # the lane is told to stop it
+    assert s.lanes[b"w"].free == 1
     assert s.complete(b"w", b"a") is None  # its late result goes nowhere
 
 
@@ -232,30 +240,31 @@ def test_master_session_token_changes_when_forgotten() -> None:
 
 def test_reregistering_worker_hands_its_tasks_back() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
-    s.worker_ready(b"w", ["svc"], 1, now=1.0)
+    ready(s, b"w", ["svc"], 1, now=1.0)
     assert s.tasks[b"a"].state == QUEUED
     assert [t.tid for t, _ in s.dispatch(1.0)] == [b"a"]
 
 
 def test_snapshot_is_plain_data() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 2, now=0.0, info={"host": "h"})
+    host = s.worker_ready(b"w", ["svc"], 2, 0.0, info={"host": "h"})
+    s.lane_ready(b"w", host.key, 0, 0.0)
     submit(s, b"a")
     submit(s, b"b")
     submit(s, b"c")
     list(s.dispatch(0.0))
     snap = s.snapshot(0.5)
-    assert snap["services"]["svc"] == {"queued": 1, "inflight": 2, "workers": 1, "slots": 2}
+    assert snap["services"]["svc"] == {"queued": 1, "inflight": 2, "workers": 1, "lanes": 1, "slots": 2}
     assert snap["workers"][0]["info"] == {"host": "h"}
 
 
 def test_stale_crash_report_for_a_requeued_task_changes_nothing() -> None:
     # Given a task requeued after its worker was declared dead
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
     expire_keeping_masters(s, 3.5)
@@ -264,24 +273,24 @@ def test_stale_crash_report_for_a_requeued_task_changes_nothing() -> None:
     assert s.fail(b"w1", b"a", P.CRASHED, 3.6) is None
     # Then the task is still queued, counted once, and dispatchable
     assert len(s.queues["svc"]) == 1
-    s.worker_ready(b"w2", ["svc"], 1, now=3.7)
+    ready(s, b"w2", ["svc"], 1, now=3.7)
     assert [t.tid for t, _ in s.dispatch(3.7)] == [b"a"]
     assert s.master_gone(M1) == 0 and len(s.queues["svc"]) == 0
 
 
-def test_late_handler_error_for_a_requeued_task_settles_it() -> None:
+def test_late_handler_error_for_a_requeued_task_is_dropped() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
     expire_keeping_masters(s, 3.5)
-    task = s.fail(b"w1", b"a", P.HANDLER_ERROR, 3.6)
-    assert task is not None and b"a" not in s.tasks and len(s.queues["svc"]) == 0
+    assert s.fail(b"w1", b"a", P.HANDLER_ERROR, 3.6) is None
+    assert s.tasks[b"a"].state == QUEUED and len(s.queues["svc"]) == 1
 
 
 def test_status_counts_inflight_per_service() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc", "other"], 4, now=0.0)
+    ready(s, b"w", ["svc", "other"], 4, now=0.0)
     submit(s, b"a")
     submit(s, b"b", service="other")
     list(s.dispatch(0.0))
@@ -291,28 +300,109 @@ def test_status_counts_inflight_per_service() -> None:
 
 def test_requeued_task_of_a_master_that_left_is_dropped() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     submit(s, b"a")
     list(s.dispatch(0.0))
     s.master_gone(M1)  # BYE: in-flight tasks run on, but nobody will wait for a rerun
     assert s.worker_gone(b"w", 0.1) == [] and b"a" not in s.tasks
 
 
-def test_first_answer_cancels_the_copy_running_elsewhere() -> None:
+def two_lane_worker(s: BrokerState, now: float = 0.0) -> tuple[bytes, bytes, bytes]:
+    """A daemon on connection d with lanes on connections l0 and l1, one credit each."""
+    host = s.worker_ready(b"d", ["svc"], 1, now, lanes=2, name="host:1")
+    for i in range(2):
+        assert s.lane_ready(b"l%d" % i, host.key, i, now, pid=100 + i) is not None
+    return b"d", b"l0", b"l1"
+
+
+def test_lanes_are_dispatched_to_and_answer_for_themselves() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    _, l0, l1 = two_lane_worker(s)
+    submit(s, b"a")
+    submit(s, b"b")
+    sent = {t.tid: w.wid for t, w in s.dispatch(0.0)}
+    assert sorted(sent.values()) == [l0, l1]
+    other = l1 if sent[b"a"] == l0 else l0
+    assert s.complete(other, b"a") is None  # the other lane of the same worker is not the holder
+    assert s.complete(sent[b"a"], b"a") is not None
+
+
+def test_the_daemon_reports_for_its_lane_and_nobody_else_does() -> None:
+    s = make()
+    d, _, _ = two_lane_worker(s)
+    ready(s, b"x", ["other"], 1)  # a registered worker, but not the holder
+    submit(s, b"a")
+    assert len(list(s.dispatch(0.0))) == 1
+    assert s.fail(b"x", b"a", P.HANDLER_ERROR, 0.1) is None  # another worker cannot end it
+    assert s.fail(d, b"a", P.CRASHED, 0.1) is None  # its own daemon can: requeued, one attempt counted
+    assert s.tasks[b"a"].state == QUEUED and s.tasks[b"a"].attempt == 1
+
+
+def test_a_lane_needs_its_workers_key_and_an_index_in_range() -> None:
+    s = make()
+    host = s.worker_ready(b"d", ["svc"], 1, 0.0, lanes=2)
+    assert s.lane_ready(b"l", b"k" * 16, 0, 0.0) is None
+    assert s.lane_ready(b"l", host.key, 2, 0.0) is None
+    assert s.lane_ready(b"l", host.key, 1, 0.0) is not None
+    s.worker_gone(b"d", 0.0)
+    assert s.lane_ready(b"l2", host.key, 0, 0.0) is None and not s.lanes  # the key died with its worker
+
+
+def test_lane_gone_hands_back_without_penalty_and_only_for_the_same_process() -> None:
+    s = make()
+    d, l0, l1 = two_lane_worker(s)
+    submit(s, b"a")
+    submit(s, b"b")
+    sent = {w.wid: t for t, w in s.dispatch(0.0)}
+    assert s.lane_ended(d, 0, pid=999, now=0.1) is None  # not that process: a replaced lane's late report
+    handed = s.lane_ended(d, 0, pid=100, now=0.1)
+    assert handed == [sent[l0]] and sent[l0].attempt == 0 and sent[l0].state == QUEUED
+    assert l0 not in s.lanes and sent[l1].state == INFLIGHT
+
+
+def test_a_dead_daemon_takes_its_lanes_and_their_tasks_count_an_attempt() -> None:
+    s = make()
+    two_lane_worker(s)
+    submit(s, b"a")
+    submit(s, b"b")
+    list(s.dispatch(0.0))
+    dead = expire_keeping_masters(s, 3.5)
+    assert dead == [b"d"] and not s.lanes and not s.hosts
+    assert all(s.tasks[t].state == QUEUED and s.tasks[t].attempt == 1 for t in (b"a", b"b"))
+
+
+def test_draining_worker_gets_no_task_on_any_lane() -> None:
+    s = make()
+    d, _, _ = two_lane_worker(s)
+    s.worker_drain(d)
+    submit(s, b"a")
+    assert list(s.dispatch(0.0)) == []
+
+
+def test_same_worker_name_registering_again_replaces_the_old_registration() -> None:
+    s = make()
+    two_lane_worker(s)
     submit(s, b"a")
     list(s.dispatch(0.0))
-    expire_keeping_masters(s, 3.5)  # w1 presumed dead
-    s.worker_ready(b"w2", ["svc"], 1, now=3.6)
-    list(s.dispatch(3.6))
-    assert s.complete(b"w1", b"a") is not None  # w1 woke up and answered first
-    assert s.take_cancels() == [(b"w2", b"a")] and s.workers[b"w2"].free == 1
+    s.worker_ready(b"d2", ["svc"], 1, 0.5, lanes=2, name="host:1")  # the daemon's new socket
+    assert list(s.hosts) == [b"d2"] and not s.lanes
+    assert s.tasks[b"a"].state == QUEUED and s.tasks[b"a"].attempt == 0
+
+
+def test_snapshot_shows_each_lane_with_its_address_pid_and_inflight() -> None:
+    s = make()
+    two_lane_worker(s)
+    submit(s, b"a")
+    list(s.dispatch(0.0))
+    (worker,) = s.snapshot(0.0)["workers"]
+    assert worker["id"] == "host:1" and worker["inflight"] == 1 and worker["slots"] == 2
+    assert [(x["address"], x["pid"]) for x in worker["lanes"]] == [("host:1/0", 100), ("host:1/1", 101)]
+    assert sum(x["inflight"] for x in worker["lanes"]) == 1
 
 
 def test_full_link_hands_back_one_task_and_stalls_the_worker() -> None:
     s = make()
-    s.worker_ready(b"w", ["svc"], 2, now=0.0)
+    ready(s, b"w", ["svc"], 2, now=0.0)
     submit(s, b"a")
     submit(s, b"b")
     (first, _), = [next(iter(s.dispatch(0.0)))]
@@ -337,7 +427,7 @@ def test_dead_entries_release_payloads_and_lanes_compact() -> None:
 
 def test_deadline_heap_does_not_grow_with_finished_tasks() -> None:
     s = make(max_queued=100_000)
-    s.worker_ready(b"w", ["svc"], 1, now=0.0)
+    ready(s, b"w", ["svc"], 1, now=0.0)
     for i in range(5000):
         submit(s, b"t%d" % i, timeout_ms=3_600_000)
         list(s.dispatch(0.0))
@@ -372,7 +462,7 @@ def test_service_names_are_bounded_too() -> None:
 
 def test_snapshot_counts_in_flight_tasks_per_service() -> None:
     s = make()
-    s.worker_ready(b"w1", ["svc", "other"], 2, now=0.0)
+    ready(s, b"w1", ["svc", "other"], 2, now=0.0)
     for i in range(5):
         submit(s, b"t%d" % i)
     submit(s, b"o1", service="other")
@@ -385,7 +475,7 @@ def test_snapshot_counts_in_flight_tasks_per_service() -> None:
 def test_resent_running_task_is_not_queued_again() -> None:
     # Given a task running on a worker
     s = make()
-    s.worker_ready(b"w1", ["svc"], 2, now=0.0)
+    ready(s, b"w1", ["svc"], 2, now=0.0)
     submit(s, b"a")
     assert [t.tid for t, _ in s.dispatch(0.0)] == [b"a"]
     # When its master resends it under the same id (after a link drop it cannot know it arrived)
@@ -399,7 +489,7 @@ def test_resent_running_task_is_not_queued_again() -> None:
 def test_max_queued_bounds_each_service_queue_alone() -> None:
     # Given max_queued = 3, a worker running one task of svc and another service with a full queue
     s = make(max_queued=3)
-    s.worker_ready(b"w1", ["svc"], 1, now=0.0)
+    ready(s, b"w1", ["svc"], 1, now=0.0)
     assert submit(s, b"run") is None
     list(s.dispatch(0.0))
     for k in range(3):

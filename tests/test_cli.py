@@ -78,7 +78,13 @@ def test_status_shows_workers(cluster) -> None:  # type: ignore[no-untyped-def]
     done = ndpipe("status", "--config", str(cluster.config_path))
     assert done.returncode == 0 and "echo" in done.stdout
     data = json.loads(ndpipe("status", "--json", "--config", str(cluster.config_path)).stdout)
-    assert data["workers"][0]["slots"] == 2 and data["workers"][0]["info"]["processes"] == 2
+    (worker,) = data["workers"]
+    assert worker["slots"] == 2 and worker["info"]["lanes"] == 2
+    lanes = worker["lanes"]
+    assert [lane["address"] for lane in lanes] == [f"{worker['id']}/0", f"{worker['id']}/1"]
+    assert sorted(lane["pid"] for lane in lanes) == sorted(cluster.compute_pids(cluster.workers[0]))
+    for lane in lanes:  # each lane's row: address, pid (RSS beside it, from the daemon's heartbeat)
+        assert any(lane["address"] in line and str(lane["pid"]) in line for line in done.stdout.splitlines())
 
 
 def test_status_without_broker_exits_3(tmp_short: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from ndpipe import protocol as P
-from tests.conftest import STEADY
+from tests.conftest import STEADY, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -127,8 +127,10 @@ def test_unknown_worker_is_told_to_register(cluster, raw) -> None:  # type: igno
 
 def test_bad_ready_is_refused(cluster, raw) -> None:  # type: ignore[no-untyped-def]
     back = raw(cluster.backend)
-    for info in ({"services": "echo", "slots": 1}, {"services": ["echo"], "slots": 10**9}, [1, 2],
-                 {"services": ["echo"], "slots": True}):  # a bool is an int to Python, not a slot count
+    for info in ({"services": "echo", "lanes": 1, "credit": 1}, {"services": ["echo"], "lanes": 1, "credit": 10**9},
+                 [1, 2], {"services": ["echo"], "lanes": 1, "credit": True},  # a bool is an int to Python, not credit
+                 {"services": ["echo"], "lanes": 0, "credit": 1}, {"services": ["echo"], "lanes": 2000, "credit": 1},
+                 {"services": ["echo"], "slots": 4}):  # NDPW02's READY: no lanes
         back.send_multipart([P.WORKER, P.READY, msgpack.packb(info)])
     back.send_multipart([P.WORKER, P.READY, b"\xc1garbage"])
     back.send_multipart([P.WORKER, P.HEARTBEAT])  # still unknown: must be told to register
@@ -141,8 +143,25 @@ def test_silent_fake_worker_loses_its_tasks_to_real_ones(cluster, raw) -> None: 
     fake = raw(cluster.backend)
     with cluster.master() as m:
         cluster.wait_slots(m, 2)
-        fake.send_multipart([P.WORKER, P.READY, msgpack.packb({"services": ["echo"], "slots": 50})])
+        info = {"services": ["echo"], "lanes": 1, "credit": 50, "id": "fake"}
+        fake.send_multipart([P.WORKER, P.READY, msgpack.packb(info)])
+        assert fake.poll(10_000)
+        welcome = fake.recv_multipart()
+        assert welcome[:2] == [P.WORKER, P.WELCOME]
+        key = msgpack.unpackb(welcome[2])["key"]  # one connection may be the daemon and its one lane
+        fake.send_multipart([P.WORKER, P.LANE, msgpack.packb({"key": key, "lane": 0, "pid": 1})])
         cluster.wait_slots(m, 52)
         # When a job runs, Then tasks the fake swallowed are requeued once it is declared dead
         assert list(m.map("echo", range(100))) == list(range(100))
         assert m.status()["counters"]["requeued"] > 0
+
+
+def test_a_worker_of_the_previous_protocol_is_refused_with_a_reason(cluster, raw) -> None:  # type: ignore[no-untyped-def]
+    old = raw(cluster.backend)
+    old.send_multipart([b"NDPW02", P.READY, msgpack.packb({"services": ["echo"], "slots": 4})])
+    with cluster.master() as m:
+        cluster.wait_slots(m, 2)  # the real worker's two lanes, and nothing from the old one
+        assert all(w["id"] != "" and w["lanes"] for w in m.status()["workers"])
+    assert not old.poll(500)  # no DISCONNECT: it would only register again, in a loop
+    log = wait_until(lambda: "NDPW02" in cluster.logs() and cluster.logs(), what="the broker's log line")
+    assert "speaking NDPW02" in log and "upgrade it to NDPW03" in log

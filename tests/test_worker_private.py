@@ -1,33 +1,48 @@
-"""The worker daemon's channel to its compute processes is private to the worker's uid.
+"""Nothing between a worker daemon and its lanes can be reached by another local user.
 
-It carries every task and result in the clear, so another local user who could connect would read
-tasks and forge results (an abstract-namespace socket, open to every uid, allowed exactly that).
+The daemon and its lanes talk over an inherited socketpair and an unlinked shared-memory slot; tasks
+and results travel on each lane's own connection to the broker. (Before lanes, the daemon bound an
+ipc socket that carried every task in the clear: an abstract-namespace one let a second uid that
+connected as ``c0`` take over a process's tasks.) A lane joins the broker only with the key the
+broker gave its daemon, so a stranger on the backend cannot pose as one.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import socket
-import stat
 from pathlib import Path
 
+import msgpack
+import psutil
 import pytest
 import zmq
 
 from ndpipe import protocol as P
-from tests.conftest import STEADY, in_ci, wait_until
+from tests.conftest import STEADY, in_ci
 
 pytestmark = pytest.mark.timeout(90)
 
 NOBODY = 65534
+SO_ACCEPTCON = 0x00010000  # /proc/net/unix flag of a listening socket
 
 
-def channel_paths(daemon_pid: int) -> list[str]:
-    """Unix socket paths of the daemon's compute channel, as every local user sees them."""
-    marker = f"ndpipe-worker-{daemon_pid}-"
-    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
-    return sorted({line.split()[-1] for line in lines if marker in line and len(line.split()) >= 8})
+def unix_sockets(pid: int) -> list[tuple[int, str]]:
+    """(flags, path) of every unix socket the process holds, as /proc/net/unix lists it."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 7 and fields[6] in inodes:
+            out.append((int(fields[3], 16), fields[7] if len(fields) > 7 else ""))
+    return out
 
 
 @pytest.fixture
@@ -37,66 +52,68 @@ def worker(make_cluster):  # type: ignore[no-untyped-def]
     w = c.start_worker(processes=2)
     with c.master() as m:
         c.wait_slots(m, 2)
-    paths = wait_until(lambda: channel_paths(w.pid), what="the daemon's channel socket listed")
-    return c, w, paths
+    lanes = c.compute_pids(w)
+    assert len(lanes) == 2
+    return c, w, lanes
 
 
-def test_channel_is_a_socket_file_in_a_0700_directory_removed_at_exit(worker) -> None:  # type: ignore[no-untyped-def]
-    c, w, paths = worker
-    assert not any(p.startswith("@") for p in paths), f"an abstract socket any uid can reach: {paths}"
-    assert len(paths) == 1
-    directory = Path(paths[0]).parent
-    info = directory.stat()
-    assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
-    w.terminate()
-    w.wait(30)
-    assert not directory.exists()
+def test_neither_daemon_nor_lanes_listen_anywhere(worker) -> None:  # type: ignore[no-untyped-def]
+    _c, w, lanes = worker
+    for pid in (w.pid, *lanes):
+        socks = unix_sockets(pid)
+        assert socks, "the check can fail: every process holds unix sockets (its pipe to the other side)"
+        assert not [s for s in socks if s[0] & SO_ACCEPTCON], f"pid {pid} listens on a unix socket: {socks}"
+        assert not [s for s in socks if s[1]], f"pid {pid} holds a named unix socket: {socks}"
+        listening = [c for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        assert not listening, f"pid {pid} listens on {listening}"
 
 
-def test_another_uid_cannot_connect(worker) -> None:  # type: ignore[no-untyped-def]
+def test_another_uid_cannot_reach_the_lanes_channels(worker) -> None:  # type: ignore[no-untyped-def]
     if os.geteuid() != 0:
         if in_ci():
             pytest.fail("CI runs as root: this test must run there")
-        pytest.skip("needs root, to connect as a second uid (nobody)")
-    _c, _w, paths = worker
+        pytest.skip("needs root, to look as a second uid (nobody)")
+    _c, w, lanes = worker
+    for pid in (w.pid, *lanes):
+        # The check can fail: the worker's own uid lists the same fds (its pipe and shared slot).
+        assert list_fds_as(None, pid) == 0
+        assert list_fds_as(NOBODY, pid) == errno.EACCES
 
-    # The check can fail: the same connect succeeds as the worker's own uid.
-    assert connect_as(None, paths[0]) == 0
-    assert connect_as(NOBODY, paths[0]) == errno.EACCES
 
-
-def connect_as(uid: int | None, path: str) -> int:
-    """Connect to ``path`` from a forked child running as ``uid``; 0 or the errno it got. (A fork, not
+def list_fds_as(uid: int | None, pid: int) -> int:
+    """List /proc/<pid>/fd from a forked child running as ``uid``; 0 or the errno it got. (A fork, not
     a new interpreter: the second uid may not be able to read this Python's install.)"""
-    pid = os.fork()
-    if pid == 0:  # the child: plain syscalls only, then _exit
+    child = os.fork()
+    if child == 0:  # plain syscalls only, then _exit
         code = 0
         try:
             if uid is not None:
                 os.setgid(uid)
                 os.setuid(uid)
-            socket.socket(socket.AF_UNIX).connect(path)
+            os.listdir(f"/proc/{pid}/fd")
         except OSError as exc:
             code = exc.errno or 255
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(child, 0)
     return os.waitstatus_to_exitcode(status)
 
 
-def test_a_connection_posing_as_a_compute_process_gets_no_task(worker) -> None:  # type: ignore[no-untyped-def]
-    """Even a peer that can connect (the same uid) cannot take over a process's routing id: each
-    spawn has an id of its own and the socket has no ROUTER_HANDOVER."""
-    c, _w, paths = worker
+def test_a_connection_posing_as_a_lane_gets_no_task(worker) -> None:  # type: ignore[no-untyped-def]
+    """A peer on the backend that claims a lane index without its worker's key is told DISCONNECT
+    and receives nothing, while the real lanes run the whole job."""
+    c, _w, _lanes = worker
     ctx = zmq.Context()
     impostors = []
     try:
-        for ident in (b"c0", b"c1", b"c0-0000000000000000"):
+        for index in (0, 1):
             sock = ctx.socket(zmq.DEALER)
             sock.linger = 0
-            sock.setsockopt(zmq.ROUTING_ID, ident)
-            sock.connect(f"ipc://{paths[0]}")
-            sock.send_multipart([P.C_HELLO, str(os.getpid()).encode()])
+            sock.connect(c.backend)
+            info = {"key": os.urandom(P.KEY_BYTES), "lane": index, "pid": os.getpid()}
+            sock.send_multipart([P.WORKER, P.LANE, msgpack.packb(info, use_bin_type=True)])
             impostors.append(sock)
+        for sock in impostors:
+            assert sock.poll(10_000) and sock.recv_multipart() == [P.WORKER, P.DISCONNECT]
         with c.master() as m:
             futures = [m.submit("echo", i) for i in range(40)]
             assert [f.result(timeout=30) for f in futures] == list(range(40))

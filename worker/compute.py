@@ -1,11 +1,9 @@
-"""A compute process: runs handlers for the worker daemon, one task at a time.
+"""What a lane does with one task: decode, call the handler, encode; and the helpers around it.
 
-The daemon binds a ROUTER on an ipc endpoint private to its uid; each compute process connects a
-DEALER whose identity is its slot index and a token fresh for each spawn, says HELLO, then loops:
-TASK in, RESULT or ERROR out.
-Decoding and encoding happen here, so the daemon (and the broker) only move frames. A handler
-exception becomes HANDLER_ERROR with its remote traceback; the process carries on. If the process
-dies instead (segfault, OOM kill, ``kill -9``) the daemon sees its sentinel and reports CRASHED.
+A handler exception becomes HANDLER_ERROR with its remote traceback, an undecodable payload
+BAD_REQUEST naming the problem, a result that cannot travel HANDLER_ERROR saying why; nothing
+here raises except MemoryError (the lane then exits and its daemon reports it). The loop around
+this is :mod:`ndpipe.worker.lane`.
 """
 
 from __future__ import annotations
@@ -21,12 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-import zmq
 
 from ndpipe import protocol as P
 from ndpipe.codec import DEFAULT_LIMITS, Limits, decode_batch, decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError
-from ndpipe.transport import configure, send_frames
 
 log = logging.getLogger("ndpipe.compute")
 _limits = {"max_frame_bytes": P.MAX_FRAME_BYTES}  # set by main() from worker.max_frame_bytes
@@ -72,7 +68,7 @@ def error_details(exc: BaseException, with_tb: bool = True) -> dict[str, Any]:
 
 def error_frames(tid: bytes, code: str, exc: BaseException, with_tb: bool = True) -> list[Any]:
     details = error_details(exc, with_tb)
-    return [P.C_ERROR, tid, code.encode(), msgpack.packb(details, use_bin_type=True, default=repr)]
+    return [P.W_ERROR, tid, code.encode(), msgpack.packb(details, use_bin_type=True, default=repr)]
 
 
 def run_task(
@@ -98,7 +94,7 @@ def run_task(
     try:
         frames = encode(result)
         _check_sizes(frames, max_frames)
-        return [P.C_RESULT, tid, *frames]
+        return [P.W_RESULT, tid, *frames]
     except Exception as exc:  # EncodeError, or anything odd a result can do while being encoded
         wrapped = EncodeError(f"result of service {service!r} cannot be sent: {exc}")
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
@@ -121,13 +117,13 @@ def _check_sizes(frames: list[Any], max_frames: int) -> None:
 
 
 def _encode_result(tid: bytes, result: Any, max_frames: int) -> list[Any] | str:
-    """C_RESULT frames, or why the value cannot be sent within the limits."""
+    """W_RESULT frames, or why the value cannot be sent within the limits."""
     try:
         frames = encode(result)
         _check_sizes(frames, max_frames)
     except Exception as exc:  # EncodeError, or anything odd a value can do while being encoded
         return str(exc)
-    return [P.C_RESULT, tid, *frames]
+    return [P.W_RESULT, tid, *frames]
 
 
 def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], max_frames: int) -> list[Any]:
@@ -174,45 +170,6 @@ def limit_memory(limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def routing_id(index: int, token: str) -> bytes:
-    """A compute process's identity on the daemon's socket: its slot and a token fresh for each spawn."""
-    return b"c%d-%s" % (index, token.encode())
-
-
-def main(endpoint: str, ident: bytes, services: dict[str, str], parent: int, max_frames: int = P.MAX_FRAMES,
-         memory_limit: int = 0, max_frame_bytes: int = P.MAX_FRAME_BYTES) -> None:
-    """Process entry point (spawned by the daemon)."""
-    index = int(ident[1:].split(b"-")[0])
-    die_with_parent()
+def set_frame_limit(max_frame_bytes: int) -> None:
+    """The largest result frame this process may send (worker.max_frame_bytes)."""
     _limits["max_frame_bytes"] = max_frame_bytes
-    limit_memory(memory_limit)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    handlers = {name: resolve(spec) for name, spec in services.items()}
-    ctx = zmq.Context()
-    sock = configure(ctx.socket(zmq.DEALER), hwm=P.COMPUTE_HWM)
-    sock.setsockopt(zmq.ROUTING_ID, ident)
-    sock.connect(endpoint)
-    sock.send_multipart([P.C_HELLO, str(os.getpid()).encode()])
-    try:
-        while True:
-            if not sock.poll(1000):
-                if os.getppid() != parent:
-                    return
-                continue
-            frames = sock.recv_multipart(copy=False)
-            if len(frames) < 5 or frames[0].bytes != P.C_TASK or len(frames[3].bytes) != P.FLAGS.size:
-                log.error("compute %d: unexpected message of %d frames", index, len(frames))
-                continue
-            tid, service = frames[1].bytes, frames[2].bytes.decode()
-            (flags,) = P.FLAGS.unpack(frames[3].bytes)
-            try:
-                reply = run_task(handlers, tid, service, frames[4:], max_frames, flags)
-            except MemoryError:
-                # Exhausted memory leaves a process in no state to go on: exit with a status the
-                # daemon turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
-                sock.close(linger=1000)  # the previous answer may still be in the socket: send it first
-                os._exit(P.EXIT_OUT_OF_MEMORY)
-            send_frames(sock, reply)
-    finally:
-        sock.close(linger=0)
-        ctx.term()

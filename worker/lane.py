@@ -1,0 +1,266 @@
+"""A lane: one compute process with its own connection to the broker (PROTOCOL.md §10).
+
+Tasks and results travel between the broker and the lane directly; the worker daemon is not on
+that path (it was two of the six hops of every task). The daemon stays the lane's supervisor, and
+talks to it over two private channels that no other process can reach — both inherited at spawn,
+neither has a name to connect to:
+
+* a **pipe**: the lane says HELLO once its handlers are loaded; the daemon says JOIN (the key the
+  broker gave it, and the heartbeat settings) and DRAIN;
+* a **shared slot** (:class:`LaneSlot`, a few bytes of shared memory the lane writes and the daemon
+  reads): what the lane is running, since when, with what timeout. The daemon reads it when the lane
+  dies (to report the task it was running), on W_CANCEL (to kill the lane running that task), and
+  to enforce deadlines as a backstop.
+
+Deadlines are the kernel's: before a handler with a timeout runs, the lane arms ``ITIMER_REAL`` with
+SIGALRM left at its default action, so a handler that holds the GIL or sits in C code is still
+stopped on time; the daemon sees the death and reports TIMEOUT. A lane never heartbeats (a handler
+may hold the GIL for minutes): its daemon's heartbeats keep it alive at the broker.
+
+The lane's link: if its connection drops (broker restart, link cut, a frame libzmq refused) or the
+broker says DISCONNECT (it does not know this lane), tasks may have been lost on the way, so the lane
+exits with EXIT_LINK_LOST: its daemon reports it (LANE_GONE: the broker hands its tasks back) and
+starts a fresh lane, which joins again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+import zmq
+
+from ndpipe import protocol as P
+from ndpipe.codec import batch_length
+from ndpipe.errors import ProtocolError
+from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
+from ndpipe.worker import compute
+
+log = logging.getLogger("ndpipe.lane")
+
+STARTING, IDLE, RUNNING, LINK_LOST = 0, 1, 2, 3
+CONTROL_EVERY = 16  # tasks run back to back between two looks at the pipe and the link monitor
+
+
+class LaneSlot(ctypes.Structure):
+    """What a lane is doing, in shared memory. One writer (the lane), one reader (the daemon): the
+    writer makes ``seq`` odd while it writes, so the reader retries a torn read (a seqlock)."""
+
+    _fields_ = [
+        ("seq", ctypes.c_uint64),
+        ("state", ctypes.c_uint8),
+        ("tid_len", ctypes.c_uint8),
+        ("tid", ctypes.c_ubyte * P.MAX_TASK_ID),  # the running task, or the last one answered
+        ("started", ctypes.c_double),  # time.monotonic() (CLOCK_MONOTONIC: one clock for every process)
+        ("timeout", ctypes.c_double),  # seconds; 0 = none
+        ("done", ctypes.c_uint64),  # tasks answered since the lane started
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    state: int
+    tid: bytes
+    started: float
+    timeout: float
+    done: int
+
+
+def read_slot(slot: LaneSlot) -> SlotView:
+    """A consistent copy of the slot (the daemon's side)."""
+    for _ in range(1000):
+        seq = slot.seq
+        if seq % 2 == 0:
+            view = SlotView(slot.state, bytes(slot.tid)[: slot.tid_len], slot.started, slot.timeout, slot.done)
+            if slot.seq == seq:
+                return view
+    return SlotView(slot.state, b"", 0.0, 0.0, slot.done)  # a writer stuck mid-write: it is being killed
+
+
+def write_slot(slot: LaneSlot, state: int, tid: bytes | None = None, timeout: float = 0.0) -> None:
+    slot.seq += 1
+    slot.state = state
+    if tid is not None:
+        ctypes.memmove(ctypes.addressof(slot) + LaneSlot.tid.offset, tid, len(tid))
+        slot.tid_len = len(tid)
+        slot.started = time.monotonic()
+        slot.timeout = timeout
+    slot.seq += 1
+
+
+@dataclass(frozen=True, slots=True)
+class LaneArgs:
+    """What a lane needs from the worker's configuration (pickled to the spawned process)."""
+
+    index: int
+    broker: str
+    services: dict[str, str]  # name -> "module:function"
+    timeouts: dict[str, float | None]  # per call, from the worker's YAML
+    parent: int
+    max_frames: int = P.MAX_FRAMES
+    max_frame_bytes: int = P.MAX_FRAME_BYTES
+    memory_limit: int = 0
+
+
+class Lane:
+    """The lane's loop: read what the broker sent, run it in order, answer; look at the pipe and the
+    link between tasks."""
+
+    def __init__(self, args: LaneArgs, conn: Connection, slot: LaneSlot, handlers: dict[str, compute.Handler]) -> None:
+        self.args = args
+        self.conn = conn
+        self.slot = slot
+        self.handlers = handlers
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock: zmq.Socket[Any] | None = None
+        self.watch: LinkWatch | None = None
+        self.queue: deque[P.TaskMsg] = deque()
+        self.draining = False
+        self.poller = zmq.Poller()
+        self.poller.register(conn.fileno(), zmq.POLLIN)
+        self._bad = Throttle(log)
+
+    # ---- control ---------------------------------------------------------------------------------
+    def _join(self, params: dict[str, Any]) -> None:
+        """(Re)join the broker on a fresh connection; what the old one brought is the broker's again."""
+        self._close_link()
+        self.queue.clear()
+        sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.args.max_frame_bytes)
+        interval_ms = int(float(params.get("heartbeat_interval", P.HEARTBEAT_INTERVAL)) * 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(100, interval_ms))  # libzmq pings: a dead link drops, GIL or not
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(100, interval_ms) * int(params.get("liveness", P.LIVENESS)))
+        sock.connect(self.args.broker)
+        self.sock, self.watch = sock, LinkWatch(sock)
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.watch.monitor, zmq.POLLIN)
+        info = {"key": params["key"], "lane": self.args.index, "pid": os.getpid()}
+        send_frames(sock, [P.WORKER, P.LANE, msgpack.packb(info, use_bin_type=True)])
+
+    def _close_link(self, linger: int = 0) -> None:
+        if self.sock is not None and self.watch is not None:
+            self.poller.unregister(self.sock)
+            self.poller.unregister(self.watch.monitor)
+            self.watch.close()
+            self.sock.close(linger=linger)
+            self.sock = self.watch = None
+
+    def _on_pipe(self) -> bool:
+        """Messages from the daemon; False when it is gone (the pipe closed)."""
+        try:
+            while self.conn.poll(0):
+                msg = self.conn.recv_bytes()
+                if msg[:1] == P.L_JOIN:
+                    self._join(unpack_map(msg[1:]))
+                elif msg[:1] == P.L_DRAIN:
+                    self.draining = True
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _link_lost(self, why: str) -> None:
+        """Tasks may have been lost on the way: start over as a fresh lane (the daemon respawns us and
+        tells the broker, which hands back what this lane held)."""
+        log.warning("lane %d: %s: exiting to be replaced", self.args.index, why)
+        write_slot(self.slot, LINK_LOST)
+        os._exit(P.EXIT_LINK_LOST)
+
+    # ---- tasks -----------------------------------------------------------------------------------
+    def _read(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        for _ in range(P.READ_BATCH):
+            if not readable(sock):
+                return
+            try:
+                frames = recv_bounded(sock, P.read_cap(self.args.max_frames), head=5, header=P.WORKER, at=0)
+                command = P.check_header(frames, P.WORKER, 2)
+                if command == P.TASK:
+                    self.queue.append(P.parse_task(frames))
+                elif command == P.W_CANCEL:
+                    tid = P.task_id_of(frames[2]) if len(frames) > 2 else b""
+                    self.queue = deque(t for t in self.queue if t.tid != tid)
+                elif command == P.DISCONNECT:
+                    self._link_lost("the broker does not know this lane")
+                elif command != P.HEARTBEAT:
+                    raise ProtocolError(f"unexpected command {command!r} on a lane")
+            except zmq.Again:
+                return
+            except ProtocolError as exc:
+                self._bad.warning("lane %d: dropped malformed message: %s", self.args.index, exc)
+
+    def _timeout(self, task: P.TaskMsg) -> float:
+        per_call = self.args.timeouts.get(task.service)
+        if per_call and task.flags & P.FLAG_BATCH:  # the service's timeout is per call: scale it to the batch
+            per_call *= max(1, batch_length(task.payload[0]))
+        limits = [t for t in (task.timeout_ms / 1000 if task.timeout_ms else None, per_call) if t]
+        return min(limits) if limits else 0.0
+
+    def _run(self, task: P.TaskMsg) -> None:
+        timeout = self._timeout(task)
+        write_slot(self.slot, RUNNING, task.tid, timeout)
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, timeout)  # SIGALRM's default action ends the process
+        try:
+            reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
+                                     task.flags)
+        except MemoryError:
+            # Exhausted memory leaves a process in no state to go on: exit with a status the daemon
+            # turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
+            os._exit(P.EXIT_OUT_OF_MEMORY)
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        self.slot.done += 1
+        write_slot(self.slot, IDLE)
+        if self.sock is not None:
+            send_frames(self.sock, [P.WORKER, *reply])
+
+    def run(self) -> None:
+        count = 0
+        while True:
+            if not self.queue or count % CONTROL_EVERY == 0:
+                events = dict(self.poller.poll(0 if self.queue else 1000))
+                if not events and not self.queue and os.getppid() != self.args.parent:
+                    return  # the daemon is gone (PR_SET_PDEATHSIG covers most cases; this the rest)
+                if self.conn.fileno() in events and not self._on_pipe():
+                    return
+                if self.watch is not None and self.watch.monitor in events:
+                    back = self.watch.came_back()
+                    if self.watch.dropped or back:
+                        self._link_lost("the connection to the broker dropped")
+            count += 1
+            if self.sock is not None:
+                self._read()
+            if self.queue:
+                self._run(self.queue.popleft())
+            elif self.draining:
+                if self.sock is not None:  # what is still on its way here goes back to the queue
+                    send_frames(self.sock, [P.WORKER, P.DISCONNECT])
+                    self._close_link(linger=1000)
+                return
+
+
+def main(args: LaneArgs, conn: Connection, slot: LaneSlot) -> None:
+    """Process entry point (spawned by the daemon)."""
+    compute.die_with_parent()
+    compute.set_frame_limit(args.max_frame_bytes)
+    compute.limit_memory(args.memory_limit)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the deadline timer ends the process, GIL or not
+    handlers = {name: compute.resolve(spec) for name, spec in args.services.items()}
+    write_slot(slot, IDLE)
+    lane = Lane(args, conn, slot, handlers)
+    conn.send_bytes(P.L_HELLO + str(os.getpid()).encode())
+    try:
+        lane.run()
+    finally:
+        lane._close_link()
+        lane.ctx.term()
+
