@@ -161,12 +161,9 @@ class Broker:
             pong = [P.MASTER, P.PONG, self.state.session(ident), interval_ms]
             self._to_master(ident, pong)
         elif command == P.CANCEL:
-            P.check_header(msg, P.MASTER, 3)
-            self.state.cancel(ident, P.task_id_of(msg[2]))
+            self.state.cancel(ident, P.parse_task_ref(msg, P.MASTER))
         elif command == P.STATUS:
-            request = frame_bytes(msg[2]) if len(msg) > 2 else b""
-            if len(request) > P.REQUEST_ID_MAX:  # cut short, it would no longer match the master's request
-                raise ProtocolError(f"STATUS request id of {len(request)} octets (at most {P.REQUEST_ID_MAX})")
+            request = P.parse_status(msg)
             body = msgpack.packb(self._snapshot(now), use_bin_type=True)
             self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
         elif command == P.BYE:
@@ -176,24 +173,18 @@ class Broker:
             raise ProtocolError(f"unknown master command {command!r}")
 
     def _on_submit(self, ident: bytes, msg: list[Any], now: float) -> None:
-        tid = P.task_id_of(msg[3]) if len(msg) > 3 else b""
         try:
-            if len(msg) < 6:
-                raise ProtocolError(f"SUBMIT needs at least 6 frames, got {len(msg)}")
-            if len(msg) - 6 > self.cfg.max_frames:
-                raise ProtocolError(f"SUBMIT has {len(msg) - 6} payload buffer frames (limit {self.cfg.max_frames})")
-            service = sys.intern(P.service_of(msg[2]))  # one str per service name, not one per task
-            timeout_ms, max_attempts, flags = P.parse_options(msg[4])
-        except ProtocolError as exc:
-            if not tid:
-                raise
-            self.state.counters["rejected"] += 1
-            self._error(ident, tid, P.BAD_REQUEST, {"message": str(exc)})
+            sub = P.parse_submit(msg, self.cfg.max_frames)
+        except P.BadSubmit as exc:
+            self.state.reject()
+            self._error(ident, exc.tid, P.BAD_REQUEST, {"message": str(exc)})
             return
+        service = sys.intern(sub.service)  # one str per service name, not one per task
         # Small frames are copied out: a kept zmq.Frame pins the ~8 KiB receive buffer libzmq carved it
         # from (up to 7.5 KiB per queued task when SUBMITs trickle in). Large ones stay zero-copy.
-        payload = [f if len(f) >= ZERO_COPY_MIN else f.bytes for f in msg[5:]]
-        code = self.state.submit(ident, tid, service, payload, now, timeout_ms, max_attempts, flags)
+        payload = [f if len(f) >= ZERO_COPY_MIN else f.bytes for f in sub.payload]
+        tid = sub.tid
+        code = self.state.submit(ident, tid, service, payload, now, sub.timeout_ms, sub.max_attempts, sub.flags)
         if code == P.QUEUE_FULL:
             if service in self.state.queues:
                 why = f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"
@@ -215,12 +206,12 @@ class Broker:
 
     def _refuse_oversized(self, head: list[Any], why: str) -> None:
         """A SUBMIT over the frame cap still names its task: answer BAD_REQUEST, not silence."""
-        if len(head) >= 5 and frame_bytes(head[1]) == P.MASTER and frame_bytes(head[2]) == P.SUBMIT:
-            try:
-                tid = P.task_id_of(head[4])
-            except ProtocolError:
-                return
-            self.state.counters["rejected"] += 1
+        msg = head[1:]  # after the routing id
+        if len(msg) < 2 or frame_bytes(msg[0]) != P.MASTER or frame_bytes(msg[1]) != P.SUBMIT:
+            return
+        tid = P.submit_id(msg)
+        if tid:
+            self.state.reject()
             self._error(frame_bytes(head[0]), tid, P.BAD_REQUEST, {"message": f"SUBMIT {why} (broker.max_frames)"})
 
     def _to_master(self, ident: bytes, frames: list[Any]) -> bool:
@@ -265,7 +256,8 @@ class Broker:
     def _on_daemon(self, rid: bytes, command: bytes, msg: list[Any], now: float) -> bool:
         """HEARTBEAT, DRAIN, LANE_GONE, DISCONNECT: a daemon's own commands (a lane's DISCONNECT too).
         Returns whether the sender is a registered daemon (or a lane saying goodbye)."""
-        stats = frame_bytes(msg[2]) if command == P.HEARTBEAT and len(msg) > 2 and len(msg[2]) <= 65536 else None
+        frame = P.control_frame(msg, P.WORKER, optional=True) if command == P.HEARTBEAT else b""
+        stats = frame if 0 < len(frame) <= P.CONTROL_MAX else None
         known = self.state.worker_seen(rid, now, stats)
         if command == P.DISCONNECT:
             if known:
@@ -278,8 +270,7 @@ class Broker:
             self.state.worker_drain(rid)
             log.info("worker %s draining", rid.hex())
         elif command == P.LANE_GONE:
-            P.check_header(msg, P.WORKER, 3)
-            index, pid = P.parse_lane_gone(unpack_map(frame_bytes(msg[2])))
+            index, pid = P.parse_lane_gone(unpack_map(P.control_frame(msg, P.WORKER)))
             back = self.state.lane_ended(rid, index, pid, now) if known else None
             if back is not None:
                 log.info("worker %s lane %d (pid %d) ended; %d tasks handed back", rid.hex(), index, pid, len(back))
@@ -309,8 +300,7 @@ class Broker:
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])
 
     def _on_ready(self, rid: bytes, msg: list[Any], now: float) -> None:
-        P.check_header(msg, P.WORKER, 3)
-        ready = P.parse_ready(unpack_map(frame_bytes(msg[2])))
+        ready = P.parse_ready(unpack_map(P.control_frame(msg, P.WORKER)))
         host = self.state.worker_ready(rid, ready.services, ready.credit, now, ready.info, ready.lanes, ready.name)
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
                   "broker_id": self.state.broker_id.hex(), "key": host.key, "id": host.name}
@@ -319,8 +309,7 @@ class Broker:
                  ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
 
     def _on_lane(self, rid: bytes, msg: list[Any], now: float) -> None:
-        P.check_header(msg, P.WORKER, 3)
-        key, index, pid = P.parse_lane(unpack_map(frame_bytes(msg[2])))
+        key, index, pid = P.parse_lane(unpack_map(P.control_frame(msg, P.WORKER)))
         lane = self.state.lane_ready(rid, key, index, now, pid)
         if lane is None:  # a key no live worker holds (it was forgotten, or never was): the lane starts over
             self._malformed.warning("lane %d (pid %d) presented a key no registered worker has: told DISCONNECT",

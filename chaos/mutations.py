@@ -111,15 +111,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "no-resend-on-link-return", "A master's outstanding tasks survive a dropped connection",
         "the master does not resend when its socket monitor sees the link come back", MSTATE,
-        "        self.resend_due = True\n        self.next_ping = now + self.interval\n",
-        "        self.next_ping = now + self.interval\n",
+        "        self.resend_due = True\n        self.link.beaten(now)\n",
+        "        self.link.beaten(now)\n",
         (f"{T_MSTATE}::test_link_return_resends_at_the_next_pong_only", f"{CHAOS}[master_link_cut]")),
     Mutation(
         "no-resend-on-new-socket", "A master's outstanding tasks survive a link that went silent",
         "the master opens a new socket after silence but does not resend on it", MSTATE,
-        "            self.heard = now  # give the new socket a full liveness period\n"
+        "            self.link.reconnected(now)  # a full liveness period (at least the back-off) for the new socket\n"
         "            self.resend_due = True\n",
-        "            self.heard = now  # give the new socket a full liveness period\n",
+        "            self.link.reconnected(now)  # a full liveness period (at least the back-off) for the new socket\n",
         (f"{T_MSTATE}::test_silence_asks_for_a_new_socket_and_a_resend_at_the_next_pong",
          f"{CHAOS}[master_link_silent]")),
     Mutation(
@@ -148,7 +148,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "status-replies-in-arrival-order", "Each STATUS reply reaches the request that asked for it",
         "the master hands STATUS replies to waiters in arrival order, ignoring the request id", MSTATE,
-        "            future = self.status_waiters.pop(frame_bytes(frames[3]), None)\n",
+        "            future = self.status_waiters.pop(request, None)\n",
         "            future = self.status_waiters.pop(next(iter(self.status_waiters), b\"\"), None)\n",
         (f"{T_MSTATE}::test_status_replies_reach_their_own_request_and_a_withdrawn_one_is_dropped",
          f"{T_MASTER}::test_status_replies_out_of_order_reach_their_requests")),
@@ -200,6 +200,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{T_STATE}::test_lane_gone_hands_back_without_penalty_and_only_for_the_same_process",
          f"{T_STATE}::test_a_dead_daemon_takes_its_lanes_and_their_tasks_count_an_attempt",
          f"{CHAOS}[workers_killed]")),
+    Mutation(
+        "link-never-silent", "A master whose link went silent opens a new one and resends",
+        "the broker-link rule (shared by master and worker daemon) never declares the broker silent",
+        "core/link.py", "        return now > self.deadline\n", "        return False\n",
+        ("tests/test_link.py::test_silent_only_after_liveness_intervals_without_a_word",
+         f"{T_MSTATE}::test_silence_asks_for_a_new_socket_and_a_resend_at_the_next_pong",
+         f"{CHAOS}[master_link_silent]")),
     Mutation(
         "forgotten-master-keeps-queue", "Work of a master that died is dropped, not computed for nobody",
         "the broker forgets a master but keeps its queued tasks", STATE,

@@ -90,6 +90,7 @@ LANE_CREDIT_MAX: Final = 64  # the reference worker's credit per lane (1 + its s
 KEY_BYTES: Final = 16  # WELCOME's key: what a lane presents to join its worker
 HWM: Final = 100_000  # messages queued per peer on a host-to-host socket (sndhwm = rcvhwm)
 READ_BATCH: Final = 256  # messages a poll loop reads from one socket before turning to the others
+CONTROL_MAX: Final = 64 * 1024  # bytes of one control map (READY info, HEARTBEAT stats, ...)
 ENVELOPE_FRAMES: Final = 8  # frames around a payload (routing id, header, command, ids, options), with room
 
 
@@ -176,6 +177,61 @@ def error_code_of(frame: Frame) -> str:
 
 
 # --- message layouts: parse and build helpers (frames after the ROUTER's routing id) --------------
+SUBMIT_FRAMES: Final = 6  # header, command, service, task id, options, payload header
+
+
+class BadSubmit(ProtocolError):
+    """A SUBMIT that names a valid task id but is wrong otherwise: its master gets BAD_REQUEST."""
+
+    def __init__(self, message: str, tid: bytes) -> None:
+        super().__init__(message)
+        self.tid = tid
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitMsg:
+    service: str
+    tid: bytes
+    timeout_ms: int
+    max_attempts: int
+    flags: int
+    payload: list[Any]
+
+
+def submit_id(frames: Sequence[Frame]) -> bytes:
+    """The task id of what claims to be a SUBMIT (header and command checked by the caller), or b""."""
+    try:
+        return task_id_of(frames[3]) if len(frames) > 3 else b""
+    except ProtocolError:
+        return b""
+
+
+def parse_submit(frames: Sequence[Frame], max_frames: int) -> SubmitMsg:
+    """SUBMIT: service, task id, options, payload (1 + at most ``max_frames`` frames). Raises
+    :class:`BadSubmit` when the task id is usable (so the master can be told), else ProtocolError."""
+    tid = task_id_of(frames[3]) if len(frames) > 3 else b""
+    try:
+        if len(frames) < SUBMIT_FRAMES:
+            raise ProtocolError(f"SUBMIT needs at least {SUBMIT_FRAMES} frames, got {len(frames)}")
+        if len(frames) - SUBMIT_FRAMES > max_frames:
+            raise ProtocolError(f"SUBMIT has {len(frames) - SUBMIT_FRAMES} payload buffer frames (limit {max_frames})")
+        service = service_of(frames[2])
+        timeout_ms, max_attempts, flags = parse_options(frames[4])
+    except ProtocolError as exc:
+        if tid:
+            raise BadSubmit(str(exc), tid) from exc
+        raise
+    return SubmitMsg(service, tid, timeout_ms, max_attempts, flags, list(frames[5:]))
+
+
+def parse_status(frames: Sequence[Frame]) -> bytes:
+    """STATUS: the optional request id (0..64 octets; a longer one is malformed, not cut short: a
+    shortened echo would match no request)."""
+    request = _b(frames[2]) if len(frames) > 2 else b""
+    if len(request) > REQUEST_ID_MAX:
+        raise ProtocolError(f"STATUS request id of {len(request)} octets (at most {REQUEST_ID_MAX})")
+    return request
+
 def _map_field(info: dict[str, Any], key: str, lo: int, hi: int, what: str) -> int:
     value = info.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -251,3 +307,42 @@ def parse_answer(frames: Sequence[Frame]) -> tuple[bytes, str | None, list[Any]]
     if len(frames) < 5:
         raise ProtocolError(f"W_ERROR needs 5 frames, got {len(frames)}")
     return tid, error_code_of(frames[3]), [frames[4]]
+
+
+def parse_task_ref(frames: Sequence[Frame], header: bytes) -> bytes:
+    """CANCEL (master header) or W_CANCEL (worker header): header, command, task id."""
+    check_header(frames, header, 3)
+    return task_id_of(frames[2])
+
+
+def control_frame(frames: Sequence[Frame], header: bytes, optional: bool = False) -> bytes:
+    """Frame 2 of READY, WELCOME, LANE, LANE_GONE, HEARTBEAT (optional there): a control map's bytes."""
+    if optional and len(frames) < 3:
+        return b""
+    check_header(frames, header, 3)
+    return _b(frames[2])
+
+
+def parse_result(frames: Sequence[Frame]) -> tuple[bytes, list[Any]]:
+    """RESULT at the master: (task id, payload frames)."""
+    check_header(frames, MASTER, 4)
+    return task_id_of(frames[2]), list(frames[3:])
+
+
+def parse_error(frames: Sequence[Frame]) -> tuple[bytes, str, bytes]:
+    """ERROR at the master: (task id, code as sent, details bytes). The code is taken as it comes (a
+    newer broker's code fails the task as a plain TaskError)."""
+    check_header(frames, MASTER, 5)
+    return task_id_of(frames[2]), _b(frames[3]).decode("ascii", "replace"), _b(frames[4])
+
+
+def parse_pong(frames: Sequence[Frame]) -> tuple[bytes, float]:
+    """PONG: (session token, the broker's heartbeat interval in seconds, at least 10 ms)."""
+    check_header(frames, MASTER, 4)
+    return _b(frames[2]), max(0.01, int.from_bytes(_b(frames[3]), "big") / 1000)
+
+
+def parse_status_reply(frames: Sequence[Frame]) -> tuple[bytes, bytes]:
+    """STATUS_REPLY: (body bytes, the request id it answers)."""
+    check_header(frames, MASTER, 4)
+    return _b(frames[2]), _b(frames[3])

@@ -19,12 +19,12 @@ keeps every outstanding task until it resolves:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -82,6 +82,10 @@ class Master:
         self.timeout = timeout if timeout is not None else cfg.timeout
         self.window = window or cfg.window
         self._slots = threading.BoundedSemaphore(self.window)
+        # Task ids: 8 random octets per master, then a counter. As unique as uuid4 across masters, and
+        # no getrandom() syscall per task (~25 µs each on a VM: a tenth of a submit's cost).
+        self._tid_prefix = os.urandom(8)
+        self._tid_counter = itertools.count()
         self._slots_cache: dict[str, tuple[float, int]] = {}
         self._ident = b"M" + os.urandom(15)
         self._channel = Channel()
@@ -136,12 +140,13 @@ class Master:
                               "I/O thread cannot wait for itself); submit from another thread")
         future: Future[Any] = Future()
         deadline = time.monotonic() + timeout if timeout else None
-        pending = Pending(uuid.uuid4().bytes, service.encode(), options, payload, future, deadline, batch)
+        tid = self._tid_prefix + next(self._tid_counter).to_bytes(8, "big")
+        pending = Pending(tid, service.encode(), options, payload, future, deadline, batch)
         with self._lock:
             if self._closed or self._error is not None:
                 self._slots.release()
                 self._check_open()
-            tid = pending.tid  # not `pending`: a closure over it would make future and pending a GC cycle
+            # a closure over tid, not `pending`: that would make future and pending a GC cycle
             future.add_done_callback(lambda f: self._done(f, tid))
             self._post(Submit(pending))
         return future

@@ -30,7 +30,8 @@ from ndpipe import protocol as P
 from ndpipe.codec import Limits, decode, decode_outcomes
 from ndpipe.config import MasterConfig
 from ndpipe.errors import BrokerUnreachable, DecodeError, ProtocolError, error_from_code
-from ndpipe.transport import frame_bytes, unpack_map
+from ndpipe.link import BrokerLink
+from ndpipe.transport import unpack_map
 
 log = logging.getLogger("ndpipe.master")
 Frames = list[Any]
@@ -68,19 +69,16 @@ class MasterState:
         self.pending: dict[bytes, Pending] = {}
         self.deadlines: list[tuple[float, bytes]] = []  # heap; entries of answered tasks are skipped
         self.status_waiters: dict[bytes, Future[dict[str, Any]]] = {}
-        self.interval = cfg.heartbeat_interval
-        self.liveness = cfg.liveness
+        self.link = BrokerLink(cfg.heartbeat_interval, cfg.liveness, now)  # PING and the broker's liveness
         self.session: bytes | None = None
         self.resend_due = False  # an event may have lost messages: resend at the next PONG
-        self.heard = now
         self.lost_since: float | None = None
-        self.next_ping = now
         self.limits = Limits(max_frames=cfg.max_frames)
         self.counters = {"late_answers": 0, "resends": 0}
 
     def next_wake(self) -> float:
         """When :meth:`tick` next has something to do."""
-        return min(self.next_ping, self.deadlines[0][0]) if self.deadlines else self.next_ping
+        return min(self.link.next_beat, self.deadlines[0][0]) if self.deadlines else self.link.next_beat
 
     # ---- from user threads --------------------------------------------------------------------
     def submit(self, p: Pending, now: float) -> list[Frames]:
@@ -105,57 +103,50 @@ class MasterState:
     def on_message(self, frames: Frames, now: float) -> list[Frames]:
         """One message from the broker (without routing id). Raises ProtocolError if malformed."""
         command = P.check_header(frames, P.MASTER, 2)
-        self.heard = now
+        self.link.heard(now)
         if self.lost_since is not None:
             log.info("broker %s reachable again", self.endpoint)
             self.lost_since = None
         if command == P.RESULT:
-            P.check_header(frames, P.MASTER, 4)
-            self._on_result(frames)
+            self._on_result(*P.parse_result(frames))
         elif command == P.ERROR:
-            P.check_header(frames, P.MASTER, 5)
-            self._on_error(frames)
+            self._on_error(*P.parse_error(frames))
         elif command == P.PONG:
-            P.check_header(frames, P.MASTER, 4)
-            return self._on_pong(frames, now)
+            return self._on_pong(*P.parse_pong(frames), now)
         elif command == P.STATUS_REPLY:
-            P.check_header(frames, P.MASTER, 4)
-            future = self.status_waiters.pop(frame_bytes(frames[3]), None)
+            body, request = P.parse_status_reply(frames)
+            future = self.status_waiters.pop(request, None)
             if future is not None:
-                resolve(future, value=unpack_map(frame_bytes(frames[2]), STATUS_REPLY_MAX))
+                resolve(future, value=unpack_map(body, STATUS_REPLY_MAX))
         else:
             raise ProtocolError(f"unknown broker command {command!r}")
         return []
 
-    def _on_result(self, frames: Frames) -> None:
-        p = self.pending.pop(P.task_id_of(frames[2]), None)
+    def _on_result(self, tid: bytes, payload: list[Any]) -> None:
+        p = self.pending.pop(tid, None)
         if p is None:  # an answer already delivered (the task ran twice), or for a cancelled task
             self.counters["late_answers"] += 1
             return
         try:
-            value = decode_outcomes(frames[3:], p.batch, self.limits) if p.batch else decode(frames[3:], self.limits)
+            value = decode_outcomes(payload, p.batch, self.limits) if p.batch else decode(payload, self.limits)
         except DecodeError as exc:
             resolve(p.future, error=exc)
         else:
             resolve(p.future, value=value)
 
-    def _on_error(self, frames: Frames) -> None:
-        p = self.pending.pop(P.task_id_of(frames[2]), None)
+    def _on_error(self, tid: bytes, code: str, body: bytes) -> None:
+        p = self.pending.pop(tid, None)
         if p is None:
             self.counters["late_answers"] += 1
             return
         try:
-            details = unpack_map(frame_bytes(frames[4]), ERROR_DETAILS_MAX)
+            details = unpack_map(body, ERROR_DETAILS_MAX)
         except ProtocolError as exc:
             details = {"message": f"undecodable error details: {exc}"}
-        code = frame_bytes(frames[3]).decode("ascii", "replace")
         resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
 
-    def _on_pong(self, frames: Frames, now: float) -> list[Frames]:
-        session = frame_bytes(frames[2])
-        broker_interval = max(0.01, int.from_bytes(frame_bytes(frames[3]), "big") / 1000)
-        self.interval = min(self.cfg.heartbeat_interval, broker_interval)
-        self.next_ping = min(self.next_ping, now + self.interval)
+    def _on_pong(self, session: bytes, broker_interval: float, now: float) -> list[Frames]:
+        self.link.adopt(min(self.cfg.heartbeat_interval, broker_interval), self.cfg.liveness, now)
         restarted = self.session is not None and session != self.session
         if restarted:
             log.warning("broker restarted or forgot this master: resending %d tasks", len(self.pending))
@@ -176,7 +167,7 @@ class MasterState:
         """The socket monitor saw the link drop and return: resend at the PONG of the PING sent now."""
         log.warning("link to broker %s dropped and came back: %d tasks to resend", self.endpoint, len(self.pending))
         self.resend_due = True
-        self.next_ping = now + self.interval
+        self.link.beaten(now)
         return [[P.MASTER, P.PING]]
 
     # ---- time ---------------------------------------------------------------------------------
@@ -185,23 +176,22 @@ class MasterState:
         silence for liveness × interval ask for a new socket; after ``broker_timeout`` of it, fail
         everything outstanding with BrokerUnreachable."""
         out = Tick(self._expire(now))
-        if now < self.next_ping:
+        if not self.link.beat_due(now):
             return out
-        silent = now - self.heard
-        if silent > self.interval * self.liveness:
+        if self.link.silent(now):
             if self.lost_since is None:
-                self.lost_since = self.heard
-                log.warning("broker %s silent for %.1f s: reconnecting", self.endpoint, silent)
-            limit = self.cfg.broker_timeout
-            if limit is not None and now - self.lost_since > limit:
-                self.fail_all(BrokerUnreachable(
-                    f"broker {self.endpoint} unreachable for {now - self.lost_since:.1f} s "
-                    f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
+                self.lost_since = self.link.last_heard
+                log.warning("broker %s silent for %.1f s: reconnecting", self.endpoint, now - self.link.last_heard)
             out.reconnect = True
-            self.heard = now  # give the new socket a full liveness period
+            self.link.reconnected(now)  # a full liveness period (at least the back-off) for the new socket
             self.resend_due = True
+        limit = self.cfg.broker_timeout
+        if self.lost_since is not None and limit is not None and now - self.lost_since > limit:
+            self.fail_all(BrokerUnreachable(
+                f"broker {self.endpoint} unreachable for {now - self.lost_since:.1f} s "
+                f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
         out.send.append([P.MASTER, P.PING])
-        self.next_ping = now + self.interval
+        self.link.beaten(now)
         return out
 
     def _expire(self, now: float) -> list[Frames]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ndpipe import errors
@@ -11,7 +13,8 @@ from ndpipe.errors import ProtocolError
 pytestmark = pytest.mark.timeout(30)
 
 COMMANDS = [P.SUBMIT, P.CANCEL, P.PING, P.STATUS, P.BYE, P.PONG, P.RESULT, P.ERROR, P.STATUS_REPLY,
-            P.READY, P.WELCOME, P.TASK, P.W_RESULT, P.W_ERROR, P.HEARTBEAT, P.DRAIN, P.DISCONNECT, P.W_CANCEL]
+            P.READY, P.WELCOME, P.TASK, P.W_RESULT, P.W_ERROR, P.HEARTBEAT, P.DRAIN, P.DISCONNECT, P.W_CANCEL,
+            P.LANE, P.LANE_GONE]
 
 
 def test_command_bytes_are_distinct_single_octets() -> None:
@@ -55,3 +58,45 @@ def test_every_code_a_master_can_receive_has_its_exception() -> None:
         assert type(err) is not errors.TaskError and err.code == code and "m" in str(err)
     unknown = errors.error_from_code("FUTURE_CODE", "t1", {"message": "m"})
     assert type(unknown) is errors.TaskError and unknown.code == "FUTURE_CODE"
+
+
+def test_task_frames_and_parse_task_round_trip() -> None:
+    frames = P.task_frames(b"t1", b"svc", 2, 1500, P.FLAG_BATCH, [b"head", b"buf"])
+    task = P.parse_task(frames)
+    assert (task.tid, task.service, task.attempt, task.timeout_ms, task.flags, task.payload) == (
+        b"t1", "svc", 2, 1500, P.FLAG_BATCH, [b"head", b"buf"])
+
+
+def test_a_bad_submit_with_a_usable_task_id_names_it_and_one_without_does_not() -> None:
+    good = [P.MASTER, P.SUBMIT, b"svc", b"t1", P.OPTIONS.pack(0, 0, 0), b"payload"]
+    assert P.parse_submit(good, 4).tid == b"t1"
+    with pytest.raises(P.BadSubmit) as err:
+        P.parse_submit([*good[:4], b"short options", b"payload"], 4)
+    assert err.value.tid == b"t1"
+    with pytest.raises(P.BadSubmit, match="payload buffer frames"):
+        P.parse_submit([*good, b"1", b"2"], 1)
+    with pytest.raises(ProtocolError) as plain:
+        P.parse_submit([P.MASTER, P.SUBMIT, b"svc"], 4)
+    assert not isinstance(plain.value, P.BadSubmit)
+
+
+@pytest.mark.parametrize("info", [
+    {"services": ["a"], "lanes": 1, "credit": True},  # a bool is an int to Python
+    {"services": ["a"], "lanes": 0, "credit": 1},
+    {"services": ["a"], "lanes": P.MAX_LANES + 1, "credit": 1},
+    {"services": [], "lanes": 1, "credit": 1},
+    {"services": ["a", ""], "lanes": 1, "credit": 1},
+    {"services": ["a"], "lanes": 1, "credit": 1, "id": ""},
+    {"services": ["a"], "slots": 4},  # NDPW02's READY
+])
+def test_ready_info_is_checked(info: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        P.parse_ready(info)
+
+
+def test_lane_info_needs_a_key_of_16_octets_and_an_index() -> None:
+    assert P.parse_lane({"key": b"k" * 16, "lane": 3, "pid": 9}) == (b"k" * 16, 3, 9)
+    for bad in ({"key": b"k" * 15, "lane": 0, "pid": 1}, {"key": "k" * 16, "lane": 0, "pid": 1},
+                {"key": b"k" * 16, "lane": -1, "pid": 1}, {"key": b"k" * 16, "lane": 0}):
+        with pytest.raises(ProtocolError):
+            P.parse_lane(bad)

@@ -39,8 +39,9 @@ from ndpipe import __version__
 from ndpipe import protocol as P
 from ndpipe.config import WorkerConfig
 from ndpipe.errors import NdpipeError, ProtocolError
+from ndpipe.link import BrokerLink
 from ndpipe.runtime import StopSignal
-from ndpipe.transport import Throttle, configure, frame_bytes, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import Throttle, configure, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
 from ndpipe.worker.lane import LINK_LOST, RUNNING, LaneArgs, LaneSlot, SlotView, read_slot
 from ndpipe.worker.lane import main as lane_main
@@ -82,11 +83,8 @@ class WorkerDaemon:
         self.lanes: dict[int, LaneProc] = {}
         self.sock: zmq.Socket[Any] | None = None
         self.key: bytes | None = None  # from WELCOME: what the lanes present to join us
-        self.interval = P.HEARTBEAT_INTERVAL
-        self.liveness = P.LIVENESS
-        self.backoff = self.cfg.reconnect_min
-        self.broker_deadline = 0.0
-        self.next_beat = 0.0
+        self.link = BrokerLink(P.HEARTBEAT_INTERVAL, P.LIVENESS, time.monotonic(), self.cfg.reconnect_min,
+                               self.cfg.reconnect_max)
         self.draining = False
         self.quick_deaths = 0
         self.poller = zmq.Poller()
@@ -112,7 +110,7 @@ class WorkerDaemon:
         """Tell a lane to join the broker under our current registration."""
         if self.key is None or not lane.ready or self.draining:
             return
-        params = {"key": self.key, "heartbeat_interval": self.interval, "liveness": self.liveness}
+        params = {"key": self.key, "heartbeat_interval": self.link.interval, "liveness": self.link.liveness}
         try:
             lane.conn.send_bytes(P.L_JOIN + msgpack.packb(params, use_bin_type=True))
         except OSError:
@@ -205,8 +203,7 @@ class WorkerDaemon:
         self._send_broker([P.WORKER, P.READY, msgpack.packb(info)])
         if self.draining:  # a re-registration while stopping must not attract new work
             self._send_broker([P.WORKER, P.DRAIN])
-        self.broker_deadline = now + max(self.interval * self.liveness, self.backoff)
-        self.next_beat = now + self.interval
+        self.link.reconnected(now)
 
     def _send_broker(self, frames: list[Any]) -> None:
         if self.sock is None:
@@ -218,29 +215,27 @@ class WorkerDaemon:
 
     def _on_broker(self, frames: list[Any], now: float) -> None:
         command = P.check_header(frames, P.WORKER, 2)
-        self.broker_deadline = now + self.interval * self.liveness
-        self.backoff = self.cfg.reconnect_min
+        self.link.heard(now)
         if command == P.HEARTBEAT:
             pass
         elif command == P.WELCOME:
-            params = unpack_map(frame_bytes(frames[2])) if len(frames) > 2 else {}
+            params = unpack_map(P.control_frame(frames, P.WORKER))
             key = params.get("key")
             if not isinstance(key, bytes) or len(key) != P.KEY_BYTES:
                 raise ProtocolError(f"WELCOME without a key of {P.KEY_BYTES} octets")
             self.key = key
-            self.interval = float(params.get("heartbeat_interval", self.interval))
-            self.liveness = int(params.get("liveness", self.liveness))
-            self.next_beat = min(self.next_beat, now + self.interval)
+            self.link.adopt(float(params.get("heartbeat_interval", self.link.interval)),
+                            int(params.get("liveness", self.link.liveness)), now)
             log.info("registered with broker %s at %s as %s: %d lanes (heartbeat %.2f s × %d)",
-                     params.get("broker_id"), self.cfg.broker, self.name, self.nlanes, self.interval, self.liveness)
+                     params.get("broker_id"), self.cfg.broker, self.name, self.nlanes, self.link.interval,
+                     self.link.liveness)
             for lane in self.lanes.values():
                 self._join(lane)
         elif command == P.DISCONNECT:
             log.warning("broker does not know this worker: registering again")
             self._connect(now)
         elif command == P.W_CANCEL:
-            P.check_header(frames, P.WORKER, 3)
-            tid = P.task_id_of(frames[2])
+            tid = P.parse_task_ref(frames, P.WORKER)
             for lane, view in self._running():
                 if view.tid == tid:
                     self._kill(lane, "cancel")
@@ -248,14 +243,13 @@ class WorkerDaemon:
             raise ProtocolError(f"unexpected broker command {command!r} on a worker daemon's connection")
 
     def _heartbeat(self, now: float) -> None:
-        if now >= self.broker_deadline:
-            log.warning("broker silent for %.1f s: reconnecting (back-off %.1f s)",
-                        self.interval * self.liveness, self.backoff)
+        if self.link.silent(now):
+            log.warning("broker silent for %.1f s: reconnecting (back-off %.1f s)", now - self.link.last_heard,
+                        self.link.backoff)
             self._connect(now)
-            self.backoff = min(self.backoff * 2, self.cfg.reconnect_max)
             return
         self._send_broker([P.WORKER, P.HEARTBEAT, msgpack.packb(self._stats())])
-        self.next_beat = now + self.interval
+        self.link.beaten(now)
 
     def _usage(self, pid: int) -> tuple[float, int]:
         try:
@@ -287,8 +281,7 @@ class WorkerDaemon:
         self.poller.register(stop.fd, zmq.POLLIN)
         for index in range(self.nlanes):
             self._spawn(index)
-        self.next_beat = float("inf")  # register only once every lane said HELLO
-        drain_until = float("inf")
+        drain_until = float("inf")  # (registration waits until every lane said HELLO)
         while True:
             if stop.requested and not self.draining:
                 self.draining = True
@@ -304,7 +297,8 @@ class WorkerDaemon:
             now = time.monotonic()
             if self.draining and (not self.lanes or now >= drain_until):
                 break
-            wake = min(self.next_beat, drain_until, now + 1.0)
+            next_beat = self.link.next_beat if self.sock is not None else float("inf")
+            wake = min(next_beat, drain_until, now + 1.0)
             events = dict(self.poller.poll(int(max(0.0, wake - now) * 1000)))
             now = time.monotonic()
             if stop.fd in events:
@@ -313,7 +307,7 @@ class WorkerDaemon:
             if self.sock is None and all(lane.ready for lane in self.lanes.values()) and not self.draining:
                 self._connect(now)
             self._check_deadlines(now)
-            if now >= self.next_beat:
+            if self.sock is not None and self.link.beat_due(now):
                 self._heartbeat(now)
         self._send_broker([P.WORKER, P.DISCONNECT])
         log.info("stopped: %d lanes still busy handed back their tasks", len(self.lanes))

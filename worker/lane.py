@@ -185,7 +185,7 @@ class Lane:
                 if command == P.TASK:
                     self.queue.append(P.parse_task(frames))
                 elif command == P.W_CANCEL:
-                    tid = P.task_id_of(frames[2]) if len(frames) > 2 else b""
+                    tid = P.parse_task_ref(frames, P.WORKER)
                     self.queue = deque(t for t in self.queue if t.tid != tid)
                 elif command == P.DISCONNECT:
                     self._link_lost("the broker does not know this lane")
