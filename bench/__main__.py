@@ -2,9 +2,9 @@
 
 Every benchmark starts its own broker and workers; all but recovery measure ndpipe and raw-pyzmq
 baselines in the same run and print the ratios (docs/PERFORMANCE.md explains each table). ndpipe
-makes 3 hops each way (master → broker → worker daemon → compute process), the raw baseline 2
-(client → C zmq.proxy → echo process); w1 and w2w3 also measure a 3-hop baseline, with a C relay
-where ndpipe has its worker daemon.
+makes 2 hops each way (master → broker → lane), as the raw baseline does (client → C zmq.proxy →
+echo process); w1 and w2w3 also measure a 3-hop baseline with a C relay, where ndpipe had its
+worker daemon before lanes.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """The raw-pyzmq baselines the benchmarks divide ndpipe by: nothing but libzmq on the way.
 
-ndpipe makes 3 hops each way: master → broker → worker daemon → compute process (a task crosses 6
-process boundaries per round trip). The baselines make 2 or, with ``relay=True``, 3:
+ndpipe makes 2 hops each way: master → broker → lane (a task crosses 4 process boundaries per
+round trip; before lanes it made 3 hops, through the worker daemon). The baselines make 2 or, with
+``relay=True``, 3:
 
 * ``broker="proxy"`` (default): a DEALER client (this process) → a C ``zmq.proxy`` ROUTER/DEALER
   device (its own spawn process) → ``workers`` DEALER echo processes: 2 hops each way;
 * ``relay=True`` puts a C ``zmq.proxy`` DEALER/DEALER relay process between the broker and the echo
-  processes, where ndpipe has its worker daemon: 3 hops each way, as many as ndpipe (the relay
-  costs libzmq only; ndpipe's daemon is Python);
+  processes, where ndpipe had its worker daemon before lanes: 3 hops each way (the relay costs
+  libzmq only);
 * ``broker="python"`` replaces the proxy with a minimal pure-Python ROUTER/ROUTER broker (issue 3's
   floor for any broker in Python), with or without the relay.
 

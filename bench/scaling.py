@@ -17,8 +17,8 @@ so every task is submitted at once), which is what the raw path does too. ``--mo
 ``Master.map`` instead, with its default chunking (several calls per task when the installed ndpipe
 batches). The raw baseline (``ndpipe.bench._raw.RawBaseline``) does the same work with nothing but
 libzmq: a DEALER client (this process) → a C ``zmq.proxy`` ROUTER/DEALER device (its own process) →
-N DEALER worker processes that call the same function (:func:`raw_call`): 2 hops each way, one
-fewer than ndpipe's master → broker → worker daemon → compute process. All tasks are sent at
+N DEALER worker processes that call the same function (:func:`raw_call`): 2 hops each way, as
+ndpipe's master → broker → lane. All tasks are sent at
 once and the proxy's DEALER deals them round robin, an even split, which is the best schedule for
 equal tasks. Each ndpipe row is divided by the raw run of the same N and workload made just before
 it (``ratio``); speed-up and efficiency (speed-up ÷ N) are against N = 1 of the same system.
@@ -31,8 +31,8 @@ Where the speed-up stops, and why (printed after the table from the measured fig
   "pipeline CPU" column: with one task in flight per process every message travels alone, the
   expensive case on this VM, see docs/PERFORMANCE.md), several times what the raw path needs.
 * Sleep-bound work is not limited by cores. It stops where the pipeline itself saturates: each
-  compute process waits for a full round trip (result → daemon → broker → next TASK → daemon → compute
-  process) between two tasks, and the pipeline's CPU per task × tasks/s approaches what the cores
+  lane waits for a full round trip (result → broker → next TASK → lane) between two tasks (prefetch
+  0), and the pipeline's CPU per task × tasks/s approaches what the cores
   can give.
 
 "Pipeline CPU µs/task" is user+system CPU (psutil, before/after) of everything but the compute

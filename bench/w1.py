@@ -2,8 +2,8 @@
 
     python -m ndpipe.bench.w1            # or: python bench/w1.py   (--help for options)
 
-20,000 calls of ``b"x" * 64`` through 2 compute processes, at most 1,000 tasks in flight. ndpipe
-makes 3 hops each way: master → broker → worker daemon → compute process. It is measured per
+20,000 calls of ``b"x" * 64`` through 2 lanes, at most 1,000 tasks in flight. ndpipe makes 2
+hops each way: master → broker → lane (the worker daemon supervises, off the data path). It is measured per
 message (``Master.submit`` × N, one task per message, then wait for all) and through ``Master.map``
 (calls packed into batches, one message per batch, sized automatically), for each worker layout
 and prefetch. Each ndpipe row is divided by baselines (``bench/_raw.py``) that carry the same calls
@@ -11,9 +11,9 @@ packed the same way, measured just before it (timings on this machine drift by u
 minute to minute, a ratio taken seconds apart much less):
 
 * ``×raw``: DEALER client (this process) → C ``zmq.proxy`` ROUTER/DEALER (its own process) → 2
-  DEALER echo processes: 2 hops each way, one fewer than ndpipe;
-* ``×relay``: the same plus a C ``zmq.proxy`` DEALER/DEALER relay process where ndpipe has its
-  worker daemon: 3 hops each way, as many as ndpipe;
+  DEALER echo processes: 2 hops each way, as many as ndpipe;
+* ``×relay``: the same plus a C ``zmq.proxy`` DEALER/DEALER relay process where ndpipe had its
+  worker daemon before lanes: 3 hops each way (kept to compare with earlier tables);
 * ``submit`` rows also get ``×py`` / ``×py+r``: the proxy replaced by a minimal pure-Python
   ROUTER/ROUTER broker (round robin, no bookkeeping: the floor for any broker in Python, issue 3's
   target), without and with the relay;
@@ -50,7 +50,7 @@ from ndpipe.bench._raw import PAYLOAD, RawBaseline
 from ndpipe.bench._rawbatch import BATCH_ECHO, map_plan, run_batched
 
 LAYOUTS = {"2x1": (2, 1), "1x2": (1, 2)}  # worker daemons × compute processes each
-NDPIPE_HOPS = 3  # master → broker → worker daemon → compute process
+NDPIPE_HOPS = 2  # master → broker → lane
 RATIOS = {"raw": "×raw", "relay": "×relay", "py": "×py", "py+relay": "×py+r"}  # baseline key → column
 
 
@@ -138,7 +138,7 @@ def print_table(rows: list[Row]) -> None:
               f"{fmt_us(c['broker'])} {fmt_us(c['workers'])} {fmt_us(c['compute'])} {fmt_us(c['client'])} "
               f"{fmt_us(sum(c.values()))}")
     print("×raw, ×relay: ndpipe calls/s ÷ the raw baseline carrying the same calls per message (map rows: the "
-          "batched one) with 2 hops each way, resp. 3 like ndpipe; ×py, ×py+r: ÷ the Python broker, 2 resp. 3 hops")
+          "batched one) with 2 hops each way like ndpipe, resp. 3; ×py, ×py+r: ÷ the Python broker, 2 resp. 3 hops")
 
 
 def submit_rows(n: int, window: int, single: dict[str, RawBaseline], cluster: LocalCluster, master: Any,
@@ -207,7 +207,7 @@ def run(n: int, window: int, plan: list[tuple[str, int, tuple[str, ...]]], stop_
     modes = {m for _, _, ms in plan for m in ms}
     print(machine_line())
     print(f"W1: {n:,} identity calls of {len(PAYLOAD)} bytes, window {window} tasks, 2 compute processes; "
-          f"ndpipe: master → broker → worker daemon → compute process ({NDPIPE_HOPS} hops each way); "
+          f"ndpipe: master → broker → lane ({NDPIPE_HOPS} hops each way); "
           "each ndpipe row is divided by the baseline runs made just before it", flush=True)
     with ExitStack() as stack:
         single, batched = start_baselines(stack, modes, stop_and_wait)

@@ -5,11 +5,12 @@
 W1 measures what the pipeline costs per task when thousands are in flight; these two measure what a
 user waiting on one call sees. One ndpipe cluster serves both: a broker and 1 worker daemon × 2
 compute processes (``LocalCluster(workers=1, processes=2)``, service ``echo`` =
-``ndpipe.examples.handlers:echo``): master → broker → worker daemon → compute process, 3 hops each
-way. Two baselines (``bench/_raw.py``), nothing but libzmq, zero-copy from 64 KiB: **raw**, DEALER
-client → C ``zmq.proxy`` → 2 DEALER echo processes (2 hops each way, one fewer than ndpipe), and
-**raw + relay**, the same with a C ``zmq.proxy`` DEALER/DEALER relay process where ndpipe has its
-worker daemon (3 hops each way, like ndpipe). Ratios are printed against both.
+``ndpipe.examples.handlers:echo``): master → broker → lane, 2 hops each way (the worker daemon
+supervises its 2 lanes, off the data path). Two baselines (``bench/_raw.py``), nothing but libzmq,
+zero-copy from 64 KiB: **raw**, DEALER client → C ``zmq.proxy`` → 2 DEALER echo processes (2 hops
+each way, like ndpipe), and **raw + relay**, the same with a C ``zmq.proxy`` DEALER/DEALER relay
+process where ndpipe had its worker daemon before lanes (3 hops each way). Ratios are printed
+against both.
 
 * **W2** — an 8 MiB float64 array (``default_rng(0).standard_normal(1 << 20)``) echoed 50 times,
   one call at a time (``Master.call("echo", (arr,)).result()``; raw: one message, wait for the
@@ -54,7 +55,7 @@ from ndpipe.bench._raw import RawBaseline, same
 
 TINY = b"x" * 64
 MIB = 1 << 20
-NDPIPE_HOPS = 3  # master → broker → worker daemon → compute process
+NDPIPE_HOPS = 2  # master → broker → lane
 LABELS = {"raw": "raw", "relay": "raw + relay"}  # baseline key → row name (2 resp. 3 hops each way)
 # Heartbeats share the sockets with the payloads: behind hundreds of MiB queued on a link a PONG or a
 # worker heartbeat can be late, so allow 10 silent intervals instead of 3 (no task timeout is set).

@@ -208,6 +208,15 @@ MUTATIONS: tuple[Mutation, ...] = (
          f"{T_MSTATE}::test_silence_asks_for_a_new_socket_and_a_resend_at_the_next_pong",
          f"{CHAOS}[master_link_silent]")),
     Mutation(
+        "lone-call-hands-off", "A lone call pays no thread hand-off: the waiting thread reads its answer",
+        "a thread waiting in result() never runs the master's loop (the I/O thread always reads for it)",
+        "master/ioloop.py",
+        "        if not self.lock.acquire(timeout=DRIVE_WAIT):\n            return False\n        try:\n"
+        "            self.owner = threading.get_ident()\n            while not self.closing:\n",
+        "        if True:\n            return False\n        try:\n"
+        "            self.owner = threading.get_ident()\n            while not self.closing:\n",
+        ("tests/test_master_lone.py::test_a_lone_calls_answer_is_read_by_the_thread_waiting_for_it",)),
+    Mutation(
         "forgotten-master-keeps-queue", "Work of a master that died is dropped, not computed for nobody",
         "the broker forgets a master but keeps its queued tasks", STATE,
         "            for task in queue.drop_master(master):\n", "            for task in []:\n",

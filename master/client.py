@@ -61,6 +61,29 @@ def _nbytes(frames: list[Any]) -> int:
     return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
+class LoopFuture(Future[Any]):
+    """A Future whose waiter runs the master's loop itself while the loop is free, so a lone call's
+    answer is read by the thread that waits for it (no hand-off from the I/O thread)."""
+
+    def __init__(self, drive: Callable[[Future[Any], float | None], bool]) -> None:
+        super().__init__()
+        self._drive = drive
+
+    def _wait(self, timeout: float | None) -> float | None:
+        if self.done():
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._drive(self, deadline) and deadline is not None:
+            return max(0.0, deadline - time.monotonic())
+        return timeout
+
+    def result(self, timeout: float | None = None) -> Any:
+        return super().result(self._wait(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._wait(timeout))
+
+
 class Master:
     """Connect to a broker's frontend and submit tasks to its services.
 
@@ -117,8 +140,9 @@ class Master:
     ) -> Future[Any]:
         """Like :meth:`submit`, with per-task ``timeout`` (seconds) and ``max_attempts``.
 
-        Future callbacks run on the master's I/O thread: one may submit more work, but gets
-        NdpipeError instead of waiting when the window is full (waiting there would deadlock).
+        Future callbacks run in whichever thread runs the master's loop (its I/O thread, or a thread
+        waiting in ``result()``): one may submit more work, but gets NdpipeError instead of waiting
+        when the window is full, or for another result (waiting there would deadlock the loop).
         """
         timeout = self.timeout if timeout is None else timeout
         attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
@@ -134,11 +158,10 @@ class Master:
         """Check the frames, take a window slot, hand the task to the I/O thread."""
         self._check_frames(payload)
         options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, flags)
-        on_io_thread = threading.current_thread() is self._thread
-        if not self._slots.acquire(blocking=not on_io_thread):
+        if not self._slots.acquire(blocking=not self._in_loop()):
             raise NdpipeError(f"window of {self.window} tasks is full inside a Future callback (the master's "
                               "I/O thread cannot wait for itself); submit from another thread")
-        future: Future[Any] = Future()
+        future: Future[Any] = LoopFuture(self._drive)
         deadline = time.monotonic() + timeout if timeout else None
         tid = self._tid_prefix + next(self._tid_counter).to_bytes(8, "big")
         pending = Pending(tid, service.encode(), options, payload, future, deadline, batch)
@@ -337,9 +360,9 @@ class Master:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: services, queues, workers with their load, counters."""
-        if threading.current_thread() is self._thread:
-            raise NdpipeError("status() cannot wait inside a Future callback (the master's I/O thread)")
-        future: Future[dict[str, Any]] = Future()
+        if self._in_loop():
+            raise NdpipeError("status() cannot wait inside a Future callback (it runs the master's loop)")
+        future: Future[dict[str, Any]] = LoopFuture(self._drive)
         request = os.urandom(8)
         with self._lock:
             self._check_open()
@@ -362,8 +385,8 @@ class Master:
 
     def close(self) -> None:
         """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent and thread-safe."""
-        if threading.current_thread() is self._thread:
-            raise NdpipeError("Master.close() cannot run inside a Future callback (the I/O thread)")
+        if self._in_loop():
+            raise NdpipeError("Master.close() cannot run inside a Future callback (it runs the master's loop)")
         with self._lock:
             if self._closed:
                 return
@@ -381,8 +404,21 @@ class Master:
 
     # ---- user thread -> I/O thread --------------------------------------------------------------
     def _post(self, command: Command) -> None:
-        """Hand a command to the I/O thread (callers hold ``_lock`` and have checked it is open)."""
-        self._channel.post(command)
+        """Run a command in this thread if the loop is free, else hand it to the I/O thread (callers
+        hold ``_lock`` and have checked the master is open). Close always goes to the I/O thread."""
+        loop = self._loop
+        if loop is None or isinstance(command, Close) or not loop.run_posted(command):
+            self._channel.post(command)
+
+    def _drive(self, future: Future[Any], deadline: float | None) -> bool:
+        loop = self._loop
+        return loop is not None and not self._closed and loop.drive(future, deadline)
+
+    def _in_loop(self) -> bool:
+        """This thread runs the master's loop right now (the I/O thread, or a Future callback called
+        from a pass a user thread runs): it must not block on the loop."""
+        loop = self._loop
+        return threading.current_thread() is self._thread or (loop is not None and loop.owner == threading.get_ident())
 
     def _done(self, future: Future[Any], tid: bytes) -> None:
         self._slots.release()

@@ -1,16 +1,28 @@
-"""The master's I/O thread: one poll loop that alone owns the context and the DEALER socket.
+"""The master's I/O loop: the one place that touches the context and the DEALER socket.
 
-User threads reach it only through a :class:`Channel` of small command dataclasses and a wake-up
-pipe; what to do with each command, each broker message and the passing of time is decided by the
+User threads reach it through a :class:`Channel` of small command dataclasses and a wake-up pipe;
+what to do with each command, each broker message and the passing of time is decided by the
 socket-free :class:`~ndpipe.master.state.MasterState`. The loop carries it out: send the frames the
 state returns, open a new socket when it asks (the broker went silent), tell it when the socket
 monitor saw the link drop and come back.
+
+Who runs the loop: whoever holds :attr:`IOLoop.lock`. The I/O thread takes it for each pass and
+waits for the next event *without* it, on plain file descriptors (the sockets' ZMQ_FD and the wake
+pipe), never on the sockets themselves. So a user thread with one call to make finds the lock free
+and runs the pass itself: its SUBMIT leaves from its own thread (:meth:`IOLoop.run_posted`), and
+while it waits in ``result()`` it reads the answer itself (:meth:`IOLoop.drive`): a lone call pays
+no hand-off between threads. Under load the lock is busy and commands go through the channel as
+before. The mutex is the full memory barrier libzmq asks for when a socket changes threads; every
+holder reads the sockets until they have nothing left before it lets go (ZMQ_FD is edge-triggered:
+a message left unread would wake nobody).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -24,10 +36,12 @@ from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.master.state import Frames, MasterState, Pending, resolve
 from ndpipe.runtime import drain_pipe
-from ndpipe.transport import LinkWatch, Throttle, configure, recv_bounded, send_frames
+from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames
 
 log = logging.getLogger("ndpipe.master")
 READ_BATCH = 1024  # broker messages read per poll wake-up before the inbox and the clock get a turn
+USER_QUIET = 0.002  # seconds the I/O thread leaves socket events to a user thread that just ran a pass
+DRIVE_WAIT = 0.005  # seconds a waiting user thread waits for the loop before it waits for its future instead
 
 
 # ---- commands from user threads ----------------------------------------------------------------
@@ -89,6 +103,14 @@ class Channel:
             self._wake_pending = False  # interrupted before the write: the next post must write
             raise
 
+    def ring(self) -> None:
+        """Wake whoever waits on the pipe, whatever the flag says (the loop is closing, or a pass run by a
+        user thread made the I/O thread's sleep too long)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
     def woken(self) -> None:
         """I/O thread: empty the pipe; commands posted from now on write a new wake-up."""
         drain_pipe(self.wake_r)
@@ -131,6 +153,10 @@ class IOLoop:
             self.ctx.destroy(linger=0)
             raise
         self.closing = False
+        self.lock = threading.Lock()  # held by whichever thread runs the loop (see the module docstring)
+        self.owner = 0  # that thread's ident while it holds the lock
+        self.sleep_until = 0.0  # when the I/O thread's current wait ends at the latest
+        self.user_pass = 0.0  # when a user thread last ran a pass
         self.malformed = Throttle(log)
         self.dropped = Throttle(log)
 
@@ -140,27 +166,100 @@ class IOLoop:
         sock.connect(self.endpoint)
         return sock
 
+    # ---- who runs the loop ------------------------------------------------------------------------
     def run(self) -> None:
-        poller = zmq.Poller()
-        for fd in (self.channel.wake_r, self.sock, self.watch.monitor):
-            poller.register(fd, zmq.POLLIN)
-        while not self.closing:
-            timeout = max(0.0, self.state.next_wake() - time.monotonic())
-            events = dict(poller.poll(int(timeout * 1000)))
-            if self.channel.wake_r in events:
-                self.channel.woken()
-            self._commands()
-            if self.sock in events:
-                self._receive()
-            if self.watch.monitor in events and self.watch.came_back():
-                self._send_all(self.state.link_came_back(time.monotonic()))
-            tick = self.state.tick(time.monotonic())
-            if tick.reconnect:
-                self._replace_socket(poller)
-            self._send_all(tick.send)
-        self._send_all([[P.MASTER, P.BYE]])
-        self.sock.close(linger=200)
-        self.state.fail_all(NdpipeError("master closed before the task finished"))
+        """The I/O thread: a pass under the lock, then wait without it until the next event."""
+        while True:
+            with self.lock:
+                self.owner = threading.get_ident()
+                try:
+                    if self.closing:
+                        break
+                    self._pass()
+                    fds, until = self._fds(), self.state.next_wake()
+                    if time.monotonic() - self.user_pass < USER_QUIET:
+                        # A user thread runs the loop right now (it reads what its call brought): do
+                        # not wake up for every socket event it causes, only for the pipe, and look
+                        # again shortly (an answer nobody waits for in result() must still be read).
+                        fds, until = fds[:1], min(until, time.monotonic() + USER_QUIET)
+                    self.sleep_until = until
+                finally:
+                    self.owner = 0
+            self._wait(fds, until)
+        with self.lock:
+            self._send_all([[P.MASTER, P.BYE]])
+            self.sock.close(linger=200)
+            self.state.fail_all(NdpipeError("master closed before the task finished"))
+
+    def run_posted(self, command: Command) -> bool:
+        """A user thread: run ``command`` (and whatever the channel holds before it) here and now if
+        the loop is free; False if it is busy (post the command to the channel instead)."""
+        if not self.lock.acquire(timeout=DRIVE_WAIT):
+            return False
+        try:
+            self.owner = threading.get_ident()
+            self.channel.items.append(command)
+            self._foreign_pass()
+        finally:
+            self.owner = 0
+            self.lock.release()
+        return True
+
+    def drive(self, future: Future[Any], deadline: float | None) -> bool:
+        """A user thread waiting for ``future``: run the loop here until it is done (or ``deadline``).
+        False if the loop is busy elsewhere (then wait on the future as usual: the runner resolves it)."""
+        if self.owner == threading.get_ident():
+            raise NdpipeError("cannot wait for a result inside a Future callback (it runs the master's loop)")
+        # The I/O thread holds the lock only for a pass (often the one our own SUBMIT's socket event
+        # woke it for): worth waiting out. A user thread driving for its own future holds it longer.
+        if not self.lock.acquire(timeout=DRIVE_WAIT):
+            return False
+        try:
+            self.owner = threading.get_ident()
+            while not self.closing:
+                self._foreign_pass()
+                now = time.monotonic()
+                if future.done() or (deadline is not None and now >= deadline):
+                    break
+                until = self.state.next_wake() if deadline is None else min(deadline, self.state.next_wake())
+                self._wait(self._fds(), until)
+        finally:
+            self.owner = 0
+            self.lock.release()
+        return True
+
+    def _foreign_pass(self) -> None:
+        """A pass in a user thread. If it brought a deadline or a PING before the time the I/O thread
+        sleeps until, wake it (no socket event would wake it for that)."""
+        self._pass()
+        self.user_pass = time.monotonic()
+        if self.state.next_wake() < self.sleep_until:
+            self.channel.ring()
+
+    def _fds(self) -> list[int]:
+        return [self.channel.wake_r, int(self.sock.get(zmq.FD)), int(self.watch.monitor.get(zmq.FD))]
+
+    @staticmethod
+    def _wait(fds: list[int], until: float) -> None:
+        waiter = select.poll()
+        for fd in fds:
+            waiter.register(fd, select.POLLIN)
+        waiter.poll(max(0.0, until - time.monotonic()) * 1000)
+
+    def _pass(self) -> None:
+        """Commands, broker messages, the link monitor, time: everything due, until the sockets have
+        nothing left to read (sends may consume the edge a later wait would need)."""
+        self.channel.woken()
+        self._commands()
+        self._receive()
+        if readable(self.watch.monitor) and self.watch.came_back():
+            self._send_all(self.state.link_came_back(time.monotonic()))
+        tick = self.state.tick(time.monotonic())
+        if tick.reconnect:
+            self._replace_socket()
+        self._send_all(tick.send)
+        while readable(self.sock) and not self.closing:
+            self._receive()
 
     def close(self) -> None:
         self.watch.close()
@@ -180,9 +279,12 @@ class IOLoop:
                 self.state.status_withdrawn(command.request)
             else:
                 self.closing = True
+                self.channel.ring()  # the I/O thread must see it, even if a user thread runs this pass
 
     def _receive(self) -> None:
         for _ in range(READ_BATCH):
+            if not readable(self.sock):  # cheaper than the zmq.Again a recv would raise
+                return
             try:
                 frames = recv_bounded(self.sock, P.read_cap(self.cfg.max_frames), head=3)
                 self._send_all(self.state.on_message(frames, time.monotonic()))
@@ -193,16 +295,12 @@ class IOLoop:
             except Exception:  # a bug handling one message must not kill the I/O thread
                 log.exception("error while handling a message from the broker")
 
-    def _replace_socket(self, poller: zmq.Poller) -> None:
+    def _replace_socket(self) -> None:
         """The broker went silent: a half-open link would swallow everything, so start afresh."""
-        poller.unregister(self.sock)
-        poller.unregister(self.watch.monitor)
         self.watch.close()
         self.sock.close(linger=0)
         self.sock = self._new_socket()
         self.watch = LinkWatch(self.sock)
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.watch.monitor, zmq.POLLIN)
 
     def _send_all(self, messages: list[Frames]) -> None:
         for frames in messages:
