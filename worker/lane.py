@@ -134,9 +134,6 @@ class Lane:
         self._close_link()
         self.queue.clear()
         sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.args.max_frame_bytes)
-        interval_ms = int(float(params.get("heartbeat_interval", P.HEARTBEAT_INTERVAL)) * 1000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, max(100, interval_ms))  # libzmq pings: a dead link drops, GIL or not
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(100, interval_ms) * int(params.get("liveness", P.LIVENESS)))
         sock.connect(self.args.broker)
         self.sock, self.watch = sock, LinkWatch(sock)
         self.poller.register(sock, zmq.POLLIN)
