@@ -40,6 +40,7 @@ measured right after its own raw rows and divided by them: compare the ratios, n
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -49,9 +50,12 @@ from typing import Any
 
 import numpy as np
 import psutil
+import zmq
 
+from ndpipe import protocol as P
 from ndpipe.bench._cluster import LocalCluster, machine_line
 from ndpipe.bench._raw import RawBaseline, same
+from ndpipe.codec import decode, encode_call
 
 TINY = b"x" * 64
 MIB = 1 << 20
@@ -211,16 +215,42 @@ def ndpipe_map_latency(master: Any, n: int) -> list[float]:
     return out
 
 
-def w3(raws: dict[str, RawBaseline], master: Any, calls: int, warmup: int) -> list[LatencyRow]:
+def ndp_client_latency(endpoint: str, n: int) -> list[float]:
+    """A single-threaded client speaking NDP/1 itself (a DEALER: SUBMIT, wait for the RESULT) through
+    the same broker and lanes as the Master: what they cost without the Master's own work."""
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.ROUTING_ID, b"N" + os.urandom(15))
+    sock.connect(endpoint)
+    payload, options = encode_call([TINY], {}), P.OPTIONS.pack(0, 0, 0)
+    out: list[float] = []
+    try:
+        for _ in range(n):
+            tid = os.urandom(16)
+            t0 = time.perf_counter()
+            sock.send_multipart([P.MASTER, P.SUBMIT, b"echo", tid, options, *payload])
+            frames = sock.recv_multipart(copy=True)
+            out.append(time.perf_counter() - t0)
+            if frames[1] != P.RESULT or frames[2] != tid or decode(frames[3:]) != TINY:
+                raise AssertionError(f"the NDP/1 client got {frames[:3]!r:.80}")
+    finally:
+        sock.close()
+    return out
+
+
+def w3(raws: dict[str, RawBaseline], master: Any, calls: int, warmup: int, endpoint: str) -> list[LatencyRow]:
     print(f"W3: {calls:,} sequential echo calls of {len(TINY)} bytes, after {warmup} warm-up calls on each path",
           flush=True)
     ndpipe_submit_latency(master, warmup)
     ndpipe_map_latency(master, warmup)
+    ndp_client_latency(endpoint, warmup)
     for raw in raws.values():
         raw.roundtrips(warmup, TINY)  # (raw last: its first row follows it)
     plan: list[tuple[str, Callable[[int], list[float]]]] = [
         ("ndpipe submit().result()", lambda k: ndpipe_submit_latency(master, k)),
         ("ndpipe list(map(…, [x])) per call", lambda k: ndpipe_map_latency(master, k)),
+        ("raw NDP/1 client → ndpipe broker", lambda k: ndp_client_latency(endpoint, k)),
     ]
     rows: list[LatencyRow] = []
     for name, fn in plan:
@@ -250,9 +280,9 @@ def print_w3(rows: list[LatencyRow]) -> None:
 # ---- main ---------------------------------------------------------------------------------------
 def run(big_calls: int, tiny_calls: int, warmup: int, windows: list[int], only: str | None) -> None:
     print(machine_line())
-    print(f"ndpipe: 1 worker daemon × 2 compute processes, prefetch 0: master → broker → worker daemon → "
-          f"compute process ({NDPIPE_HOPS} hops each way); each ndpipe row is measured right after the raw rows "
-          "above it", flush=True)
+    print(f"ndpipe: 1 worker daemon × 2 lanes, prefetch 0: master → broker → lane ({NDPIPE_HOPS} hops each way); "
+          "each ndpipe row is measured right after the raw rows above it; the raw NDP/1 client row is a "
+          "single-threaded DEALER speaking the protocol itself through the same broker and lanes", flush=True)
     w2_rows: list[BandwidthRow] = []
     w3_rows: list[LatencyRow] = []
     with RawBaseline(workers=2) as raw, RawBaseline(workers=2, relay=True) as relay, \
@@ -266,7 +296,7 @@ def run(big_calls: int, tiny_calls: int, warmup: int, windows: list[int], only: 
             if only in (None, "w2"):
                 w2_rows = w2(raws, cluster, master, big_calls, windows)
             if only in (None, "w3"):
-                w3_rows = w3(raws, master, tiny_calls, warmup)
+                w3_rows = w3(raws, master, tiny_calls, warmup, cluster.frontend)
             c = master.status()["counters"]
             if c.get("failed") or c.get("requeued"):
                 print(f"  note: broker counters {c}")
