@@ -83,6 +83,16 @@ def tmp_short() -> Iterator[Path]:
 
 
 @pytest.fixture
+def cluster(make_cluster):  # type: ignore[no-untyped-def]
+    """A broker (STEADY heartbeats) and one worker of 2 lanes; modules that need another layout
+    define their own ``cluster``."""
+    c = make_cluster(broker=STEADY)
+    c.start_broker()
+    c.start_worker(processes=2)
+    return c
+
+
+@pytest.fixture
 def make_cluster(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
 

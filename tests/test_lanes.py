@@ -15,7 +15,7 @@ import pytest
 
 from ndpipe.chaos.harness import process_gone
 from ndpipe.errors import TaskTimeout
-from tests.conftest import STEADY, wait_until
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.timeout(90)
 def lanes_of(status: dict[str, Any]) -> dict[str, int]:
     """address -> pid of every registered lane."""
     return {lane["address"]: lane["pid"] for w in status["workers"] for lane in w["lanes"]}
-
-
-@pytest.fixture
-def cluster(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=STEADY)
-    c.start_broker()
-    c.start_worker(processes=2)
-    return c
 
 
 def test_a_handler_holding_the_gil_is_stopped_by_its_lanes_own_timer(cluster) -> None:  # type: ignore[no-untyped-def]

@@ -11,17 +11,8 @@ from typing import Any
 import pytest
 
 from ndpipe.errors import NdpipeError
-from tests.conftest import STEADY
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def cluster(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=STEADY)
-    c.start_broker()
-    c.start_worker(processes=2)
-    return c
 
 
 def test_a_lone_calls_answer_is_read_by_the_thread_waiting_for_it(cluster) -> None:  # type: ignore[no-untyped-def]

@@ -13,14 +13,6 @@ from tests.conftest import STEADY
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def cluster(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=STEADY)
-    c.start_broker()
-    c.start_worker(processes=2)
-    return c
-
-
 def test_submit_map_scatter_round_trip_values(cluster) -> None:  # type: ignore[no-untyped-def]
     # Given a broker and one worker with two compute processes
     with cluster.master() as m:
