@@ -96,7 +96,7 @@ ENVELOPE_FRAMES: Final = 8  # frames around a payload (routing id, header, comma
 
 def read_cap(max_frames: int) -> int:
     """Frames a receiver reads of one message before it drops the rest: the payload limit plus the
-    envelope (PROTOCOL.md §9: `max_frames + 8`, counting the routing id)."""
+    envelope (PROTOCOL.md §2.3 and §11: `max_frames + 8`, counting the routing id)."""
     return max_frames + ENVELOPE_FRAMES
 
 # --- worker daemon <-> its lanes (internal, one host: a pipe each, inherited, and a shared slot) ---

@@ -36,10 +36,7 @@ class StopSignal:
         self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wfd, b"\0")
-        except BlockingIOError:
-            pass
+        ring_pipe(self._wfd)
 
     def clear(self) -> None:
         """Drain the self-pipe after a wake-up."""
@@ -100,6 +97,14 @@ def trim_heap() -> None:
             _LIBC = ctypes.CDLL(None)
         _LIBC.malloc_trim(0)
     except (OSError, AttributeError):
+        pass
+
+
+def ring_pipe(fd: int) -> None:
+    """Write one wake-up byte to a non-blocking pipe; a full pipe already holds wake-ups enough."""
+    try:
+        os.write(fd, b"\0")
+    except BlockingIOError:
         pass
 
 

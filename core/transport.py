@@ -108,7 +108,7 @@ def frame_bytes(frame: Any) -> bytes:
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
 
-def unpack_map(raw: bytes, limit: int = 64 * 1024) -> dict[str, Any]:
+def unpack_map(raw: bytes, limit: int = P.CONTROL_MAX) -> dict[str, Any]:
     """Decode a small control map (READY info, stats, error details) with explicit msgpack limits.
 
     Raises ProtocolError for anything that is not a msgpack map within ``limit`` bytes.

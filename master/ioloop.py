@@ -35,7 +35,7 @@ from ndpipe import protocol as P
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.master.state import Frames, MasterState, Pending, resolve
-from ndpipe.runtime import drain_pipe
+from ndpipe.runtime import drain_pipe, ring_pipe
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames
 
 log = logging.getLogger("ndpipe.master")
@@ -96,9 +96,7 @@ class Channel:
             return
         self._wake_pending = True
         try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+            ring_pipe(self._wake_w)
         except BaseException:
             self._wake_pending = False  # interrupted before the write: the next post must write
             raise
@@ -106,10 +104,7 @@ class Channel:
     def ring(self) -> None:
         """Wake whoever waits on the pipe, whatever the flag says (the loop is closing, or a pass run by a
         user thread made the I/O thread's sleep too long)."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass
+        ring_pipe(self._wake_w)
 
     def woken(self) -> None:
         """I/O thread: empty the pipe; commands posted from now on write a new wake-up."""

@@ -143,7 +143,7 @@ class WorkerDaemon:
             why = "signal 9: killed (kill -9, or the kernel's OOM killer)"
         elif code == -signal.SIGALRM:
             lane.killed = lane.killed or "timeout"
-        if view.state == RUNNING and not lane.killed.startswith("cancel"):
+        if view.state == RUNNING and lane.killed != "cancel":
             if lane.killed == "timeout":
                 log.warning("lane %d (pid %s) stopped at the deadline of task %s (%.3g s)", lane.index, pid,
                             view.tid.hex(), view.timeout)
