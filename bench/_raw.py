@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ndpipe.bench._cluster import stop_process
+from ndpipe.bench._common import stop_process
 from ndpipe.transport import ZERO_COPY_MIN
 
 RAW_HWM = 1_000_000
@@ -428,7 +428,7 @@ class RawBaseline:
 
     def pids(self) -> dict[str, list[int]]:
         """{"broker": [proxy pid], "workers": [relay pid], "compute": [echo pids]}, the roles of
-        LocalCluster.pids() (the relay stands where ndpipe's worker daemon does)."""
+        Cluster.pids() (the relay stands where ndpipe's worker daemon does)."""
         proxy = [self.proxy.pid] if self.proxy is not None and self.proxy.pid is not None else []
         relay = [self.relay_proc.pid] if self.relay_proc is not None and self.relay_proc.pid is not None else []
         return {"broker": proxy, "workers": relay, "compute": [p.pid for p in self.echoes if p.pid is not None]}

@@ -6,7 +6,7 @@ The broker is one Python process that every task crosses twice (SUBMIT → TASK,
 and that holds every queued task and every worker's liveness. Three figures bound what one broker
 can carry:
 
-(a) CPU per task. 20,000 tiny echo tasks (64 bytes), pipelined (window 1,000) through a LocalCluster
+(a) CPU per task. 20,000 tiny echo tasks (64 bytes), pipelined (window 1,000) through a Cluster
     of 1 daemon × 2 compute processes, prefetch 16. The broker's user+system CPU (psutil,
     before/after) divided by the tasks, next to the CPU of a C ``zmq.proxy`` device carrying the
     same 4 messages per task (request in and out, reply in and out) to 2 raw echo processes, measured
@@ -60,9 +60,10 @@ import psutil
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.bench._cluster import LocalCluster, cpu_seconds, machine_line, stop_process
+from ndpipe.bench._common import bench_cluster, cpu_seconds, machine_line, stop_process
 from ndpipe.bench._raw import RawBaseline
 from ndpipe.bench.scaling import busy_seconds, timed
+from ndpipe.cluster import Cluster
 
 PAYLOAD = b"x" * 64
 PARKED = "parked"  # (b): a service no worker offers, so every SUBMIT stays queued
@@ -103,7 +104,7 @@ def part_a(n: int, raw_n: int, window: int, prefetch: int) -> list[CpuRow]:
           f"processes, prefetch {prefetch}, window {window}); raw zmq.proxy + 2 echo processes, {raw_n:,} tasks\n",
           flush=True)
     rows: list[CpuRow] = []
-    with RawBaseline(2) as raw, LocalCluster(workers=1, processes=2, prefetch=prefetch) as cluster, \
+    with RawBaseline(2) as raw, bench_cluster(1, 2, prefetch) as cluster, \
             cluster.master(window=window) as master:
         raw.run(min(raw_n, 2000), window, PAYLOAD)  # warm-up; echo replies are checked
         ndpipe_echo(master, min(n, 1000))
@@ -255,9 +256,9 @@ def rss(pid: int) -> int:
 
 def queue_memory(n: int, chunk: int = 4096) -> MemRow:
     payload = call_payload(len(PAYLOAD))
-    with LocalCluster(workers=0, broker={"max_queued": max(MAX_QUEUED, n + 1)}) as cluster:
-        assert cluster.broker_proc is not None and cluster.broker_proc.pid is not None
-        pid = cluster.broker_proc.pid
+    with bench_cluster(0, broker={"max_queued": max(MAX_QUEUED, n + 1)}) as cluster:
+        assert cluster.broker is not None
+        pid = cluster.broker.pid
         rm = RawMaster(cluster.frontend)
         try:
             rm.status(30)  # the broker knows this master; STATUS machinery warmed up
@@ -411,14 +412,14 @@ class IdleRow:
         return self.broker_s / self.wall
 
 
-def workers_in_status(cluster: LocalCluster) -> int:
+def workers_in_status(cluster: Cluster) -> int:
     """Registered worker daemons whose lanes have all joined."""
     with cluster.master() as m:
         workers = m.status(timeout=30)["workers"]
     return sum(1 for w in workers if len(w["lanes"]) == w["info"].get("lanes", 0))
 
 
-def wait_workers(cluster: LocalCluster, count: int, sims: list[Any], timeout: float = 120.0) -> int:
+def wait_workers(cluster: Cluster, count: int, sims: list[Any], timeout: float = 120.0) -> int:
     deadline = time.monotonic() + timeout
     while True:
         got = workers_in_status(cluster)
@@ -452,13 +453,13 @@ def part_c(workers: int, procs: int, seconds: float, idle_seconds: float, lanes:
     ctx = mp.get_context("spawn")
     counters = ctx.Array("q", N_COUNTERS * procs, lock=False)
     rows: list[IdleRow] = []
-    with LocalCluster(workers=0) as cluster:
-        assert cluster.broker_proc is not None and cluster.broker_proc.pid is not None and cluster.bcfg is not None
-        bpid = cluster.broker_proc.pid
+    with bench_cluster(0) as cluster:
+        assert cluster.broker is not None
+        bpid = cluster.broker.pid
         wall, b, _s, other = measure_cpu(bpid, [], idle_seconds)
         rows.append(IdleRow("no worker", 0, wall, b, 0.0, other))
         shares = [workers // procs + (1 if i < workers % procs else 0) for i in range(procs)]
-        sims = [ctx.Process(target=_idle_workers, args=(cluster.bcfg.backend, k, counters, i, lanes),
+        sims = [ctx.Process(target=_idle_workers, args=(cluster.backend, k, counters, i, lanes),
                             name=f"idle-workers-{i}") for i, k in enumerate(shares)]
         try:
             for p in sims:

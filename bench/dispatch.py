@@ -16,7 +16,7 @@ import argparse
 import time
 from collections.abc import Iterator
 
-from ndpipe.bench._cluster import machine_line
+from ndpipe.bench._common import machine_line
 from ndpipe.broker.state import INFLIGHT, BrokerState, LaneRecord, Task
 
 LANES = 4

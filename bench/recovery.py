@@ -29,7 +29,8 @@ from typing import Any
 
 import psutil
 
-from ndpipe.bench._cluster import LocalCluster, machine_line, stop_process
+from ndpipe.bench._common import bench_cluster, machine_line
+from ndpipe.cluster import Cluster
 
 SLEEP = 2.0  # seconds the task runs; the kill comes right after it starts
 
@@ -46,13 +47,13 @@ def wait_marker(marker_dir: str, timeout: float = 30.0) -> tuple[int, float]:
     raise TimeoutError(f"the task did not start within {timeout} s")
 
 
-def new_marker_dir(cluster: LocalCluster, label: str) -> str:
-    path = os.path.join(cluster.tmp, label)
+def new_marker_dir(cluster: Cluster, label: str) -> str:
+    path = os.path.join(cluster.root, label)
     os.makedirs(path)
     return path
 
 
-def wait_pool_whole(cluster: LocalCluster, master: Any, processes: int, timeout: float = 60.0) -> None:
+def wait_pool_whole(cluster: Cluster, master: Any, processes: int, timeout: float = 60.0) -> None:
     """Block until ``processes`` distinct compute processes take tasks at once (the killed one replaced)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,7 +65,7 @@ def wait_pool_whole(cluster: LocalCluster, master: Any, processes: int, timeout:
     raise TimeoutError(f"{processes} compute processes not ready within {timeout} s")
 
 
-def kill_compute(cluster: LocalCluster, master: Any, rep: int) -> dict[str, Any]:
+def kill_compute(cluster: Cluster, master: Any, rep: int) -> dict[str, Any]:
     marker_dir = new_marker_dir(cluster, f"a{rep}")
     future = master.submit("stamped_sleep", SLEEP, marker_dir)
     victim, first_start = wait_marker(marker_dir)
@@ -77,13 +78,13 @@ def kill_compute(cluster: LocalCluster, master: Any, rep: int) -> dict[str, Any]
             "kill_after_start": killed_at - first_start}
 
 
-def kill_daemon(cluster: LocalCluster, master: Any, rep: int) -> dict[str, Any]:
+def kill_daemon(cluster: Cluster, master: Any, rep: int) -> dict[str, Any]:
     marker_dir = new_marker_dir(cluster, f"b{rep}")
     future = master.submit("stamped_sleep", SLEEP, marker_dir)
     compute_pid, first_start = wait_marker(marker_dir)
     compute = psutil.Process(compute_pid)
     daemon_pid = compute.ppid()
-    daemon = next(p for p in cluster.worker_procs if p.pid == daemon_pid)
+    daemon = next(p for p in cluster.workers if p.pid == daemon_pid)
     killed_at = time.monotonic()
     os.kill(daemon_pid, signal.SIGKILL)
     orphan = False
@@ -95,8 +96,8 @@ def kill_daemon(cluster: LocalCluster, master: Any, rep: int) -> dict[str, Any]:
     except psutil.Error:
         pass
     result = future.result(timeout=60)
-    stop_process(daemon)  # reap it
-    cluster.worker_procs.remove(daemon)
+    daemon.wait(10)  # reap it
+    cluster.workers.remove(daemon)
     if result["ppid"] == daemon_pid:
         raise AssertionError("the task's result came from the killed daemon")
     return {"restart": result["start"] - killed_at, "victim": daemon_pid, "rerun_pid": result["pid"],
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     compute_runs: list[dict[str, Any]] = []
     daemon_runs: list[dict[str, Any]] = []
     if "compute" in cases:
-        with LocalCluster(workers=1, processes=2) as cluster, cluster.master() as master:
+        with bench_cluster(1, 2) as cluster, cluster.master() as master:
             st = master.status()
             print(f"heartbeat interval {st['heartbeat_interval']} s × liveness {st['liveness']} (defaults)\n")
             for rep in range(args.repeat):
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{run['kill_after_start'] * 1000:.0f} ms into the task; restarted on pid {run['rerun_pid']} "
                       f"{run['restart'] * 1000:.1f} ms after the kill", flush=True)
     if "daemon" in cases:
-        with LocalCluster(workers=2, processes=1) as cluster, cluster.master() as master:
+        with bench_cluster(2, 1) as cluster, cluster.master() as master:
             for rep in range(args.repeat):
                 if rep:
-                    cluster.add_worker(wait=True)  # back to two daemons
+                    cluster.start_worker(wait=True)  # back to two daemons
                 run = kill_daemon(cluster, master, rep)
                 daemon_runs.append(run)
                 orphan = "; ITS COMPUTE PROCESS OUTLIVED IT" if run["orphan_compute"] else ""

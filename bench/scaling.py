@@ -56,7 +56,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from ndpipe.bench._cluster import SERVICES, LocalCluster, cpu_seconds, machine_line
+from ndpipe.bench._common import SERVICES, bench_cluster, cpu_seconds, machine_line
 from ndpipe.bench._raw import RawBaseline, resolve_handler
 
 SLEEP_S = 0.01
@@ -209,7 +209,7 @@ def run_n(procs: int, workloads: list[Workload], repeat_: int = 1, mode: str = "
     window = max(1000, max(w.tasks for w in workloads))
     services = {w.service: SERVICES[w.service] for w in workloads}
     with RawBaseline(procs, handler=RAW_CALL) as raw, \
-            LocalCluster(workers=1, processes=procs, prefetch=0, services=services) as cluster, \
+            bench_cluster(1, procs, services=services) as cluster, \
             cluster.master(window=window) as master:
         for wl in workloads:  # warm-up: imports, caches, connections; every process takes a task
             raw.run(4 * procs, 4 * procs, raw_body(wl.service, 0 if wl.name == "cpu" else 0.0))

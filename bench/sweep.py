@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ndpipe.bench._cluster import LocalCluster, machine_line
+from ndpipe.bench._common import bench_cluster, machine_line
 from ndpipe.bench._raw import RawBaseline, same
 
 SIZES = ["64", "1K", "16K", "64K", "256K", "1M", "8M", "64M"]
@@ -194,8 +194,8 @@ def run(sizes: list[int], seconds: float, window: int, min_seq: int) -> list[Poi
           f"pipelined window {window}; ndpipe 1 daemon × 2 compute processes, raw zmq.proxy + 2 echo processes\n",
           flush=True)
     points: list[Point] = []
-    with RawBaseline(workers=2) as raw, LocalCluster(workers=1, processes=2, broker=CLUSTER_CONFIG["broker"],
-                                                         master=CLUSTER_CONFIG["master"]) as cluster:
+    with RawBaseline(workers=2) as raw, bench_cluster(1, 2, broker=CLUSTER_CONFIG["broker"],
+                                                          master=CLUSTER_CONFIG["master"]) as cluster:
         with cluster.master(window=window) as master:
             for size in sizes:
                 points += sweep_size(raw, master, size, seconds, window, min_seq)

@@ -45,9 +45,10 @@ from typing import Any
 
 import psutil
 
-from ndpipe.bench._cluster import LocalCluster, cpu_seconds, machine_line
+from ndpipe.bench._common import bench_cluster, cpu_seconds, machine_line
 from ndpipe.bench._raw import PAYLOAD, RawBaseline
 from ndpipe.bench._rawbatch import BATCH_ECHO, map_plan, run_batched
+from ndpipe.cluster import Cluster
 
 LAYOUTS = {"2x1": (2, 1), "1x2": (1, 2)}  # worker daemons × compute processes each
 NDPIPE_HOPS = 2  # master → broker → lane
@@ -141,7 +142,7 @@ def print_table(rows: list[Row]) -> None:
           "batched one) with 2 hops each way like ndpipe, resp. 3; ×py, ×py+r: ÷ the Python broker, 2 resp. 3 hops")
 
 
-def submit_rows(n: int, window: int, single: dict[str, RawBaseline], cluster: LocalCluster, master: Any,
+def submit_rows(n: int, window: int, single: dict[str, RawBaseline], cluster: Cluster, master: Any,
                 name: str) -> list[Row]:
     """The per-message baselines, then ndpipe submit divided by each."""
     bases = {key: measure(f"{label(b)}, window {window}", b.hops, 1, n, b.pids(),
@@ -153,7 +154,7 @@ def submit_rows(n: int, window: int, single: dict[str, RawBaseline], cluster: Lo
     return [*bases.values(), row]
 
 
-def map_rows(n: int, window: int, batched: dict[str, RawBaseline], cluster: LocalCluster, master: Any,
+def map_rows(n: int, window: int, batched: dict[str, RawBaseline], cluster: Cluster, master: Any,
              name: str, times: int) -> list[Row]:
     """The batched baselines (map's batch size and batches in flight), then ndpipe map divided by each."""
     size, in_flight = map_plan(n, cluster.registered_slots("echo", master), window)
@@ -222,7 +223,7 @@ def run(n: int, window: int, plan: list[tuple[str, int, tuple[str, ...]]], stop_
             print(f"  {rows[-1].name}: {rows[-1].rate:,.0f} calls/s", flush=True)
         for layout, prefetch, plan_modes in plan:
             workers, processes = LAYOUTS[layout]
-            with LocalCluster(workers=workers, processes=processes, prefetch=prefetch) as cluster, \
+            with bench_cluster(workers, processes, prefetch) as cluster, \
                     cluster.master(window=window) as master:
                 ndpipe_submit(master, min(n, 2000))  # warm-up: imports, caches, connections
                 ndpipe_map(master, min(n, 2000))

@@ -4,7 +4,7 @@
 
 W1 measures what the pipeline costs per task when thousands are in flight; these two measure what a
 user waiting on one call sees. One ndpipe cluster serves both: a broker and 1 worker daemon × 2
-compute processes (``LocalCluster(workers=1, processes=2)``, service ``echo`` =
+compute processes (``bench_cluster(1, 2)``, service ``echo`` =
 ``ndpipe.examples.handlers:echo``): master → broker → lane, 2 hops each way (the worker daemon
 supervises its 2 lanes, off the data path). Two baselines (``bench/_raw.py``), nothing but libzmq,
 zero-copy from 64 KiB: **raw**, DEALER client → C ``zmq.proxy`` → 2 DEALER echo processes (2 hops
@@ -53,8 +53,9 @@ import psutil
 import zmq
 
 from ndpipe import protocol as P
-from ndpipe.bench._cluster import LocalCluster, machine_line
+from ndpipe.bench._common import bench_cluster, machine_line
 from ndpipe.bench._raw import RawBaseline, same
+from ndpipe.cluster import Cluster
 from ndpipe.codec import decode, encode_call
 
 TINY = b"x" * 64
@@ -126,7 +127,7 @@ def raw_sequential(raw: RawBaseline, arr: np.ndarray, n: int) -> float:
     return float(sum(raw.roundtrips(n, arr)))
 
 
-def w2(raws: dict[str, RawBaseline], cluster: LocalCluster, master: Any, calls: int,
+def w2(raws: dict[str, RawBaseline], cluster: Cluster, master: Any, calls: int,
        windows: list[int]) -> list[BandwidthRow]:
     arr = big_array()
     per_call = 2 * arr.nbytes
@@ -286,8 +287,8 @@ def run(big_calls: int, tiny_calls: int, warmup: int, windows: list[int], only: 
     w2_rows: list[BandwidthRow] = []
     w3_rows: list[LatencyRow] = []
     with RawBaseline(workers=2) as raw, RawBaseline(workers=2, relay=True) as relay, \
-            LocalCluster(workers=1, processes=2, broker=CLUSTER_CONFIG["broker"],
-                         master=CLUSTER_CONFIG["master"]) as cluster:
+            bench_cluster(1, 2, broker=CLUSTER_CONFIG["broker"],
+                          master=CLUSTER_CONFIG["master"]) as cluster:
         raws = {"raw": raw, "relay": relay}
         for key, r in raws.items():
             print(f"  {LABELS[key]:<11} {r.path}")

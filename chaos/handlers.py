@@ -16,6 +16,12 @@ from typing import IO, Any
 
 import numpy as np
 
+# The services of a chaos cluster (``Cluster(SERVICES, ...)``); scenarios that need more add their own.
+SERVICES: dict[str, Any] = {
+    "work": "ndpipe.chaos.handlers:work",
+    "hang": "ndpipe.chaos.handlers:hang",
+    "hog": "ndpipe.chaos.handlers:hog",
+}
 _logs: dict[str, IO[str]] = {}
 
 

@@ -25,9 +25,10 @@ from functools import partial
 from typing import Any
 
 from ndpipe.chaos.checker import History, Report, read_starts
-from ndpipe.chaos.harness import ChaosCluster, wait_for
+from ndpipe.chaos.handlers import SERVICES
 from ndpipe.chaos.linkproxy import LinkProxy
 from ndpipe.chaos.scenarios import FAST, SIZE, Params, finish, submit_in_background
+from ndpipe.cluster import Cluster, wait_for
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError
 from ndpipe.master import Master
@@ -67,7 +68,7 @@ def master_frozen(p: Params) -> Report:
                     f"{hb['heartbeat_interval']} s × {hb['liveness']}), then SIGCONT; its link stays up, and its own "
                     "liveness (50 intervals) keeps it from opening a new socket: only the new session can resend",
                     recovery={"frozen until forgotten s": []})
-    with ChaosCluster(broker=hb) as c:
+    with Cluster(SERVICES, broker=hb) as c:
         c.start_broker()
         c.start_worker(2)
         with c.master() as watcher:
@@ -122,7 +123,7 @@ def _link_job(p: Params, name: str, injected: str, broker: dict[str, Any], maste
     tasks, seconds = p.n(4_000, 1_200), 0.01
     report = Report(name, f"{injected}; {tasks:,} tasks of {seconds * 1000:.0f} ms on 2 daemons × 2 processes",
                     recovery={"answers again after the fault s": []})
-    with ChaosCluster(broker=broker) as c:
+    with Cluster(SERVICES, broker=broker) as c:
         c.start_broker()
         c.start_worker(2)
         c.start_worker(2)

@@ -3,7 +3,7 @@
 Same shape as :mod:`ndpipe.chaos.scenarios`: each scenario starts its own cluster, runs a job
 through a real ``Master`` while injecting its fault, and returns the checker's :class:`Report`.
 Extra processes (the doomed master, the garbage senders) are started here with ``-c`` and added
-to the cluster's process list, so :meth:`ChaosCluster.close` stops them by pid if a run fails.
+to the cluster's process list, so :meth:`Cluster.close` stops them by pid if a run fails.
 ``short`` is the CI-sized variant. Every loop is bounded in count and in time.
 """
 
@@ -27,8 +27,9 @@ import zmq
 
 from ndpipe import protocol as P
 from ndpipe.chaos.checker import History, Report, read_starts
-from ndpipe.chaos.harness import ChaosCluster, wait_for
+from ndpipe.chaos.handlers import SERVICES
 from ndpipe.chaos.scenarios import FAST, SIZE, Params, finish, slack, submit_in_background
+from ndpipe.cluster import Cluster, wait_for
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError
 from ndpipe.master import Master
@@ -39,7 +40,7 @@ RSS_LIMIT = 64 * MB
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-def _spawn(c: ChaosCluster, name: str, code: str, *args: str) -> subprocess.Popen[bytes]:
+def _spawn(c: Cluster, name: str, code: str, *args: str) -> subprocess.Popen[bytes]:
     """Run ``python -c code args...`` as a process the cluster stops (by pid) when it closes."""
     log = open(c.root / f"{name}-{len(c.procs)}.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT,
@@ -133,7 +134,7 @@ def master_dies(p: Params) -> Report:
                     recovery={"forgotten after s": []}, bounds={"forgotten after s": bound + slack(p)},
                     planned=follow)
     t_start = time.monotonic()
-    with ChaosCluster(broker=hb) as c:
+    with Cluster(SERVICES, broker=hb) as c:
         c.start_broker()
         c.start_worker(2)
         with c.master() as watcher:
@@ -186,7 +187,7 @@ def overload(p: Params) -> Report:
                     expected_errors={"QueueFull": None}, planned=tasks + limit + extra)
     hb = FAST if p.short else DEFAULT_HB
     later = {"later": "ndpipe.chaos.handlers:work"}
-    with ChaosCluster(broker={**hb, "max_queued": limit}, master={"window": tasks}) as c:
+    with Cluster(SERVICES, broker={**hb, "max_queued": limit}, master={"window": tasks}) as c:
         c.start_broker()
         c.start_worker(2)
         with c.master() as m, c.master() as watcher, c.master(window=limit + extra + 16) as m2:
@@ -416,7 +417,7 @@ def _probe(status: dict[str, Any]) -> dict[str, int]:
             "workers": len(status["workers"])}
 
 
-def _run_senders(c: ChaosCluster, messages: int, seed: int, start_at: float, limit: float,
+def _run_senders(c: Cluster, messages: int, seed: int, start_at: float, limit: float,
                  oversize: int) -> list[subprocess.Popen[bytes]]:
     procs = []
     for k, (side, endpoint) in enumerate((("frontend", c.frontend), ("backend", c.backend))):
@@ -428,7 +429,7 @@ def _run_senders(c: ChaosCluster, messages: int, seed: int, start_at: float, lim
     return procs
 
 
-def _sender_results(c: ChaosCluster, procs: list[subprocess.Popen[bytes]], limit: float) -> list[dict[str, Any]]:
+def _sender_results(c: Cluster, procs: list[subprocess.Popen[bytes]], limit: float) -> list[dict[str, Any]]:
     out = []
     for proc, side in zip(procs, ("frontend", "backend"), strict=True):
         try:
@@ -451,7 +452,7 @@ def garbage(p: Params) -> Report:
     report = Report("garbage", f"{messages:,} malformed messages to each broker socket (2 processes × 4 DEALERs, "
                     f"seed {p.seed}; max_frame_bytes {oversize >> 20} MiB) while {tasks:,} tasks of "
                     f"{seconds * 1000:.0f} ms run on 1 daemon × 2 processes", planned=tasks)
-    with ChaosCluster(broker={**hb, "max_frame_bytes": oversize}) as c:
+    with Cluster(SERVICES, broker={**hb, "max_frame_bytes": oversize}) as c:
         c.start_broker()
         c.start_worker(2)
         assert c.broker is not None

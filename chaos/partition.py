@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
-from ndpipe.chaos.harness import ChaosCluster, wait_for
+from ndpipe.chaos.handlers import SERVICES
 from ndpipe.chaos.scenarios import FAST, SIZE, Params, slack
+from ndpipe.cluster import Cluster, wait_for
 from ndpipe.config import MasterConfig
 from ndpipe.master import Master
 
@@ -303,7 +304,7 @@ def partition(p: Params) -> Report:
     hosts = Hosts()
     try:
         hosts.create()
-        with ChaosCluster(broker=hb, frontend=f"tcp://0.0.0.0:{FRONTEND_PORT}",
+        with Cluster(SERVICES, broker=hb, frontend=f"tcp://0.0.0.0:{FRONTEND_PORT}",
                           backend=f"tcp://0.0.0.0:{BACKEND_PORT}") as c:
             _run(c, hosts, plan, report)
             report.seconds = time.monotonic() - t0
@@ -315,7 +316,7 @@ def partition(p: Params) -> Report:
     return report
 
 
-def _run(c: ChaosCluster, hosts: Hosts, plan: Plan, report: Report) -> None:
+def _run(c: Cluster, hosts: Hosts, plan: Plan, report: Report) -> None:
     c.start_broker(prefix=hosts.prefix(hosts.broker))
     workers = [c.start_worker(2, prefix=hosts.prefix(ns), overrides={"broker": hosts.backend(k)})
                for k, ns in enumerate(hosts.workers, 1)]
@@ -341,7 +342,7 @@ def _run(c: ChaosCluster, hosts: Hosts, plan: Plan, report: Report) -> None:
     _score(c, plan, report, cuts, workers[0].pid, Path(spec["out"]), Path(spec["timeline"]))
 
 
-def _schedule(c: ChaosCluster, hosts: Hosts, plan: Plan, victim: subprocess.Popen[bytes],
+def _schedule(c: Cluster, hosts: Hosts, plan: Plan, victim: subprocess.Popen[bytes],
               job: subprocess.Popen[bytes], cuts: list[Cut]) -> None:
     """Wait for the job to be under way, then cut and restore host 1's link once per outage."""
     def live(predicate: Callable[[], Any]) -> Callable[[], Any]:
@@ -354,13 +355,13 @@ def _schedule(c: ChaosCluster, hosts: Hosts, plan: Plan, victim: subprocess.Pope
     wait_for(live(lambda: sum(len(r) for r in read_starts(c.log_dir).values()) >= plan.warm), 90,
              f"{plan.warm} task starts", 0.1)
     for seconds in plan.outages:
-        cut = Cut(seconds, set(c.compute_pids(victim)))
+        cut = Cut(seconds, set(c.lane_pids(victim)))
         cuts.append(cut)
         _cut(c, hosts, plan, victim, cut, live)
         time.sleep(plan.gap)
 
 
-def _cut(c: ChaosCluster, hosts: Hosts, plan: Plan, victim: subprocess.Popen[bytes], cut: Cut,
+def _cut(c: Cluster, hosts: Hosts, plan: Plan, victim: subprocess.Popen[bytes], cut: Cut,
          live: Callable[[Callable[[], Any]], Callable[[], Any]]) -> None:
     """One outage of host 1 while it works; then wait for it to rejoin and to start tasks again."""
     wait_for(live(lambda: _first_start(c.log_dir, cut.victims, time.monotonic() - 0.2)), 30,
@@ -377,7 +378,7 @@ def _cut(c: ChaosCluster, hosts: Hosts, plan: Plan, victim: subprocess.Popen[byt
                                                      lambda ps: victim.pid in ps and len(ps) == 2)),
                                  plan.rejoin_timeout, 0.05)
     if cut.rejoined is not None:
-        mine = cut.victims | set(c.compute_pids(victim))
+        mine = cut.victims | set(c.lane_pids(victim))
         cut.working = _wait_or_none(live(lambda: _first_start(c.log_dir, mine, cut.up)), 30, 0.1)
 
 
@@ -391,7 +392,7 @@ def _wait_or_none(predicate: Callable[[], Any], timeout: float, every: float) ->
     return float(value)
 
 
-def _score(c: ChaosCluster, plan: Plan, report: Report, cuts: list[Cut], pid: int, out: Path,
+def _score(c: Cluster, plan: Plan, report: Report, cuts: list[Cut], pid: int, out: Path,
            timeline_path: Path) -> None:
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     report.checks["job finished and reported"] = bool(result) and bool(result.get("complete"))

@@ -1,6 +1,6 @@
 """Scenarios 1–4 and 9: processes killed, frozen, hung, the broker crashing, memory exhausted.
 
-Each scenario starts its own cluster (``ChaosCluster``), runs a job through a real ``Master`` while
+Each scenario starts its own cluster (``Cluster``), runs a job through a real ``Master`` while
 injecting its fault from this process, and returns the checker's :class:`Report`. ``short`` is the
 CI-sized variant (seconds); the defaults are the figures docs/RELIABILITY.md records. Every loop is
 bounded in count and in time.
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from ndpipe.chaos.checker import History, Report, read_starts, restarts_after, runs_per_task, started
-from ndpipe.chaos.harness import SERVICES, ChaosCluster, process_gone, wait_for
+from ndpipe.chaos.handlers import SERVICES
+from ndpipe.cluster import Cluster, process_gone, wait_for
 from ndpipe.master import Master
 
 FAST = {"heartbeat_interval": 0.2, "liveness": 3}  # short runs: a dead worker is found in 0.6 s
@@ -63,7 +64,7 @@ def submit_in_background(m: Master, hist: History, tids: Iterable[int], seconds:
     return thread
 
 
-def finish(c: ChaosCluster, hist: History, report: Report, timeout: float, t0: float) -> Report:
+def finish(c: Cluster, hist: History, report: Report, timeout: float, t0: float) -> Report:
     if not hist.wait(timeout):
         report.notes.append(f"job incomplete after {timeout:.0f} s (lost tasks below)")
     hist.check(report)
@@ -84,7 +85,7 @@ def workers_killed(p: Params) -> Report:
                     recovery={"requeue s": []}, bounds={"requeue s": 1.0 + slack(p)}, planned=tasks)
     report.notes.append("requeue s: from the kill to the restart elsewhere of the task it was running, for each "
                         "kill that hit a running task (a kill between two tasks has nothing to requeue)")
-    with ChaosCluster(broker={"max_attempts": 10}) as c:
+    with Cluster(SERVICES, broker={"max_attempts": 10}) as c:
         c.start_broker()
         workers = [c.start_worker(2), c.start_worker(2)]
         with c.master() as m:
@@ -95,7 +96,7 @@ def workers_killed(p: Params) -> Report:
             deadline = t0 + 30 + 3 * kills
             while len(victims) < kills and time.monotonic() < deadline:
                 time.sleep(rng.uniform(*gap))
-                pids = [pid for w in workers for pid in c.compute_pids(w)]
+                pids = [pid for w in workers for pid in c.lane_pids(w)]
                 working = [pid for pid in pids if os.path.exists(os.path.join(c.log_dir, f"{pid}.starts"))]
                 pids = working or pids  # rather a process that has started tasks than a fresh replacement
                 if not pids:
@@ -133,7 +134,7 @@ def worker_frozen(p: Params) -> Report:
                     f"processes; heartbeat {hb['heartbeat_interval']} s × {hb['liveness']}",
                     recovery={"detect s": [], "requeue s": []},
                     bounds={"detect s": bound + slack(p), "requeue s": bound + slack(p)}, planned=tasks)
-    with ChaosCluster(broker=hb) as c:
+    with Cluster(SERVICES, broker=hb) as c:
         c.start_broker()
         workers = [c.start_worker(2), c.start_worker(2)]
         with c.master() as m, c.master() as watcher:
@@ -142,7 +143,7 @@ def worker_frozen(p: Params) -> Report:
             submit_in_background(m, hist, range(tasks), seconds, c.log_dir)
             wait_for(lambda: len(hist.first_at) >= tasks // 8, 60, "the job under way")
             victim = workers[0]
-            frozen = set(c.compute_pids(victim))
+            frozen = set(c.lane_pids(victim))
             t_stop = time.monotonic()
             c.signal_worker(victim, signal.SIGSTOP)
             wait_for(lambda: _worker_count(watcher) == 1, bound + 5, "the frozen worker declared dead", 0.05)
@@ -189,7 +190,7 @@ def task_hangs(p: Params) -> Report:
     report.notes.append(f"cancelled hang ran s: how long a hung task that timed out while queued ran once it "
                         f"started (W_CANCEL kills it at once; a worker waiting for its own deadline lets it spin "
                         f"~{QUEUED_HANG_TIMEOUT:g} s)")
-    with ChaosCluster(broker=FAST, services=services) as c:
+    with Cluster(services, broker=FAST) as c:
         c.start_broker()
         worker = c.start_worker(2)
         c.start_worker(1, overrides={"prefetch": 1, "services": {
@@ -202,7 +203,7 @@ def task_hangs(p: Params) -> Report:
             # In waves of one per process: a per-call deadline counts from the submit, so a hang queued
             # behind two others would time out before it ever ran (and prove nothing about the kill).
             for wave in range(0, hangs, 2):
-                wait_for(lambda: len(c.compute_pids(worker)) == 2, 30, "2 compute processes before a wave")
+                wait_for(lambda: len(c.lane_pids(worker)) == 2, 30, "2 compute processes before a wave")
                 futures = []
                 for i, tid in enumerate(hang_ids[wave:wave + 2], start=wave):
                     if i % 2:
@@ -225,11 +226,11 @@ def task_hangs(p: Params) -> Report:
             ran = sum(tid in began for tid in hang_ids)
             report.notes.append(f"{ran} of {hangs} hung calls started (one may time out waiting for a process "
                                 f"that is being replaced); each ran in its own process, {len(hung)} processes")
-            wait_for(lambda: len(c.compute_pids(worker)) == 2, 30, "2 compute processes again")
+            wait_for(lambda: len(c.lane_pids(worker)) == 2, 30, "2 compute processes again")
             # A hung call holds its process until it is killed, so each one that ran had a process of its own.
             report.checks["every hung process killed, the pool full again"] = (
                 ran >= hangs // 2 and len(hung) == ran and all(process_gone(pid) for pid in hung)
-                and len(c.compute_pids(worker)) == 2)
+                and len(c.lane_pids(worker)) == 2)
             more = [m.call("work", (10**6 + k, SIZE, 0.0, "")) for k in range(20)]
             report.checks["pool serves again"] = all(f.result(timeout=30)[0] == 10**6 + k for k, f in enumerate(more))
     return report
@@ -238,7 +239,7 @@ def task_hangs(p: Params) -> Report:
 QUEUED_HANG_TIMEOUT = 2.0
 
 
-def _queued_hang(c: ChaosCluster, m: Master, hist: History, blocker: int, hang: int, probe: int) -> float:
+def _queued_hang(c: Cluster, m: Master, hist: History, blocker: int, hang: int, probe: int) -> float:
     """A slow task, then a hung one with a shorter timeout queued behind it in the same lane: the
     broker times the hung one out (and sends W_CANCEL) before it starts. How long did it run?"""
     slow = m.call("blockq", (blocker, SIZE, QUEUED_HANG_TIMEOUT + 1, c.log_dir))
@@ -275,7 +276,7 @@ def broker_crashes(p: Params) -> Report:
                     "default heartbeats (1 s × 3)", recovery={"serving again after restart s": []},
                     bounds={"serving again after restart s": 3.0 + slack(p)}, planned=tasks)
     crashes_at: list[tuple[float, float]] = []  # (killed, restarted)
-    with ChaosCluster() as c:
+    with Cluster(SERVICES) as c:
         c.start_broker()
         c.start_worker(2)
         c.start_worker(2)
@@ -327,7 +328,7 @@ def worker_oom(p: Params) -> Report:
     report = Report("worker_oom", f"one call allocating until its compute process exceeds worker.memory_limit = "
                     f"{limit >> 20} MiB (RLIMIT_AS), among {tasks:,} normal calls; max_attempts 2",
                     expected_errors={"TaskCrashed": 1}, planned=tasks + 1)
-    with ChaosCluster(broker={**FAST, "max_attempts": 2}, worker={"memory_limit": limit}) as c:
+    with Cluster(SERVICES, broker={**FAST, "max_attempts": 2}, worker={"memory_limit": limit}) as c:
         c.start_broker()
         c.start_worker(2)
         with c.master() as m:

@@ -18,6 +18,7 @@ from ndpipe import __version__
 from ndpipe.config import Config, default_config_path, dump_config, load_config
 from ndpipe.errors import BrokerUnreachable, ConfigError, NdpipeError, TaskError
 from ndpipe.logsetup import setup_logging
+from ndpipe.runtime import follow_parent
 
 EXIT_OK, EXIT_TASK, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("ndpipe.cli")
@@ -33,6 +34,7 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_broker(args: argparse.Namespace) -> int:
     from ndpipe.broker import serve
 
+    follow_parent(os.environ)
     cfg = _load(args)
     serve(cfg.broker)
     return EXIT_OK
@@ -41,6 +43,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from ndpipe.worker import serve
 
+    follow_parent(os.environ)
     cfg = _load(args)
     update: dict[str, Any] = {}
     if args.processes is not None:

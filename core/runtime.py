@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections.abc import MutableMapping
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -115,3 +116,27 @@ def drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+PARENT_ENV = "NDPIPE_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when our parent dies, so no orphan keeps computing or holding sockets."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def follow_parent(environ: MutableMapping[str, str]) -> None:
+    """Die with the launcher when it asks for it by setting ``NDPIPE_PARENT_PID`` to its own pid
+    (the local cluster harness does: tests, benchmarks, ``ndpipe demo``). Removed from ``environ``
+    so lanes and handlers' own children do not inherit it. A launcher already gone is an exit."""
+    pid = environ.pop(PARENT_ENV, "")
+    if not pid:
+        return
+    die_with_parent()
+    if str(os.getppid()) != pid.strip():  # it died before prctl() took effect
+        raise SystemExit(f"ndpipe: the process that started this one ({pid}) is gone")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ndpipe.chaos.harness import ChaosCluster, wait_for
+from ndpipe.cluster import Cluster, wait_for
 from ndpipe.config import WorkerConfig
 
 # Heartbeats for tests: STEADY wherever detecting a dead peer is not the point (3 s of silence before a
@@ -40,38 +40,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
         raise AssertionError(str(exc)) from None
 
 
-class Cluster(ChaosCluster):
-    """A broker and worker daemons run as `ndpipe` CLI processes, configured by one YAML file: the
-    chaos harness's cluster with the example handlers, the default drain timeout, in ``root``."""
-
-    def __init__(self, root: Path, broker: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
-                 master: dict[str, Any] | None = None) -> None:
-        services = {
-            "echo": "ndpipe.examples.handlers:echo",
-            "sleep": "ndpipe.examples.handlers:sleep",
-            "slow_pid": "ndpipe.chaos.handlers:slow_pid",
-            "pid": "ndpipe.chaos.handlers:pid",
-            "fail": "ndpipe.examples.handlers:fail",
-            "crash": "ndpipe.chaos.handlers:crash",
-            "normalize": "ndpipe.examples.handlers:normalize",
-            "spin": "ndpipe.chaos.handlers:spin",
-            "hang": {"handler": "ndpipe.examples.handlers:sleep", "timeout": 0.5},
-            "spin_limited": {"handler": "ndpipe.chaos.handlers:hang", "timeout": 0.5},
-            "deaf": {"handler": "ndpipe.chaos.handlers:hang_deaf", "timeout": 0.5},
-            "reciprocal": "ndpipe.examples.handlers:reciprocal",
-            "zeros": "ndpipe.chaos.handlers:zeros",
-            "crash_on": "ndpipe.chaos.handlers:crash_on",
-        }
-        super().__init__(broker=broker, worker={"drain_timeout": WorkerConfig().drain_timeout, **(worker or {})},
-                         master=master, services=services, root=str(root),
-                         frontend=(broker or {}).get("frontend"), backend=(broker or {}).get("backend"))
-
-    def wait_slots(self, master: Any, slots: int, service: str = "echo", timeout: float = 30.0) -> None:
-        wait_until(lambda: master.status()["services"].get(service, {}).get("slots", 0) == slots, timeout,
-                   f"{slots} registered slots for {service!r}")
-
-    def stop(self) -> None:
-        self.close()
+# The services of a test cluster: the example handlers and the chaos suite's faults and probes.
+TEST_SERVICES: dict[str, Any] = {
+    "echo": "ndpipe.examples.handlers:echo",
+    "sleep": "ndpipe.examples.handlers:sleep",
+    "slow_pid": "ndpipe.chaos.handlers:slow_pid",
+    "pid": "ndpipe.chaos.handlers:pid",
+    "fail": "ndpipe.examples.handlers:fail",
+    "crash": "ndpipe.chaos.handlers:crash",
+    "normalize": "ndpipe.examples.handlers:normalize",
+    "spin": "ndpipe.chaos.handlers:spin",
+    "hang": {"handler": "ndpipe.examples.handlers:sleep", "timeout": 0.5},
+    "spin_limited": {"handler": "ndpipe.chaos.handlers:hang", "timeout": 0.5},
+    "deaf": {"handler": "ndpipe.chaos.handlers:hang_deaf", "timeout": 0.5},
+    "reciprocal": "ndpipe.examples.handlers:reciprocal",
+    "zeros": "ndpipe.chaos.handlers:zeros",
+    "crash_on": "ndpipe.chaos.handlers:crash_on",
+}
 
 
 @pytest.fixture
@@ -96,14 +81,19 @@ def cluster(make_cluster):  # type: ignore[no-untyped-def]
 def make_cluster(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Cluster]]:
     clusters: list[Cluster] = []
 
-    def factory(**kwargs: Any) -> Cluster:
-        cluster = Cluster(tmp_short, **kwargs)
+    def factory(broker: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
+                master: dict[str, Any] | None = None) -> Cluster:
+        """The shared harness (:mod:`ndpipe.cluster`) with the test services, in ``tmp_short``, with
+        the default drain timeout; a ``frontend``/``backend`` in ``broker`` replaces the ipc one."""
+        cluster = Cluster(TEST_SERVICES, broker=broker, master=master, root=str(tmp_short),
+                          worker={"drain_timeout": WorkerConfig().drain_timeout, **(worker or {})},
+                          frontend=(broker or {}).get("frontend"), backend=(broker or {}).get("backend"))
         clusters.append(cluster)
         return cluster
 
     yield factory
     for cluster in clusters:
-        cluster.stop()
+        cluster.close()
         reports = [getattr(request.node, f"rep_{when}", None) for when in ("setup", "call")]
         if any(rep is not None and rep.failed for rep in reports):
             print(cluster.logs())

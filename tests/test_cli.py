@@ -82,7 +82,7 @@ def test_status_shows_workers(cluster) -> None:  # type: ignore[no-untyped-def]
     assert worker["slots"] == 2 and worker["info"]["lanes"] == 2
     lanes = worker["lanes"]
     assert [lane["address"] for lane in lanes] == [f"{worker['id']}/0", f"{worker['id']}/1"]
-    assert sorted(lane["pid"] for lane in lanes) == sorted(cluster.compute_pids(cluster.workers[0]))
+    assert sorted(lane["pid"] for lane in lanes) == sorted(cluster.lane_pids(cluster.workers[0]))
     for lane in lanes:  # each lane's row: address, pid (RSS beside it, from the daemon's heartbeat)
         assert any(lane["address"] in line and str(lane["pid"]) in line for line in done.stdout.splitlines())
 

@@ -28,12 +28,12 @@ def test_compute_process_killed_mid_task_runs_elsewhere(make_cluster) -> None:  
         futs = [m.submit("sleep", 0.3, i) for i in range(20)]
         # When a compute process is killed with SIGKILL while it runs a task
         wait_until(lambda: m.status()["workers"][0]["stats"].get("running") == 2, what="tasks running")
-        victim = c.compute_pids(w)[0]
+        victim = c.lane_pids(w)[0]
         kill9(victim)
         # Then every task completes exactly once with the right value, and one was requeued
         assert [f.result(timeout=60) for f in futs] == list(range(20))
         assert m.status()["counters"]["requeued"] >= 1
-        assert victim not in c.compute_pids(w) and len(c.compute_pids(w)) == 2  # replaced
+        assert victim not in c.lane_pids(w) and len(c.lane_pids(w)) == 2  # replaced
 
 
 @contextmanager
@@ -62,7 +62,7 @@ def test_frozen_worker_tasks_finish_before_it_resumes(make_cluster) -> None:  # 
     # Given two workers running a job of slow tasks, When one is frozen whole (SIGSTOP: the daemon and
     # its compute processes, as a hung VM or a cut-off host would be)
     with job_on_two_workers(make_cluster) as (c, w1, m, futs):
-        frozen = [w1.pid, *c.compute_pids(w1)]
+        frozen = [w1.pid, *c.lane_pids(w1)]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:
@@ -149,7 +149,7 @@ def test_crashing_handler_fails_after_max_attempts(make_cluster) -> None:  # typ
         with pytest.raises(TaskCrashed, match="3 of 3 attempts"):
             m.submit("crash").result(timeout=60)
         # the pool recovers: both compute processes are back and serve
-        wait_until(lambda: len(c.compute_pids(w)) == 2, what="compute processes replaced")
+        wait_until(lambda: len(c.lane_pids(w)) == 2, what="compute processes replaced")
         assert list(m.map("echo", range(20))) == list(range(20))
         assert w.poll() is None
 
@@ -172,7 +172,7 @@ def test_pool_survives_worker_restart_of_compute_processes(make_cluster) -> None
         for _ in range(3):
             pid = m.submit("pid").result(timeout=30)
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda p=pid: c.compute_pids(w) and p not in c.compute_pids(w), what="replacement")
+            wait_until(lambda p=pid: c.lane_pids(w) and p not in c.lane_pids(w), what="replacement")
         assert m.submit("echo", "alive").result(timeout=30) == "alive"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ndpipe.chaos.harness import process_gone
+from ndpipe.cluster import process_gone
 from ndpipe.errors import TaskTimeout
 from tests.conftest import wait_until
 
@@ -53,7 +53,7 @@ def test_a_killed_lane_is_replaced_at_the_same_address(cluster) -> None:  # type
         os.kill(pid, signal.SIGKILL)
         after = wait_until(lambda: (lanes := lanes_of(m.status())).get(address, pid) != pid and len(lanes) == 2
                            and lanes, what="a new process at the killed lane's address")
-        assert set(after) == set(before) and after[address] in cluster.compute_pids(cluster.workers[0])
+        assert set(after) == set(before) and after[address] in cluster.lane_pids(cluster.workers[0])
         assert list(m.map("echo", range(50))) == list(range(50))
         assert m.status()["counters"]["failed"] == 0
 

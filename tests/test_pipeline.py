@@ -43,7 +43,7 @@ def test_several_workers_share_the_work(make_cluster) -> None:  # type: ignore[n
     with c.master() as m:
         c.wait_slots(m, 4)
         pids = list(m.map("slow_pid", [0.02] * 200))
-    children = set(c.compute_pids(w1)) | set(c.compute_pids(w2))
+    children = set(c.lane_pids(w1)) | set(c.lane_pids(w2))
     assert len(pids) == 200 and set(pids) <= children and len(set(pids)) == 4
 
 

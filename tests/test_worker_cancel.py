@@ -19,7 +19,8 @@ import zmq
 
 from ndpipe import protocol as P
 from ndpipe.chaos.checker import read_starts, started
-from ndpipe.chaos.harness import SERVICES, ChaosCluster, process_gone
+from ndpipe.chaos.handlers import SERVICES
+from ndpipe.cluster import Cluster, process_gone
 from ndpipe.codec import decode, encode_call
 from tests.conftest import wait_until
 
@@ -94,11 +95,11 @@ class FakeBroker:
 
 
 @pytest.fixture
-def setup(tmp_short: Path) -> Iterator[tuple[ChaosCluster, FakeBroker]]:
+def setup(tmp_short: Path) -> Iterator[tuple[Cluster, FakeBroker]]:
     ctx = zmq.Context()
     fake = FakeBroker(ctx, tmp_short)
     # prefetch 1: a second task waits in the lane's own socket behind the running one
-    cluster = ChaosCluster(services=SERVICES, backend=fake.endpoint, worker={"prefetch": 1}, root=str(tmp_short))
+    cluster = Cluster(SERVICES, backend=fake.endpoint, worker={"prefetch": 1}, root=str(tmp_short))
     try:
         yield cluster, fake
     finally:
@@ -113,7 +114,7 @@ def _runner_of(log_dir: str, tid: int) -> int:
     return int(pid)
 
 
-def test_cancel_kills_the_running_task_and_frees_its_process(setup: tuple[ChaosCluster, FakeBroker]) -> None:
+def test_cancel_kills_the_running_task_and_frees_its_process(setup: tuple[Cluster, FakeBroker]) -> None:
     cluster, fake = setup
     worker = cluster.start_worker(1)
     fake.welcome()
@@ -130,11 +131,11 @@ def test_cancel_kills_the_running_task_and_frees_its_process(setup: tuple[ChaosC
     got = fake.answers(until=b"t2")
     assert b"t1" not in got, "a cancelled task must not be answered"
     value = decode(got[b"t2"][2:])
-    assert value[0] == 2 and value[2] != runner and value[2] in cluster.compute_pids(worker)
+    assert value[0] == 2 and value[2] != runner and value[2] in cluster.lane_pids(worker)
 
 
 def test_cancel_of_a_task_waiting_in_the_process_stops_it_before_it_runs(
-        setup: tuple[ChaosCluster, FakeBroker]) -> None:
+        setup: tuple[Cluster, FakeBroker]) -> None:
     cluster, fake = setup
     cluster.start_worker(1)
     fake.welcome()

@@ -52,7 +52,7 @@ def worker(make_cluster):  # type: ignore[no-untyped-def]
     w = c.start_worker(processes=2)
     with c.master() as m:
         c.wait_slots(m, 2)
-    lanes = c.compute_pids(w)
+    lanes = c.lane_pids(w)
     assert len(lanes) == 2
     return c, w, lanes
 

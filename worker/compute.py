@@ -8,12 +8,10 @@ this is :mod:`ndpipe.worker.lane`.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import os
 import resource
-import signal
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -46,15 +44,6 @@ def resolve(spec: str) -> Handler:
     if not callable(obj):
         raise ConfigError(f"handler {spec!r} is not callable")
     return obj  # type: ignore[no-any-return]
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the daemon dies, so no orphan keeps computing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def error_details(exc: BaseException, with_tb: bool = True) -> dict[str, Any]:

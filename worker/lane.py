@@ -41,6 +41,7 @@ import zmq
 from ndpipe import protocol as P
 from ndpipe.codec import batch_length
 from ndpipe.errors import ProtocolError
+from ndpipe.runtime import die_with_parent
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
 
@@ -246,7 +247,7 @@ class Lane:
 
 def main(args: LaneArgs, conn: Connection, slot: LaneSlot) -> None:
     """Process entry point (spawned by the daemon)."""
-    compute.die_with_parent()
+    die_with_parent()
     compute.set_frame_limit(args.max_frame_bytes)
     compute.limit_memory(args.memory_limit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
