@@ -62,10 +62,11 @@ class LaneRecord:
     stalled: bool = False  # its link was full: no TASK until it next speaks
     last_dispatch: float = 0.0
     version: int = 0  # bumped on every change of credit or load: older heap entries are stale
+    broken: dict[str, dict[str, Any]] = field(default_factory=dict)  # service -> why its constructor failed here
+    services: tuple[str, ...] = ()  # what it serves: its host's services but the broken ones
 
-    @property
-    def services(self) -> tuple[str, ...]:
-        return self.host.services
+    def __post_init__(self) -> None:
+        self.services = tuple(s for s in self.host.services if s not in self.broken)
 
     @property
     def address(self) -> str:

@@ -309,14 +309,17 @@ class Broker:
                  ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
 
     def _on_lane(self, rid: bytes, msg: list[Any], now: float) -> None:
-        key, index, pid = P.parse_lane(unpack_map(P.control_frame(msg, P.WORKER)))
-        lane = self.state.lane_ready(rid, key, index, now, pid)
+        info = P.parse_lane(unpack_map(P.control_frame(msg, P.WORKER)))
+        lane = self.state.lane_ready(rid, info.key, info.index, now, info.pid, info.broken)
         if lane is None:  # a key no live worker holds (it was forgotten, or never was): the lane starts over
             self._malformed.warning("lane %d (pid %d) presented a key no registered worker has: told DISCONNECT",
-                                    index, pid)
+                                    info.index, info.pid)
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])
+        elif lane.broken:
+            log.warning("lane %s (pid %d) joined without %s: constructor failed there", lane.address, info.pid,
+                        ", ".join(sorted(lane.broken)))
         else:
-            log.debug("lane %s joined (pid %d)", lane.address, pid)
+            log.debug("lane %s joined (pid %d)", lane.address, info.pid)
 
     def _to_worker(self, wid: bytes, frames: list[Any]) -> bool:
         try:

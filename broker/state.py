@@ -67,6 +67,7 @@ class BrokerState:
         self.by_name: dict[str, HostRecord] = {}
         self.lanes: dict[bytes, LaneRecord] = {}  # lanes by their connection's routing id
         self.by_service: dict[str, list[LaneRecord]] = {}
+        self.broken_by: dict[str, list[LaneRecord]] = {}  # service -> lanes where its constructor failed
         self.masters: dict[bytes, tuple[float, int, bytes]] = {}  # id -> (expires, session number, id)
         self.failures: list[Failure] = []  # filled by state changes, drained by the loop
         self.cancels: list[tuple[LaneRecord, bytes]] = []  # (lane, task): W_CANCEL to send (lane and daemon)
@@ -147,6 +148,7 @@ class BrokerState:
             heapq.heappush(self._deadlines, (deadline, tid))
         self._dirty.add(service)
         self.counters["submitted"] += 1
+        self._fail_unservable(service)
         return None
 
     def reject(self) -> None:
@@ -188,9 +190,12 @@ class BrokerState:
         self.by_name[name] = rec
         return rec
 
-    def lane_ready(self, lid: bytes, key: bytes, index: int, now: float, pid: int = 0) -> LaneRecord | None:
+    def lane_ready(self, lid: bytes, key: bytes, index: int, now: float, pid: int = 0,
+                   broken: dict[str, dict[str, Any]] | None = None) -> LaneRecord | None:
         """A lane joins the worker whose key it presents; None if no live worker has that key or the
-        index is out of its range. A lane joining where one is registered replaces it (hand-back)."""
+        index is out of its range. A lane joining where one is registered replaces it (hand-back).
+        ``broken``: services whose constructor failed in that lane; it is offered none of their tasks,
+        and what waits for a service no live lane can serve fails with UNAVAILABLE."""
         host = self.by_key.get(key)
         if host is None or not 0 <= index < host.nlanes:
             return None
@@ -199,13 +204,37 @@ class BrokerState:
             self.lane_gone(old.wid, now, penalize=False)
         if lid in self.lanes:  # the connection was another lane before: that one is gone
             self.lane_gone(lid, now, penalize=False)
-        rec = LaneRecord(lid, host, index, pid, host.credit)
+        rec = LaneRecord(lid, host, index, pid, host.credit,
+                         broken={k: v for k, v in (broken or {}).items() if k in host.services})
         host.lanes[index] = rec
         self.lanes[lid] = rec
-        for service in host.services:
+        for service in rec.services:
             self.by_service.setdefault(service, []).append(rec)
+        for service in rec.broken:
+            self.broken_by.setdefault(service, []).append(rec)
+            self._fail_unservable(service)
         self._offer(rec)
         return rec
+
+    def _fail_unservable(self, service: str) -> None:
+        """Fail what waits for ``service`` when no live lane serves it and some lane reported its
+        constructor failed: a clear error now, naming the service and the exception, rather than a
+        wait for a worker that will never take the task."""
+        witnesses = self.broken_by.get(service)
+        queue = self.queues.get(service)
+        if not witnesses or self.by_service.get(service) or not queue:
+            return
+        lane = witnesses[0]
+        why = lane.broken[service]
+        error = f"{why.get('type', '?')}: {why.get('message', '')}"
+        details = {"type": why.get("type", ""), "traceback": why.get("traceback", ""),
+                   "lanes": [w.address for w in witnesses[:8]],
+                   "message": f"service {service!r} has no live worker that can serve it: its constructor "
+                              f"failed in lane {lane.address} (pid {lane.pid}): {error}"}
+        while (task := queue.pop()) is not None:
+            self._finish(task)
+            self.failures.append(Failure(task, P.UNAVAILABLE, details))
+            self.counters["failed"] += 1
 
     def worker_seen(self, hid: bytes, now: float, stats: bytes | None = None) -> bool:
         """A message from a daemon's connection: it is alive (and so are its lanes)."""
@@ -268,6 +297,10 @@ class BrokerState:
             peers = self.by_service.get(service, [])
             if rec in peers:
                 peers.remove(rec)
+        for service in rec.broken:
+            witnesses = self.broken_by.get(service, [])
+            if rec in witnesses:
+                witnesses.remove(rec)
         requeued = []
         for tid in rec.inflight:
             task = self.tasks.get(tid)
@@ -463,6 +496,8 @@ class BrokerState:
         for name in [n for n, peers in self.by_service.items() if not peers and n not in self.queues]:
             del self.by_service[name]
             self._free.pop(name, None)
+        for name in [n for n, witnesses in self.broken_by.items() if not witnesses]:
+            del self.broken_by[name]
 
     @property
     def has_work(self) -> bool:
@@ -486,7 +521,7 @@ class BrokerState:
                 if task is not None:
                     inflight[task.service] = inflight.get(task.service, 0) + 1
         services: dict[str, dict[str, int]] = {}
-        for name in set(self.queues) | set(self.by_service):
+        for name in set(self.queues) | set(self.by_service) | set(self.broken_by):
             peers = self.by_service.get(name, [])
             services[name] = {
                 "queued": len(self.queues.get(name) or ()),
@@ -494,6 +529,7 @@ class BrokerState:
                 "workers": len({id(lane.host) for lane in peers}),
                 "lanes": len(peers),
                 "slots": sum(lane.slots for lane in peers),
+                "broken": len(self.broken_by.get(name, ())),
             }
         workers = [
             {
@@ -505,7 +541,8 @@ class BrokerState:
                 "draining": w.draining,
                 "expires_in": round(w.expires - now, 3),
                 "lanes": [{"lane": i, "address": lane.address, "pid": lane.pid, "slots": lane.slots,
-                           "inflight": len(lane.inflight)} for i, lane in sorted(w.lanes.items())],
+                           "inflight": len(lane.inflight), "broken": sorted(lane.broken)}
+                          for i, lane in sorted(w.lanes.items())],
                 "info": w.info,
                 "stats": w.stats,
             }

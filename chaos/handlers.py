@@ -110,3 +110,43 @@ def slow_pid(seconds: float) -> int:
     """Sleep, then return the pid that ran the task."""
     time.sleep(seconds)
     return os.getpid()
+
+
+class Resident:
+    """A resident service for the tests: counts its constructions (a file per pid in ``log_dir``)
+    and its calls, so a test sees that each lane built it once, before its first task."""
+
+    def __init__(self, log_dir: str = "", scale: float = 1.0) -> None:
+        self.scale = scale
+        self.calls = 0
+        if log_dir:
+            with open(os.path.join(log_dir, f"{os.getpid()}.built"), "a") as f:
+                f.write(f"{time.monotonic():.6f}\n")
+
+    def __call__(self, x: float) -> list[Any]:
+        self.calls += 1
+        return [x * self.scale, os.getpid(), self.calls]
+
+
+class BrokenInit:
+    """A resident service whose constructor always fails (``init`` names what it raises)."""
+
+    def __init__(self, error: str = "ValueError", message: str = "weights file is corrupt") -> None:
+        raise {"ValueError": ValueError, "MemoryError": MemoryError, "KeyError": KeyError}[error](message)
+
+    def __call__(self) -> None:  # never reached
+        raise AssertionError("constructed after all")
+
+
+class Hog:
+    """A resident service whose constructor allocates ``mib`` MiB (past worker.memory_limit)."""
+
+    def __init__(self, mib: int = 1024) -> None:
+        self.block = bytearray(mib * 2**20)
+
+    def __call__(self) -> int:
+        return len(self.block)
+
+
+class NotCallable:
+    """A class without ``__call__``: a worker must refuse it as a handler at start."""

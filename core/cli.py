@@ -101,9 +101,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, default=str))
         return EXIT_OK
     print(f"broker {status['broker_id']}  masters {status['masters']}  tasks held {status['tasks']}")
-    print(f"{'service':24} {'queued':>8} {'inflight':>9} {'workers':>8} {'lanes':>6} {'slots':>6}")
+    print(f"{'service':24} {'queued':>8} {'inflight':>9} {'workers':>8} {'lanes':>6} {'slots':>6} {'broken':>6}")
     for name, s in sorted(status["services"].items()):
-        print(f"{name:24} {s['queued']:8} {s['inflight']:9} {s['workers']:8} {s.get('lanes', 0):6} {s['slots']:6}")
+        print(f"{name:24} {s['queued']:8} {s['inflight']:9} {s['workers']:8} {s.get('lanes', 0):6} {s['slots']:6} "
+              f"{s.get('broken', 0):6}")
     print(f"{'worker / lane':34} {'host':16} {'pid':>7} {'slots':>5} {'busy':>5} {'cpu%':>6} {'rss MiB':>8}")
     for w in status["workers"]:
         st, info = w.get("stats", {}), w.get("info", {})
@@ -112,8 +113,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         usage = {entry.get("pid"): entry for entry in st.get("lanes", []) if isinstance(entry, dict)}
         for lane in w.get("lanes", []):  # pid and in-flight from the broker, cpu and RSS from the daemon
             use = usage.get(lane["pid"], {})
+            broken = f"  without {', '.join(lane['broken'])} (constructor failed)" if lane.get("broken") else ""
             print(f"  {lane['address'][:32]:32} {'':16} {lane['pid']:>7} {lane['slots']:5} {lane['inflight']:5} "
-                  f"{use.get('cpu', 0):6} {use.get('rss', 0) / 2**20:8.1f}")
+                  f"{use.get('cpu', 0):6} {use.get('rss', 0) / 2**20:8.1f}{broken}")
     counters = "  ".join(f"{k} {v}" for k, v in status["counters"].items())
     print(counters)
     return EXIT_OK

@@ -113,11 +113,16 @@ class BrokerConfig(BaseModel):
 
 
 class ServiceSpec(BaseModel):
-    """One service a worker offers: which function runs it, and its per-task defaults."""
+    """One service a worker offers: which function runs it, and its per-task defaults.
+
+    ``handler`` names a function, or a class: a **resident** service, which each lane constructs once
+    (``init`` as keyword arguments) before it takes tasks, then calls per task (``__call__``), so a
+    model's weights load once per process, not once per task."""
 
     model_config = _FROZEN
     handler: Handler
     timeout: Timeout = None
+    init: dict[str, Any] | None = None
 
 
 class WorkerConfig(BaseModel):

@@ -48,12 +48,6 @@ class TaskError(NdpipeError):
         self.task_id = task_id
         self.details: dict[str, Any] = details or {}
 
-
-class TaskFailed(TaskError):
-    """The handler raised. ``remote_type``, ``remote_message`` and ``remote_traceback`` say how."""
-
-    code = "HANDLER_ERROR"
-
     @property
     def remote_type(self) -> str:
         return str(self.details.get("type", ""))
@@ -66,6 +60,19 @@ class TaskFailed(TaskError):
         text = super().__str__()
         tb = self.remote_traceback
         return f"{text}\n--- remote traceback ---\n{tb}" if tb else text
+
+
+class TaskFailed(TaskError):
+    """The handler raised. ``remote_type`` and ``remote_traceback`` say how."""
+
+    code = "HANDLER_ERROR"
+
+
+class ServiceUnavailable(TaskError):
+    """No live worker can serve the service: its constructor (a resident service's ``__init__``)
+    failed on every lane that offers it. ``remote_traceback`` is the constructor's."""
+
+    code = "UNAVAILABLE"
 
 
 class TaskTimeout(TaskError):
@@ -93,7 +100,7 @@ class BadRequest(TaskError):
 
 
 _BY_CODE: dict[str, type[TaskError]] = {
-    cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest)
+    cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest, ServiceUnavailable)
 }
 
 

@@ -48,7 +48,7 @@ HEARTBEAT: Final = b"\x16"  # both; W->B may add one stats frame (msgpack map)
 DRAIN: Final = b"\x17"  # W->B  send me no new tasks (graceful stop)
 DISCONNECT: Final = b"\x18"  # both; B->W means "unknown to me: register again"
 W_CANCEL: Final = b"\x19"  # B->W  task_id: stop running it, no reply needed (to the lane and its daemon)
-LANE: Final = b"\x1a"  # W->B  lane info (msgpack map: key, lane, pid): this connection is lane i
+LANE: Final = b"\x1a"  # W->B  lane info (msgpack map: key, lane, pid[, broken]): this connection is lane i
 LANE_GONE: Final = b"\x1b"  # W->B  lane info (msgpack map: lane, pid): that lane's process ended
 
 
@@ -59,8 +59,9 @@ MAX_ATTEMPTS: Final = "MAX_ATTEMPTS"  # the task was lost with its worker max_at
 QUEUE_FULL: Final = "QUEUE_FULL"  # the service's queue is at its bound
 BAD_REQUEST: Final = "BAD_REQUEST"  # malformed submission or undecodable payload; not retried
 CRASHED: Final = "CRASHED"  # W->B only: the compute process died; the broker retries
+UNAVAILABLE: Final = "UNAVAILABLE"  # no live lane can serve the service: its constructor failed there
 ERROR_CODES: Final = frozenset(
-    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED}
+    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED, UNAVAILABLE}
 )
 
 # --- fixed binary fields --------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def read_cap(max_frames: int) -> int:
     return max_frames + ENVELOPE_FRAMES
 
 # --- worker daemon <-> its lanes (internal, one host: a pipe each, inherited, and a shared slot) ---
-L_HELLO: Final = b"H"  # lane -> daemon: handlers loaded, ready to join the broker
+L_HELLO: Final = b"H"  # lane -> daemon: + msgpack map {pid, broken}: services built, ready to join
 L_JOIN: Final = b"J"  # daemon -> lane: + msgpack map {key, heartbeat_interval, liveness}: (re)join
 L_DRAIN: Final = b"D"  # daemon -> lane: finish what you hold, say DISCONNECT, exit 0
 EXIT_OUT_OF_MEMORY: Final = 86  # a lane's exit status after a handler's MemoryError
@@ -262,12 +263,28 @@ def parse_ready(info: dict[str, Any]) -> ReadyInfo:
     return ReadyInfo(tuple(services), lanes, credit, name, info)
 
 
-def parse_lane(info: dict[str, Any]) -> tuple[bytes, int, int]:
-    """(key, lane index, pid) from a LANE info map."""
+@dataclass(frozen=True, slots=True)
+class LaneInfo:
+    """A LANE message: the key of the daemon it belongs to, its index and pid, and the services it
+    cannot serve because their constructor failed there (name -> error details: type, message,
+    traceback)."""
+
+    key: bytes
+    index: int
+    pid: int
+    broken: dict[str, dict[str, Any]]
+
+
+def parse_lane(info: dict[str, Any]) -> LaneInfo:
     key = info.get("key")
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
         raise ProtocolError(f"LANE needs key ({KEY_BYTES} octets, bin), got {key!r:.80}")
-    return key, _map_field(info, "lane", 0, MAX_LANES - 1, "LANE"), _map_field(info, "pid", 0, 1 << 31, "LANE")
+    broken = info.get("broken", {})
+    if not isinstance(broken, dict) or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_SERVICE and isinstance(v, dict) for k, v in broken.items()):
+        raise ProtocolError(f"LANE broken must map service names to error maps, got {broken!r:.120}")
+    index, pid = _map_field(info, "lane", 0, MAX_LANES - 1, "LANE"), _map_field(info, "pid", 0, 1 << 31, "LANE")
+    return LaneInfo(key, index, pid, broken)
 
 
 def parse_lane_gone(info: dict[str, Any]) -> tuple[int, int]:

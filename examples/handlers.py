@@ -53,6 +53,37 @@ def mlp_forward(x: np.ndarray, seed: int = 0, d_hidden: int = 512, d_out: int = 
     return out
 
 
+class MLP:
+    """A resident service: the weights are made (or loaded) once per compute process, when the lane
+    starts, and every task reuses them. In YAML::
+
+        services:
+          mlp: {handler: "ndpipe.examples.handlers:MLP", init: {d_in: 256, seed: 0}}
+
+    ``weights`` may name an ``.npz`` file with arrays ``w1 b1 w2 b2`` instead of seeding them.
+    """
+
+    def __init__(self, d_in: int = 256, d_hidden: int = 512, d_out: int = 64, seed: int = 0,
+                 weights: str | None = None) -> None:
+        if weights is not None:
+            with np.load(weights) as npz:
+                self.params = tuple(np.array(npz[k]) for k in ("w1", "b1", "w2", "b2"))
+        else:
+            self.params = mlp_weights(seed, d_in, d_hidden, d_out)
+        for p in self.params:
+            p.setflags(write=False)  # shared by every task of this process: nobody may change them
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        w1, b1, w2, b2 = self.params
+        h = np.asarray(x, dtype=np.float64) @ w1 + b1
+        h = 0.5 * h * (1.0 + np.tanh(0.7978845608028654 * (h + 0.044715 * h**3)))
+        z = h @ w2 + b2
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return out
+
+
 def fail(message: str = "boom") -> None:
     """Always raises: shows how a handler's exception reaches the master."""
     raise ValueError(message)

@@ -257,7 +257,7 @@ def test_snapshot_is_plain_data() -> None:
     submit(s, b"c")
     list(s.dispatch(0.0))
     snap = s.snapshot(0.5)
-    assert snap["services"]["svc"] == {"queued": 1, "inflight": 2, "workers": 1, "lanes": 1, "slots": 2}
+    assert snap["services"]["svc"] == {"queued": 1, "inflight": 2, "workers": 1, "lanes": 1, "slots": 2, "broken": 0}
     assert snap["workers"][0]["info"] == {"host": "h"}
 
 
@@ -503,3 +503,66 @@ def test_max_queued_bounds_each_service_queue_alone() -> None:
     s.complete(b"w1", b"run")
     list(s.dispatch(1.0))
     assert submit(s, b"q4") is None and submit(s, b"q5") == P.QUEUE_FULL
+
+
+# ---- resident services whose constructor failed in a lane ------------------------------------------
+WHY = {"type": "ValueError", "message": "weights file is corrupt", "traceback": "Traceback ... ValueError"}
+
+
+def broken_lane(s: BrokerState, wid: bytes, services: list[str], broken: list[str], now: float = 0.0) -> LaneRecord:
+    host = s.worker_ready(wid, services, 1, now, name=wid.decode())
+    lane = s.lane_ready(wid, host.key, 0, now, pid=7, broken={name: WHY for name in broken})
+    assert lane is not None
+    return lane
+
+
+def test_a_lane_is_offered_no_task_of_a_service_it_could_not_build() -> None:
+    s = make()
+    lane = broken_lane(s, b"w1", ["lm", "echo"], ["lm"])
+    assert lane.services == ("echo",) and s.snapshot(0.0)["services"]["lm"]["broken"] == 1
+    submit(s, b"e", service="echo")
+    assert [(t.tid, w.wid) for t, w in s.dispatch(0.0)] == [(b"e", b"w1")]
+
+
+def test_a_service_no_live_lane_can_serve_fails_at_once_naming_the_constructor_error() -> None:
+    s = make()
+    broken_lane(s, b"w1", ["lm"], ["lm"])
+    assert submit(s, b"t", service="lm") is None
+    [failure] = s.take_failures()
+    assert failure.task.tid == b"t" and failure.code == P.UNAVAILABLE
+    assert "'lm'" in failure.details["message"] and "ValueError: weights file is corrupt" in failure.details["message"]
+    assert failure.details["traceback"] == WHY["traceback"] and failure.details["lanes"] == ["w1/0"]
+    assert b"t" not in s.tasks and s.counters["failed"] == 1
+
+
+def test_tasks_waiting_for_a_service_fail_when_a_lane_reports_it_broken() -> None:
+    s = make()
+    submit(s, b"t1", service="lm")
+    submit(s, b"t2", service="lm")
+    assert s.take_failures() == []  # nobody said anything yet: they wait (issue 13 bounds that wait)
+    broken_lane(s, b"w1", ["lm"], ["lm"])
+    assert sorted(f.task.tid for f in s.take_failures()) == [b"t1", b"t2"]
+
+
+def test_a_broken_lane_does_not_fail_work_that_another_lane_serves() -> None:
+    s = make()
+    broken_lane(s, b"w1", ["lm"], ["lm"])
+    ready(s, b"w2", ["lm"], 1)
+    submit(s, b"t", service="lm")
+    assert s.take_failures() == [] and [w.wid for _, w in s.dispatch(0.0)] == [b"w2"]
+
+
+def test_a_broken_report_goes_with_its_lane() -> None:
+    s = make()
+    lane = broken_lane(s, b"w1", ["lm"], ["lm"])
+    s.lane_gone(lane.wid, 1.0)
+    s.prune()
+    assert "lm" not in s.broken_by
+    submit(s, b"t", service="lm", now=1.0)
+    assert s.take_failures() == []  # no witness left: the task waits for a lane
+
+
+def test_broken_names_outside_the_workers_services_are_ignored() -> None:
+    s = make()
+    lane = broken_lane(s, b"w1", ["echo"], ["nosuch"])
+    assert lane.broken == {} and "nosuch" not in s.broken_by

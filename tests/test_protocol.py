@@ -95,8 +95,13 @@ def test_ready_info_is_checked(info: dict[str, Any]) -> None:
 
 
 def test_lane_info_needs_a_key_of_16_octets_and_an_index() -> None:
-    assert P.parse_lane({"key": b"k" * 16, "lane": 3, "pid": 9}) == (b"k" * 16, 3, 9)
+    assert P.parse_lane({"key": b"k" * 16, "lane": 3, "pid": 9}) == P.LaneInfo(b"k" * 16, 3, 9, {})
+    why = {"type": "TypeError", "message": "no"}
+    assert P.parse_lane({"key": b"k" * 16, "lane": 0, "pid": 9, "broken": {"lm": why}}).broken == {"lm": why}
     for bad in ({"key": b"k" * 15, "lane": 0, "pid": 1}, {"key": "k" * 16, "lane": 0, "pid": 1},
-                {"key": b"k" * 16, "lane": -1, "pid": 1}, {"key": b"k" * 16, "lane": 0}):
+                {"key": b"k" * 16, "lane": -1, "pid": 1}, {"key": b"k" * 16, "lane": 0},
+                {"key": b"k" * 16, "lane": 0, "pid": 1, "broken": ["lm"]},
+                {"key": b"k" * 16, "lane": 0, "pid": 1, "broken": {"lm": "TypeError"}},
+                {"key": b"k" * 16, "lane": 0, "pid": 1, "broken": {"": {}}}):
         with pytest.raises(ProtocolError):
             P.parse_lane(bad)

@@ -9,12 +9,13 @@ this is :mod:`ndpipe.worker.lane`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import resource
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -25,6 +26,7 @@ from ndpipe.errors import ConfigError, DecodeError, EncodeError
 log = logging.getLogger("ndpipe.compute")
 _limits = {"max_frame_bytes": P.MAX_FRAME_BYTES}  # set by main() from worker.max_frame_bytes
 Handler = Callable[..., Any]
+MAX_TRACEBACK = 16_000  # characters of constructors' tracebacks that travel in one LANE (each one's tail)
 
 
 def resolve(spec: str) -> Handler:
@@ -44,6 +46,46 @@ def resolve(spec: str) -> Handler:
     if not callable(obj):
         raise ConfigError(f"handler {spec!r} is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def check_service(name: str, spec: str, init: dict[str, Any] | None) -> None:
+    """What the daemon can check without running user code: the handler imports, and ``init``
+    goes with a class whose instances can be called."""
+    obj = resolve(spec)
+    if not inspect.isclass(obj):
+        if init is not None:
+            raise ConfigError(f"service {name!r}: init is for a class handler (a resident service); "
+                              f"{spec!r} is a {type(obj).__name__}")
+        return
+    if not any("__call__" in vars(klass) for klass in obj.__mro__):
+        raise ConfigError(f"service {name!r}: class {spec!r} has no __call__ method, so its instance "
+                          "cannot run tasks")
+
+
+def build_services(specs: dict[str, str], inits: dict[str, dict[str, Any]],
+                   memory_limit: int = 0) -> tuple[dict[str, Handler], dict[str, dict[str, Any]]]:
+    """(handlers, broken) for a lane: a function as it is; a class constructed once here with its
+    ``init``. A constructor that raises leaves that service broken (name -> error details, with the
+    traceback) instead of ending the lane, so a bad model never crash-loops a worker and the broker
+    can tell its callers why."""
+    handlers: dict[str, Handler] = {}
+    broken: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        obj = resolve(spec)
+        if not inspect.isclass(obj):
+            handlers[name] = obj
+            continue
+        try:
+            handlers[name] = cast(Handler, obj(**inits.get(name, {})))
+        except MemoryError:
+            why = MemoryError(f"the constructor of {spec!r} exceeded worker.memory_limit = {memory_limit} bytes")
+            broken[name] = error_details(why, False)
+        except Exception as exc:
+            broken[name] = error_details(exc)
+    for details in broken.values():  # the tails: LANE must stay a small control message however many broke
+        details["message"] = details["message"][:500]
+        details["traceback"] = details["traceback"][-max(200, MAX_TRACEBACK // len(broken)):]
+    return handlers, broken
 
 
 def error_details(exc: BaseException, with_tb: bool = True) -> dict[str, Any]:

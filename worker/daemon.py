@@ -71,8 +71,10 @@ class WorkerDaemon:
         self.cfg = config or WorkerConfig()
         self.services = {name: spec.handler for name, spec in self.cfg.services.items()}
         self.timeouts = {name: spec.timeout for name, spec in self.cfg.services.items()}
-        for spec in self.services.values():
-            compute.resolve(spec)  # fail at start, with the handler named, not in every lane
+        self.inits = {name: spec.init for name, spec in self.cfg.services.items() if spec.init is not None}
+        for name, spec in self.cfg.services.items():
+            compute.check_service(name, spec.handler, spec.init)  # fail at start, naming it, not in every lane
+        self.broken_logged: set[tuple[str, str]] = set()
         self.nlanes = self.cfg.effective_processes
         self.credit = self.cfg.lane_credit
         for var in BLAS_THREAD_VARS:  # lanes inherit: one compute process per core, no oversubscription
@@ -98,7 +100,7 @@ class WorkerDaemon:
         mine, theirs = self._mp.Pipe(duplex=True)
         slot = self._mp.RawValue(LaneSlot)
         args = LaneArgs(index, self.cfg.broker, self.services, self.timeouts, os.getpid(), self.cfg.max_frames,
-                        self.cfg.max_frame_bytes, self.cfg.memory_limit)
+                        self.cfg.max_frame_bytes, self.cfg.memory_limit, self.inits)
         proc = self._mp.Process(target=lane_main, name=f"ndpipe-lane-{index}", args=(args, theirs, slot))
         proc.start()
         theirs.close()
@@ -120,11 +122,27 @@ class WorkerDaemon:
         try:
             while lane.conn.poll(0):
                 msg = lane.conn.recv_bytes()
-                if msg[:1] == P.L_HELLO and msg[1:] == str(lane.proc.pid).encode():
-                    lane.ready = True
-                    self._join(lane)
+                if msg[:1] == P.L_HELLO:
+                    try:
+                        hello = unpack_map(msg[1:])
+                    except ProtocolError:
+                        hello = {}
+                    if hello.get("pid") == lane.proc.pid:
+                        lane.ready = True
+                        self._log_broken(lane, hello.get("broken") or {})
+                        self._join(lane)
         except (EOFError, OSError):
             self.poller.unregister(lane.conn.fileno())  # it ended: its sentinel follows
+
+    def _log_broken(self, lane: LaneProc, broken: dict[str, Any]) -> None:
+        """A resident service whose constructor failed in a lane: the lane stays up without it (the
+        broker routes it none of those tasks and fails them with UNAVAILABLE when no lane can serve
+        them). Logged once per service and exception type, not once per lane or respawn."""
+        for name, details in broken.items():
+            if (name, str(details.get("type"))) not in self.broken_logged:  # messages may name a pid: not them
+                self.broken_logged.add((name, str(details.get("type"))))
+                log.error("service %r is unavailable in lane %d: its constructor failed: %s: %s\n%s", name,
+                          lane.index, details.get("type"), details.get("message"), details.get("traceback", ""))
 
     def _on_lane_death(self, lane: LaneProc) -> None:
         self.poller.unregister(lane.proc.sentinel)

@@ -31,7 +31,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -103,23 +103,26 @@ class LaneArgs:
 
     index: int
     broker: str
-    services: dict[str, str]  # name -> "module:function"
+    services: dict[str, str]  # name -> "module:function" (or "module:Class", a resident service)
     timeouts: dict[str, float | None]  # per call, from the worker's YAML
     parent: int
     max_frames: int = P.MAX_FRAMES
     max_frame_bytes: int = P.MAX_FRAME_BYTES
     memory_limit: int = 0
+    init: dict[str, dict[str, Any]] = field(default_factory=dict)  # resident services' constructor kwargs
 
 
 class Lane:
     """The lane's loop: read what the broker sent, run it in order, answer; look at the pipe and the
     link between tasks."""
 
-    def __init__(self, args: LaneArgs, conn: Connection, slot: LaneSlot, handlers: dict[str, compute.Handler]) -> None:
+    def __init__(self, args: LaneArgs, conn: Connection, slot: LaneSlot, handlers: dict[str, compute.Handler],
+                 broken: dict[str, dict[str, Any]] | None = None) -> None:
         self.args = args
         self.conn = conn
         self.slot = slot
         self.handlers = handlers
+        self.broken = broken or {}  # services whose constructor failed here: the broker routes none to us
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
         self.watch: LinkWatch | None = None
@@ -139,7 +142,7 @@ class Lane:
         self.sock, self.watch = sock, LinkWatch(sock)
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.watch.monitor, zmq.POLLIN)
-        info = {"key": params["key"], "lane": self.args.index, "pid": os.getpid()}
+        info = {"key": params["key"], "lane": self.args.index, "pid": os.getpid(), "broken": self.broken}
         send_frames(sock, [P.WORKER, P.LANE, msgpack.packb(info, use_bin_type=True)])
 
     def _close_link(self, linger: int = 0) -> None:
@@ -252,10 +255,11 @@ def main(args: LaneArgs, conn: Connection, slot: LaneSlot) -> None:
     compute.limit_memory(args.memory_limit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the deadline timer ends the process, GIL or not
-    handlers = {name: compute.resolve(spec) for name, spec in args.services.items()}
+    handlers, broken = compute.build_services(args.services, args.init, args.memory_limit)
     write_slot(slot, IDLE)
-    lane = Lane(args, conn, slot, handlers)
-    conn.send_bytes(P.L_HELLO + str(os.getpid()).encode())
+    lane = Lane(args, conn, slot, handlers, broken)
+    conn.send_bytes(P.L_HELLO + msgpack.packb({"pid": os.getpid(), "broken": broken}, use_bin_type=True,
+                                              default=repr))
     try:
         lane.run()
     finally:
