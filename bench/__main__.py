@@ -20,6 +20,7 @@ BENCHES = {
     "broker_cost": "broker CPU per task, memory per queued task, CPU with 1,000 idle workers",
     "recovery": "kill -9 of a compute process / worker daemon: time until the task restarts",
     "dispatch": "broker CPU per dispatched task with 10 .. 4,000 workers: the O(log n) index against a scan",
+    "refs": "arrays sent once (Master.put): bytes through the broker and time, against the array in every task",
 }
 
 

@@ -37,3 +37,18 @@ def cpu_work(iterations: int) -> int:
     for i in range(iterations):
         x = (x * 1103515245 + 12345 + i) & 0xFFFFFFFF
     return x
+
+
+def pick(w: Any, i: int) -> float:
+    """One element of a (large) array: the task is the data movement, not the work (bench refs)."""
+    flat = w.reshape(-1)
+    return float(flat[i % flat.size])
+
+
+def raw_pick(frames: list[Any]) -> list[bytes]:
+    """``pick`` for the raw baseline: frame 0 the array's float64 bytes, frame 1 an index (8 octets)."""
+    import numpy as np
+
+    arr = np.frombuffer(frames[0].buffer, np.float64)
+    i = int.from_bytes(frames[1].bytes, "big")
+    return [arr[i % arr.size].tobytes()]

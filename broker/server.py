@@ -169,6 +169,11 @@ class Broker:
         elif command == P.BYE:
             dropped = self.state.master_gone(ident)
             log.info("master %s left; %d queued tasks dropped", ident.hex(), dropped)
+        elif command == P.DATA:
+            request, digest, meta, data = P.parse_data(msg)
+            worker = self.state.fetched(request, digest, len(data))
+            if worker is not None:  # forwarded untouched: the worker checks the digest
+                self._to_worker(worker, [P.WORKER, P.W_DATA, digest, meta, data])
         else:
             raise ProtocolError(f"unknown master command {command!r}")
 
@@ -249,6 +254,9 @@ class Broker:
         if command in (P.W_RESULT, P.W_ERROR):
             self._on_answer(rid, msg, now)
             return
+        if command == P.W_FETCH:
+            self._on_fetch(rid, msg, now)
+            return
         known = self._on_daemon(rid, command, msg, now)
         if not known:  # it lost us or we lost it: tell it to register again
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])
@@ -320,6 +328,19 @@ class Broker:
                         ", ".join(sorted(lane.broken)))
         else:
             log.debug("lane %s joined (pid %d)", lane.address, info.pid)
+
+    def _on_fetch(self, rid: bytes, msg: list[Any], now: float) -> None:
+        """A worker needs an array ref's bytes: ask the task's master, or answer at once why not."""
+        tid, digest = P.parse_w_fetch(msg)
+        self.state.worker_seen(rid, now)
+        found = self.state.fetch(rid, tid, digest, now)
+        if isinstance(found, str):
+            self._to_worker(rid, [P.WORKER, P.W_DATA, digest, b"", found.encode()])
+            return
+        master, request = found
+        if not self._to_master(master, [P.MASTER, P.FETCH, request, digest]):
+            self.state.fetched(request, digest, 0)
+            self._to_worker(rid, [P.WORKER, P.W_DATA, digest, b"", b"the task's master cannot be reached"])
 
     def _to_worker(self, wid: bytes, frames: list[Any]) -> bool:
         try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -77,8 +78,12 @@ class BrokerState:
         # service -> heap of (load, last dispatch, seq, version, worker): workers that may have credit
         self._free: dict[str, list[tuple[float, float, int, int, LaneRecord]]] = {}
         self._seq = itertools.count()
+        # array-ref fetches forwarded to masters: request -> (worker connection, digest, expires)
+        self.fetches: OrderedDict[bytes, tuple[bytes, bytes, float]] = OrderedDict()
+        self._fetch_ids = itertools.count(1)
         self.counters = dict.fromkeys(
-            ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped"), 0
+            ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped",
+             "fetched_bytes"), 0
         )
 
     @property
@@ -381,6 +386,33 @@ class BrokerState:
         self._finish(task)
         self.counters["failed"] += 1
         return task
+
+    # ---- array refs: bytes fetched from a task's master ---------------------------------------------
+    def fetch(self, sender: bytes, tid: bytes, digest: bytes, now: float) -> tuple[bytes, bytes] | str:
+        """A worker needs the bytes of an array ref in task ``tid``'s arguments: (master, request) to
+        forward FETCH to, or why not. Only the task's holder may ask (its lane or that lane's daemon),
+        and only the task's own master is asked: a worker cannot read another master's arrays."""
+        task = self._holder(sender, tid)
+        if task is None:
+            return "the task is not in flight at this worker"
+        if task.master not in self.masters:
+            return "the task's master is gone"
+        while self.fetches and next(iter(self.fetches.values()))[2] <= now:  # no DATA came: forget
+            self.fetches.popitem(last=False)
+        if len(self.fetches) >= P.FETCH_MAX:
+            return f"{P.FETCH_MAX} fetches already wait at the broker"
+        request = next(self._fetch_ids).to_bytes(8, "big")
+        self.fetches[request] = (sender, digest, now + P.FETCH_TIMEOUT)
+        return task.master, request
+
+    def fetched(self, request: bytes, digest: bytes, nbytes: int) -> bytes | None:
+        """A master's DATA: the worker connection to forward it to, or None (unknown or expired)."""
+        entry = self.fetches.get(request)
+        if entry is None or entry[1] != digest:
+            return None
+        del self.fetches[request]
+        self.counters["fetched_bytes"] += nbytes
+        return entry[0]
 
     # ---- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> Iterator[tuple[Task, LaneRecord]]:

@@ -112,6 +112,11 @@ def slow_pid(seconds: float) -> int:
     return os.getpid()
 
 
+def array_info(x: Any, scale: float = 1.0) -> list[Any]:
+    """What a handler sees of an array (from a ref or not): [writeable, sum × scale, shape, pid]."""
+    return [bool(x.flags.writeable), float(np.sum(x)) * scale, list(x.shape), os.getpid()]
+
+
 class Resident:
     """A resident service for the tests: counts its constructions (a file per pid in ``log_dir``)
     and its calls, so a test sees that each lane built it once, before its first task."""

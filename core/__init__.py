@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from ndpipe.master.client import Master
+    from ndpipe.refs import Ref
 
-__all__ = ["Master", "__version__"]
+__all__ = ["Master", "Ref", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from ndpipe.master.client import Master
 
         return Master
+    if name == "Ref":
+        from ndpipe.refs import Ref
+
+        return Ref
     raise AttributeError(name)

@@ -7,7 +7,13 @@ arrays travel zero-copy. Arrays and numpy scalars use msgpack-numpy's map format
     {b"nd": True, b"type": dtype.str, b"kind": b"", b"shape": [...], b"buf": i}  # in frame i
     {b"nd": False, b"type": dtype.str, b"data": <bytes>}  # numpy scalar
 
-plus ``b"order": b"F"`` for Fortran-ordered arrays. Python ``complex`` travels as a numpy
+plus ``b"order": b"F"`` for Fortran-ordered arrays, and for an array sent once
+(:class:`~ndpipe.refs.Ref`, ``Master.put``)::
+
+    {b"nd": True, b"ref": <16-octet digest>, b"type": dtype.str, b"kind": b"", b"shape": [...]}
+
+which only a decoder given ``refs`` (a worker's lane, which fetches and caches the bytes) turns into
+the array; anywhere else it is a DecodeError. Python ``complex`` travels as a numpy
 complex128 scalar; tuples decode as lists. Only dtype kinds b, i, u, f, c are supported.
 
 Reserved: a map with the bytes key ``b"nd"`` is always read as one of the maps above, so user dicts
@@ -31,6 +37,8 @@ import numpy as np
 import zmq
 
 from ndpipe.errors import DecodeError, EncodeError
+from ndpipe.protocol import DIGEST_BYTES
+from ndpipe.refs import Ref
 
 __all__ = [
     "DEFAULT_LIMITS", "INLINE_MAX", "Limits", "batch_length", "decode", "decode_batch", "decode_call",
@@ -43,7 +51,8 @@ INLINE_MAX: int = 64 * 1024
 Frames = Sequence[bytes | memoryview | zmq.Frame]
 
 _KINDS = frozenset("biufc")
-_ARRAY_KEYS = frozenset({b"nd", b"type", b"kind", b"shape", b"data", b"buf", b"order"})
+_ARRAY_KEYS = frozenset({b"nd", b"type", b"kind", b"shape", b"data", b"buf", b"order", b"ref"})
+RefResolver = Callable[[Ref], Any]  # a lane's: the array a ref names, read-only (DecodeError if gone)
 _SCALAR_KEYS = frozenset({b"nd", b"type", b"data"})
 _PLAIN: tuple[type[Any], ...] = (dict, str, bytes, float, int)  # targets for subclasses (strict_types)
 _DTYPE_CACHE: dict[str, np.dtype[Any]] = {}  # dtypes that passed the checks; bounded by _DTYPE_CACHE_MAX
@@ -106,6 +115,9 @@ def _make_default(inline_max: int, bufs: list[bytes | memoryview]) -> Callable[[
     def default(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
             return _encode_array(obj, inline_max, bufs)
+        if isinstance(obj, Ref):
+            out = {b"nd": True, b"ref": obj.digest, b"type": obj.dtype, b"kind": b"", b"shape": list(obj.shape)}
+            return {**out, b"order": b"F"} if obj.fortran else out
         if isinstance(obj, np.generic):
             return _encode_generic(obj)
         if isinstance(obj, complex):
@@ -128,6 +140,8 @@ def _locate(obj: Any, path: str, depth: int = 0) -> tuple[str, str] | None:
         return None
     if isinstance(obj, int):
         return None if -(2**63) <= obj < 2**64 else (path, "int out of int64/uint64 range")
+    if isinstance(obj, Ref):
+        return None
     if isinstance(obj, (np.ndarray, np.generic)):
         ok = obj.dtype.kind in _KINDS or (isinstance(obj, np.generic) and obj.dtype.kind in "US")
         return None if ok else (path, str(_unsupported(obj)))
@@ -248,7 +262,8 @@ def _array_source(obj: dict[Any, Any], bufs: Sequence[Any], used: list[bool]) ->
     return bufs[index - 1]
 
 
-def _from_map(obj: dict[Any, Any], bufs: Sequence[Any], used: list[bool], limits: Limits) -> Any:
+def _from_map(obj: dict[Any, Any], bufs: Sequence[Any], used: list[bool], limits: Limits,
+              refs: RefResolver | None = None) -> Any:
     """Turn a checked nd-map into an array or numpy scalar; raise DecodeError on anything odd."""
     nd = obj[b"nd"]
     if nd is False:
@@ -265,12 +280,25 @@ def _from_map(obj: dict[Any, Any], bufs: Sequence[Any], used: list[bool], limits
     order = obj.get(b"order", b"C")
     if order not in (b"C", b"F"):
         raise DecodeError(f"array order must be b'C' or b'F', got {order!r:.20}")
+    if b"ref" in obj:
+        return _from_ref(obj, dt, order == b"F", refs)
     data = _array_source(obj, bufs, used)
     if _nbytes(data) != nbytes:
         raise DecodeError(f"wrong byte count: {dt.str!r} {obj[b'shape']} needs {nbytes}, got {_nbytes(data)}")
     flat = np.frombuffer(data, dt, nbytes // dt.itemsize)
     arr = flat.reshape(obj[b"shape"], order="F" if order == b"F" else "C")
     return arr.copy(order="K") if b"data" in obj else arr  # inline: small, so hand out a writable copy
+
+
+def _from_ref(obj: dict[Any, Any], dt: np.dtype[Any], fortran: bool, refs: RefResolver | None) -> Any:
+    digest = obj[b"ref"]
+    if type(digest) is not bytes or len(digest) != DIGEST_BYTES:
+        raise DecodeError(f"array ref must be a {DIGEST_BYTES}-octet digest, got {digest!r:.40}")
+    if b"data" in obj or b"buf" in obj:
+        raise DecodeError("array ref map must not carry data or buf")
+    if refs is None:
+        raise DecodeError("an array ref (Master.put) is resolved only by a worker, not in a result")
+    return refs(Ref(digest, dt.str, tuple(obj[b"shape"]), fortran and len(obj[b"shape"]) > 1))
 
 
 def _no_ext(code: int, data: bytes) -> Any:
@@ -305,8 +333,9 @@ def _buffer(frame: Any) -> Any:
     return frame.buffer if isinstance(frame, zmq.Frame) else frame
 
 
-def decode(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Decode frames made by :func:`encode`; any problem raises :class:`DecodeError`."""
+def decode(frames: Frames, limits: Limits = DEFAULT_LIMITS, refs: RefResolver | None = None) -> Any:
+    """Decode frames made by :func:`encode`; any problem raises :class:`DecodeError`. ``refs`` turns
+    array refs into arrays (a lane's resolver); without it a ref is a DecodeError."""
     if not frames:
         raise DecodeError("empty message: no header frame")
     if len(frames) - 1 > limits.max_frames:
@@ -322,7 +351,7 @@ def decode(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> Any:
         if b"nd" not in obj:
             return obj
         try:
-            return _from_map(obj, bufs, used, limits)
+            return _from_map(obj, bufs, used, limits, refs)
         except DecodeError:
             raise
         except Exception as exc:  # e.g. numpy refusing a reshape: still the sender's fault
@@ -335,9 +364,10 @@ def decode(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> Any:
     return value
 
 
-def decode_call(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Any], dict[str, Any]]:
+def decode_call(frames: Frames, limits: Limits = DEFAULT_LIMITS,
+                refs: RefResolver | None = None) -> tuple[list[Any], dict[str, Any]]:
     """Decode a task payload made by :func:`encode_call` into ``(args, kwargs)``."""
-    value = decode(frames, limits)
+    value = decode(frames, limits, refs)
     if type(value) is not list or len(value) != 2 or type(value[0]) is not list or type(value[1]) is not dict:
         raise DecodeError(f"call payload must be [args list, kwargs dict], got {type(value).__name__}")
     args, kwargs = value
@@ -346,9 +376,10 @@ def decode_call(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> tuple[list[A
     return args, kwargs
 
 
-def decode_batch(frames: Frames, limits: Limits = DEFAULT_LIMITS) -> tuple[list[list[Any]], dict[str, Any]]:
+def decode_batch(frames: Frames, limits: Limits = DEFAULT_LIMITS,
+                 refs: RefResolver | None = None) -> tuple[list[list[Any]], dict[str, Any]]:
     """Decode a payload made by :func:`encode_batch` into ``([args, ...], kwargs)``."""
-    calls, kwargs = decode_call(frames, limits)
+    calls, kwargs = decode_call(frames, limits, refs)
     if not calls:
         raise DecodeError("batch payload holds no calls")
     for i, args in enumerate(calls):

@@ -141,6 +141,7 @@ class WorkerConfig(BaseModel):
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
     max_frame_bytes: int = _num(protocol.MAX_FRAME_BYTES, ge=1024, le=2**63 - 1)
     memory_limit: int = _num(0, ge=0, le=2**63 - 1)  # bytes of address space per compute process; 0 = none
+    cache_bytes: int = _num(protocol.CACHE_BYTES, ge=1 << 20, le=2**63 - 1)  # arrays sent once, per host
 
     @field_validator("services", mode="before")
     @classmethod

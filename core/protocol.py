@@ -35,6 +35,8 @@ PONG: Final = b"\x06"  # B->M  session token (16 bytes), interval_ms (u32 big-en
 RESULT: Final = b"\x07"  # B->M  task_id, payload...
 ERROR: Final = b"\x08"  # B->M  task_id, code, details
 STATUS_REPLY: Final = b"\x09"  # B->M  body (msgpack map)
+FETCH: Final = b"\x0a"  # B->M  request (8 octets), digest: a worker needs the bytes of an array ref
+DATA: Final = b"\x0b"  # M->B  request, digest, description, bytes (description empty: bytes = why not)
 
 # --- worker <-> broker commands (frame 1) ---------------------------------------------------------
 # A worker is a daemon connection (READY, HEARTBEAT, DRAIN, LANE_GONE, reports) and one connection per
@@ -50,6 +52,8 @@ DISCONNECT: Final = b"\x18"  # both; B->W means "unknown to me: register again"
 W_CANCEL: Final = b"\x19"  # B->W  task_id: stop running it, no reply needed (to the lane and its daemon)
 LANE: Final = b"\x1a"  # W->B  lane info (msgpack map: key, lane, pid[, broken]): this connection is lane i
 LANE_GONE: Final = b"\x1b"  # W->B  lane info (msgpack map: lane, pid): that lane's process ended
+W_FETCH: Final = b"\x1c"  # W->B  task_id, digest: the bytes of an array ref in that task's arguments
+W_DATA: Final = b"\x1d"  # B->W  digest, description, bytes (description empty: bytes = why not)
 
 
 # --- error codes (ASCII frame in ERROR / W_ERROR) -------------------------------------------------
@@ -87,6 +91,10 @@ MAX_SERVICES: Final = 10_000  # services with queued tasks; names are free text,
 MAX_FRAME_BYTES: Final = 1 << 30  # one frame; libzmq drops the link on a bigger one (ZMQ_MAXMSGSIZE)
 MAX_SLOTS: Final = 100_000  # READY's credit per lane, at most
 MAX_LANES: Final = 1024  # READY's lanes, at most
+DIGEST_BYTES: Final = 16  # an array ref's digest (BLAKE2b-128)
+FETCH_MAX: Final = 10_000  # fetches in flight at the broker (W_FETCH forwarded, no DATA yet)
+FETCH_TIMEOUT: Final = 60.0  # seconds a worker daemon waits for W_DATA before its lanes get an error
+CACHE_BYTES: Final = 1 << 30  # worker.cache_bytes: array refs one host keeps in shared memory
 LANE_CREDIT_MAX: Final = 64  # the reference worker's credit per lane (1 + its share of worker.prefetch)
 KEY_BYTES: Final = 16  # WELCOME's key: what a lane presents to join its worker
 HWM: Final = 100_000  # messages queued per peer on a host-to-host socket (sndhwm = rcvhwm)
@@ -104,6 +112,10 @@ def read_cap(max_frames: int) -> int:
 L_HELLO: Final = b"H"  # lane -> daemon: + msgpack map {pid, broken}: services built, ready to join
 L_JOIN: Final = b"J"  # daemon -> lane: + msgpack map {key, heartbeat_interval, liveness}: (re)join
 L_DRAIN: Final = b"D"  # daemon -> lane: finish what you hold, say DISCONNECT, exit 0
+L_FETCH: Final = b"F"  # lane -> daemon: + msgpack map {tid, digest}: I need this array's bytes
+L_DATA: Final = b"R"  # daemon -> lane: + msgpack map {digest, meta, size}, then its memfd (SCM_RIGHTS)
+L_NODATA: Final = b"N"  # daemon -> lane: + msgpack map {digest, why}: it cannot be had
+L_EVICT: Final = b"E"  # daemon -> lane: + digest: out of the host cache, drop your mapping
 EXIT_OUT_OF_MEMORY: Final = 86  # a lane's exit status after a handler's MemoryError
 EXIT_LINK_LOST: Final = 87  # a lane's broker connection broke, or the broker did not know it
 
@@ -330,6 +342,40 @@ def parse_task_ref(frames: Sequence[Frame], header: bytes) -> bytes:
     """CANCEL (master header) or W_CANCEL (worker header): header, command, task id."""
     check_header(frames, header, 3)
     return task_id_of(frames[2])
+
+
+def _digest_of(frame: Frame) -> bytes:
+    digest = _b(frame)
+    if len(digest) != DIGEST_BYTES:
+        raise ProtocolError(f"an array ref digest is {DIGEST_BYTES} octets, got {len(digest)}")
+    return digest
+
+
+def parse_fetch(frames: Sequence[Frame]) -> tuple[bytes, bytes]:
+    """FETCH (broker -> master): (request, digest)."""
+    check_header(frames, MASTER, 4)
+    request = _b(frames[2])
+    if not 0 < len(request) <= 16:
+        raise ProtocolError(f"FETCH request id must be 1..16 octets, got {len(request)}")
+    return request, _digest_of(frames[3])
+
+
+def parse_data(frames: Sequence[Frame]) -> tuple[bytes, bytes, bytes, Frame]:
+    """DATA (master -> broker): (request, digest, description, bytes frame, untouched)."""
+    check_header(frames, MASTER, 6)
+    return _b(frames[2]), _digest_of(frames[3]), _b(frames[4]), frames[5]
+
+
+def parse_w_fetch(frames: Sequence[Frame]) -> tuple[bytes, bytes]:
+    """W_FETCH (worker -> broker): (task id, digest)."""
+    check_header(frames, WORKER, 4)
+    return task_id_of(frames[2]), _digest_of(frames[3])
+
+
+def parse_w_data(frames: Sequence[Frame]) -> tuple[bytes, bytes, Frame]:
+    """W_DATA (broker -> worker): (digest, description, bytes frame)."""
+    check_header(frames, WORKER, 5)
+    return _digest_of(frames[2]), _b(frames[3]), frames[4]
 
 
 def control_frame(frames: Sequence[Frame], header: bytes, optional: bool = False) -> bytes:

@@ -47,8 +47,20 @@ from ndpipe.errors import (
     TaskTimeout,
     error_from_code,
 )
-from ndpipe.master.ioloop import Cancel, Channel, Close, Command, IOLoop, Status, StatusWithdrawn, Submit
+from ndpipe.master.ioloop import (
+    Cancel,
+    Channel,
+    Close,
+    Command,
+    IOLoop,
+    Put,
+    Release,
+    Status,
+    StatusWithdrawn,
+    Submit,
+)
 from ndpipe.master.state import Pending
+from ndpipe.refs import Ref, make_ref
 
 log = logging.getLogger("ndpipe.master")
 MAX_CHUNK = 1024  # calls per batch chosen automatically by map()
@@ -375,13 +387,35 @@ class Master:
                     self._post(StatusWithdrawn(request))
             raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
 
+    def put(self, array: Any) -> Ref:
+        """Send an array once: a small content-addressed :class:`~ndpipe.refs.Ref` to pass in any
+        task's arguments (also nested) instead of the array. Each worker host fetches the bytes from
+        this master once, keeps them in shared memory for all its lanes (``worker.cache_bytes``), and
+        the handler receives the array itself, read-only. The master keeps a copy until
+        :meth:`release` or :meth:`close`; the same content always gives the same ref."""
+        ref, kept = make_ref(array)
+        with self._lock:
+            self._check_open()
+            self._post(Put(ref.digest, ref.meta(), kept))
+        return ref
+
+    def release(self, ref: Ref) -> None:
+        """Stop serving ``ref`` (hosts that cached it keep their copy until it is evicted); a task
+        that needs it where it is not cached then fails with BadRequest saying so."""
+        if not isinstance(ref, Ref):
+            raise TypeError(f"release() takes a Ref from put(), got {type(ref).__name__}")
+        with self._lock:
+            self._check_open()
+            self._post(Release(ref.digest))
+
     @property
     def counters(self) -> dict[str, int]:
         """What this master saw: ``late_answers`` (answers for tasks already resolved: a task that ran
         twice after a requeue or a resend, or one answered after its timeout or cancel; each dropped,
-        never delivered twice) and ``resends`` (times every outstanding task was resent)."""
+        never delivered twice), ``resends`` (times every outstanding task was resent) and ``fetches``
+        (array refs' bytes asked for by workers, :meth:`put`)."""
         loop = self._loop
-        return dict(loop.state.counters) if loop is not None else {"late_answers": 0, "resends": 0}
+        return dict(loop.state.counters) if loop is not None else {"late_answers": 0, "resends": 0, "fetches": 0}
 
     def close(self) -> None:
         """Say BYE, fail what is outstanding, stop the I/O thread. Idempotent and thread-safe."""

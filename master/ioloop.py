@@ -67,11 +67,23 @@ class StatusWithdrawn:
 
 
 @dataclass(slots=True, frozen=True)
+class Put:
+    digest: bytes
+    meta: bytes
+    array: Any
+
+
+@dataclass(slots=True, frozen=True)
+class Release:
+    digest: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class Close:
     pass
 
 
-Command = Submit | Cancel | Status | StatusWithdrawn | Close
+Command = Submit | Cancel | Status | StatusWithdrawn | Put | Release | Close
 
 
 class Channel:
@@ -272,6 +284,10 @@ class IOLoop:
                 self._send_all(self.state.status(command.request, command.future))
             elif isinstance(command, StatusWithdrawn):
                 self.state.status_withdrawn(command.request)
+            elif isinstance(command, Put):
+                self.state.put(command.digest, command.meta, command.array)
+            elif isinstance(command, Release):
+                self.state.release(command.digest)
             else:
                 self.closing = True
                 self.channel.ring()  # the I/O thread must see it, even if a user thread runs this pass

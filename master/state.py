@@ -31,6 +31,7 @@ from ndpipe.codec import Limits, decode, decode_outcomes
 from ndpipe.config import MasterConfig
 from ndpipe.errors import BrokerUnreachable, DecodeError, ProtocolError, error_from_code
 from ndpipe.link import BrokerLink
+from ndpipe.refs import raw_bytes
 from ndpipe.transport import unpack_map
 
 log = logging.getLogger("ndpipe.master")
@@ -74,7 +75,8 @@ class MasterState:
         self.resend_due = False  # an event may have lost messages: resend at the next PONG
         self.lost_since: float | None = None
         self.limits = Limits(max_frames=cfg.max_frames)
-        self.counters = {"late_answers": 0, "resends": 0}
+        self.counters = {"late_answers": 0, "resends": 0, "fetches": 0}
+        self.refs: dict[bytes, tuple[bytes, Any]] = {}  # put(): digest -> (description, read-only array)
 
     def next_wake(self) -> float:
         """When :meth:`tick` next has something to do."""
@@ -99,6 +101,13 @@ class MasterState:
     def status_withdrawn(self, request: bytes) -> None:
         self.status_waiters.pop(request, None)
 
+    def put(self, digest: bytes, meta: bytes, array: Any) -> None:
+        """Hold an array for the workers that fetch it (until :meth:`release` or the master closes)."""
+        self.refs[digest] = (meta, array)
+
+    def release(self, digest: bytes) -> None:
+        self.refs.pop(digest, None)
+
     # ---- from the broker ----------------------------------------------------------------------
     def on_message(self, frames: Frames, now: float) -> list[Frames]:
         """One message from the broker (without routing id). Raises ProtocolError if malformed."""
@@ -113,6 +122,14 @@ class MasterState:
             self._on_error(*P.parse_error(frames))
         elif command == P.PONG:
             return self._on_pong(*P.parse_pong(frames), now)
+        elif command == P.FETCH:
+            request, digest = P.parse_fetch(frames)
+            held = self.refs.get(digest)
+            self.counters["fetches"] += 1
+            if held is None:
+                why = "its master does not hold it (released, or put() by another master)"
+                return [[P.MASTER, P.DATA, request, digest, b"", why.encode()]]
+            return [[P.MASTER, P.DATA, request, digest, held[0], raw_bytes(held[1])]]
         elif command == P.STATUS_REPLY:
             body, request = P.parse_status_reply(frames)
             future = self.status_waiters.pop(request, None)

@@ -55,6 +55,7 @@ TEST_SERVICES: dict[str, Any] = {
     "deaf": {"handler": "ndpipe.chaos.handlers:hang_deaf", "timeout": 0.5},
     "reciprocal": "ndpipe.examples.handlers:reciprocal",
     "zeros": "ndpipe.chaos.handlers:zeros",
+    "array_info": "ndpipe.chaos.handlers:array_info",
     "crash_on": "ndpipe.chaos.handlers:crash_on",
 }
 

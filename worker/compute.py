@@ -20,7 +20,7 @@ from typing import Any, cast
 import msgpack
 
 from ndpipe import protocol as P
-from ndpipe.codec import DEFAULT_LIMITS, Limits, decode_batch, decode_call, encode
+from ndpipe.codec import DEFAULT_LIMITS, Limits, RefResolver, decode_batch, decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError
 
 log = logging.getLogger("ndpipe.compute")
@@ -104,16 +104,17 @@ def error_frames(tid: bytes, code: str, exc: BaseException, with_tb: bool = True
 
 def run_task(
     handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any], max_frames: int = P.MAX_FRAMES,
-    flags: int = 0,
+    flags: int = 0, refs: RefResolver | None = None,
 ) -> list[Any]:
-    """Decode, call, encode; every failure becomes an error message, never an exception."""
+    """Decode (``refs`` turns array refs into arrays), call, encode; every failure becomes an error
+    message, never an exception."""
     handler = handlers.get(service)
     if handler is None:
         return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
     if flags & P.FLAG_BATCH:
-        return run_batch(handler, tid, service, payload, max_frames)
+        return run_batch(handler, tid, service, payload, max_frames, refs)
     try:
-        args, kwargs = decode_call(payload, Limits(max_frames=max_frames))
+        args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
     except DecodeError as exc:
         return error_frames(tid, P.BAD_REQUEST, exc, False)
     try:
@@ -157,7 +158,8 @@ def _encode_result(tid: bytes, result: Any, max_frames: int) -> list[Any] | str:
     return [P.W_RESULT, tid, *frames]
 
 
-def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], max_frames: int) -> list[Any]:
+def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], max_frames: int,
+              refs: RefResolver | None = None) -> list[Any]:
     """Run every call of a batch in order; a raising call fails alone.
 
     The result is ``[values, errors]``: one value per call in call order (None where it failed) and
@@ -166,7 +168,7 @@ def run_batch(handler: Handler, tid: bytes, service: str, payload: list[Any], ma
     message) the batch fails as a whole and the master resubmits its calls one by one.
     """
     try:
-        calls, kwargs = decode_batch(payload, Limits(max_frames=max_frames))
+        calls, kwargs = decode_batch(payload, Limits(max_frames=max_frames), refs)
     except DecodeError as exc:
         return error_frames(tid, P.BAD_REQUEST, exc, False)
     values: list[Any] = []

@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -43,6 +44,7 @@ from ndpipe.link import BrokerLink
 from ndpipe.runtime import StopSignal
 from ndpipe.transport import Throttle, configure, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
+from ndpipe.worker.cache import Entry, Fetches, RefCache
 from ndpipe.worker.lane import LINK_LOST, RUNNING, LaneArgs, LaneSlot, SlotView, read_slot
 from ndpipe.worker.lane import main as lane_main
 
@@ -94,6 +96,8 @@ class WorkerDaemon:
         self._malformed = Throttle(log)
         self._dropped = Throttle(log)
         self._mp = mp.get_context("spawn")
+        self.cache = RefCache(self.cfg.cache_bytes)  # arrays sent once (Master.put), for all lanes
+        self.fetches = Fetches()
 
     # ---- lanes ----------------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
@@ -131,8 +135,69 @@ class WorkerDaemon:
                         lane.ready = True
                         self._log_broken(lane, hello.get("broken") or {})
                         self._join(lane)
+                elif msg[:1] == P.L_FETCH:
+                    self._on_fetch(lane, unpack_map(msg[1:]))
         except (EOFError, OSError):
             self.poller.unregister(lane.conn.fileno())  # it ended: its sentinel follows
+
+    # ---- arrays sent once ---------------------------------------------------------------------------
+    def _on_fetch(self, lane: LaneProc, ask: dict[str, Any]) -> None:
+        """A lane needs an array ref's bytes: from the host cache, or fetched once for all who ask."""
+        digest, tid = ask.get("digest"), ask.get("tid")
+        if not isinstance(digest, bytes) or not isinstance(tid, bytes):
+            return
+        entry = self.cache.get(digest)
+        if entry is not None:
+            self._give(lane, digest, entry)
+        elif self.fetches.want(digest, tid, lane, time.monotonic()):
+            self._send_broker([P.WORKER, P.W_FETCH, tid, digest])
+
+    def _on_data(self, frames: list[Any]) -> None:
+        digest, meta, data = P.parse_w_data(frames)
+        waiters: list[LaneProc] = [w for w in self.fetches.done(digest) if self._current(w)]
+        if not waiters:
+            return
+        buf = data.buffer if isinstance(data, zmq.Frame) else data
+        admitted = self.cache.admit(digest, meta, buf) if meta else bytes(buf).decode("utf-8", "replace")
+        if isinstance(admitted, str):
+            log.warning("array ref %s unavailable: %s", digest.hex(), admitted)
+            for lane in waiters:
+                self._deny(lane, digest, admitted)
+            return
+        entry, evicted = admitted
+        for old in evicted:
+            for each in self.lanes.values():
+                self._tell(each, P.L_EVICT + old)
+        for lane in waiters:
+            self._give(lane, digest, entry)
+
+    def _current(self, lane: LaneProc) -> bool:
+        """Still the lane at its index (a waiter that died and was replaced is not)."""
+        return self.lanes.get(lane.index) is lane
+
+    def _give(self, lane: LaneProc, digest: bytes, entry: Entry) -> None:
+        if self._tell(lane, P.L_DATA + msgpack.packb({"digest": digest, "meta": entry.meta, "size": entry.size})):
+            try:
+                reduction.send_handle(lane.conn, entry.fd, lane.proc.pid or 0)
+            except OSError:
+                pass  # it is dying: its sentinel says so next
+
+    def _deny(self, lane: LaneProc, digest: bytes, why: str) -> None:
+        self._tell(lane, P.L_NODATA + msgpack.packb({"digest": digest, "why": why}))
+
+    def _tell(self, lane: LaneProc, message: bytes) -> bool:
+        try:
+            lane.conn.send_bytes(message)
+            return True
+        except OSError:
+            return False
+
+    def _expire_fetches(self, now: float) -> None:
+        for digest, waiting in self.fetches.expired(now):
+            why = f"no answer from the task's master within {self.fetches.timeout:g} s"
+            for w in waiting:
+                if self._current(w):
+                    self._deny(w, digest, why)
 
     def _log_broken(self, lane: LaneProc, broken: dict[str, Any]) -> None:
         """A resident service whose constructor failed in a lane: the lane stays up without it (the
@@ -252,6 +317,8 @@ class WorkerDaemon:
         elif command == P.DISCONNECT:
             log.warning("broker does not know this worker: registering again")
             self._connect(now)
+        elif command == P.W_DATA:
+            self._on_data(frames)
         elif command == P.W_CANCEL:
             tid = P.parse_task_ref(frames, P.WORKER)
             for lane, view in self._running():
@@ -316,7 +383,7 @@ class WorkerDaemon:
             if self.draining and (not self.lanes or now >= drain_until):
                 break
             next_beat = self.link.next_beat if self.sock is not None else float("inf")
-            wake = min(next_beat, drain_until, now + 1.0)
+            wake = min(next_beat, drain_until, now + 1.0, self.fetches.next_expiry())
             events = dict(self.poller.poll(int(max(0.0, wake - now) * 1000)))
             now = time.monotonic()
             if stop.fd in events:
@@ -325,6 +392,7 @@ class WorkerDaemon:
             if self.sock is None and all(lane.ready for lane in self.lanes.values()) and not self.draining:
                 self._connect(now)
             self._check_deadlines(now)
+            self._expire_fetches(now)
             if self.sock is not None and self.link.beat_due(now):
                 self._heartbeat(now)
         self._send_broker([P.WORKER, P.DISCONNECT])
@@ -364,6 +432,7 @@ class WorkerDaemon:
             lane.conn.close()
         if self.sock is not None:
             self.sock.close(linger=1000)  # let the last reports and DISCONNECT reach the broker
+        self.cache.close()
         if self._own_ctx:
             self.ctx.term()
 

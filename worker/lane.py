@@ -27,20 +27,24 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack
+import numpy as np
 import zmq
 
 from ndpipe import protocol as P
 from ndpipe.codec import batch_length
-from ndpipe.errors import ProtocolError
+from ndpipe.errors import DecodeError, ProtocolError
+from ndpipe.refs import Ref
 from ndpipe.runtime import die_with_parent
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
@@ -123,6 +127,10 @@ class Lane:
         self.slot = slot
         self.handlers = handlers
         self.broken = broken or {}  # services whose constructor failed here: the broker routes none to us
+        self.refs: dict[bytes, tuple[mmap.mmap | None, bytes]] = {}  # arrays sent once: digest -> (map, meta)
+        self.deferred: list[bytes] = []  # pipe messages that came while a task waited for an array
+        self.tid = b""  # the task running (a fetch names it: the broker asks that task's master)
+        self.denied: tuple[bytes, str] | None = None  # the last L_NODATA: (digest, why)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
         self.watch: LinkWatch | None = None
@@ -156,15 +164,65 @@ class Lane:
     def _on_pipe(self) -> bool:
         """Messages from the daemon; False when it is gone (the pipe closed)."""
         try:
-            while self.conn.poll(0):
-                msg = self.conn.recv_bytes()
+            while self.deferred or self.conn.poll(0):
+                msg = self.deferred.pop(0) if self.deferred else self.conn.recv_bytes()
                 if msg[:1] == P.L_JOIN:
                     self._join(unpack_map(msg[1:]))
                 elif msg[:1] == P.L_DRAIN:
                     self.draining = True
+                else:
+                    self._on_ref_message(msg)
         except (EOFError, OSError):
             return False
         return True
+
+    # ---- arrays sent once (Master.put) ---------------------------------------------------------------
+    def _on_ref_message(self, msg: bytes) -> None:
+        """L_DATA (map the memfd that follows it), L_NODATA (kept in ``denied``), L_EVICT."""
+        if msg[:1] == P.L_DATA:
+            info = unpack_map(msg[1:])
+            fd = reduction.recv_handle(self.conn)  # always taken, or the next message would be misread
+            try:
+                size = int(info["size"])
+                self.refs[info["digest"]] = (mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None, info["meta"])
+            finally:
+                os.close(fd)
+        elif msg[:1] == P.L_NODATA:
+            info = unpack_map(msg[1:])
+            self.denied = (bytes(info["digest"]), str(info["why"]))
+        elif msg[:1] == P.L_EVICT:
+            self.refs.pop(msg[1:], None)  # a handler still holding the array keeps the mapping alive
+
+    def _ref(self, ref: Ref) -> Any:
+        """The array a ref names, read-only: mapped from the host's copy, fetched first if needed."""
+        if ref.digest not in self.refs:
+            self._fetch(ref.digest)
+        mm, meta = self.refs[ref.digest]
+        if meta != ref.meta():
+            raise DecodeError(f"array ref {ref.digest.hex()}: the bytes under that digest describe another array")
+        if mm is None:
+            arr = np.empty(ref.shape, ref.dtype)
+            arr.setflags(write=False)
+            return arr
+        flat = np.frombuffer(mm, ref.dtype, ref.nbytes // np.dtype(ref.dtype).itemsize)
+        return flat.reshape(ref.shape, order="F" if ref.fortran else "C")
+
+    def _fetch(self, digest: bytes) -> None:
+        """Ask the daemon and wait for its answer (bounded: it answers within FETCH_TIMEOUT); other
+        pipe messages meanwhile are kept for after the task."""
+        self.conn.send_bytes(P.L_FETCH + msgpack.packb({"tid": self.tid, "digest": digest}, use_bin_type=True))
+        self.denied = None
+        deadline = time.monotonic() + P.FETCH_TIMEOUT + 10
+        while digest not in self.refs:
+            if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise DecodeError(f"array ref {digest.hex()}: no answer from the worker daemon")
+            msg = self.conn.recv_bytes()
+            if msg[:1] in (P.L_DATA, P.L_NODATA, P.L_EVICT):
+                self._on_ref_message(msg)
+                if self.denied is not None and self.denied[0] == digest:
+                    raise DecodeError(f"array ref {digest.hex()} cannot be had: {self.denied[1]}")
+            else:
+                self.deferred.append(msg)
 
     def _link_lost(self, why: str) -> None:
         """Tasks may have been lost on the way: start over as a fresh lane (the daemon respawns us and
@@ -210,8 +268,9 @@ class Lane:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, timeout)  # SIGALRM's default action ends the process
         try:
+            self.tid = task.tid
             reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
-                                     task.flags)
+                                     task.flags, self._ref)
         except MemoryError:
             # Exhausted memory leaves a process in no state to go on: exit with a status the daemon
             # turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
@@ -230,7 +289,7 @@ class Lane:
                 events = dict(self.poller.poll(0 if self.queue else 1000))
                 if not events and not self.queue and os.getppid() != self.args.parent:
                     return  # the daemon is gone (PR_SET_PDEATHSIG covers most cases; this the rest)
-                if self.conn.fileno() in events and not self._on_pipe():
+                if (self.deferred or self.conn.fileno() in events) and not self._on_pipe():
                     return
                 if self.watch is not None and self.watch.monitor in events:
                     back = self.watch.came_back()
