@@ -21,6 +21,7 @@ BENCHES = {
     "recovery": "kill -9 of a compute process / worker daemon: time until the task restarts",
     "dispatch": "broker CPU per dispatched task with 10 .. 4,000 workers: the O(log n) index against a scan",
     "refs": "arrays sent once (Master.put): bytes through the broker and time, against the array in every task",
+    "stages": "a 4-stage pipeline routed by the broker against four round trips (ndpipe and raw)",
 }
 
 

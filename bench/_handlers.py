@@ -52,3 +52,15 @@ def raw_pick(frames: list[Any]) -> list[bytes]:
     arr = np.frombuffer(frames[0].buffer, np.float64)
     i = int.from_bytes(frames[1].bytes, "big")
     return [arr[i % arr.size].tobytes()]
+
+
+def add_one(x: Any) -> Any:
+    """A tiny pipeline stage (bench stages): ``x + 1``."""
+    return x + 1
+
+
+def raw_add_one(frames: list[Any]) -> list[bytes]:
+    """``add_one`` for the raw baseline: frame 0 float64 bytes, returned plus one."""
+    import numpy as np
+
+    return [(np.frombuffer(frames[0].buffer, np.float64) + 1).tobytes()]

@@ -58,7 +58,7 @@ def ndpipe_rows(arr: np.ndarray[Any, Any], tasks: int) -> list[tuple[str, float,
 
 def raw_row(arr: np.ndarray[Any, Any], tasks: int) -> tuple[str, float, int]:
     with RawBaseline(workers=4, handler="ndpipe.bench._handlers:raw_pick") as raw:
-        payload = [arr, (0).to_bytes(8, "big")]
+        payload: list[Any] = [arr, (0).to_bytes(8, "big")]
         raw.run(2, WINDOW, payload)  # warm-up
         wall = raw.run(tasks, WINDOW, payload)
     return ("raw inline (C zmq.proxy, 4 processes)", wall, (arr.nbytes + 8) * tasks)

@@ -30,6 +30,8 @@ class Task:
     worker: bytes | None = None
     state: str = QUEUED
     flags: int = 0  # OPTIONS flags, passed on to the worker in META (e.g. FLAG_BATCH)
+    stages: tuple[str, ...] = ()  # a pipeline's services; ``service`` is stages[stage]
+    stage: int = 0
 
 
 @dataclass(slots=True, eq=False)

@@ -189,7 +189,9 @@ class Broker:
         # from (up to 7.5 KiB per queued task when SUBMITs trickle in). Large ones stay zero-copy.
         payload = [f if len(f) >= ZERO_COPY_MIN else f.bytes for f in sub.payload]
         tid = sub.tid
-        code = self.state.submit(ident, tid, service, payload, now, sub.timeout_ms, sub.max_attempts, sub.flags)
+        stages = tuple(sys.intern(name) for name in sub.stages)
+        code = self.state.submit(ident, tid, service, payload, now, sub.timeout_ms, sub.max_attempts, sub.flags,
+                                 stages)
         if code == P.QUEUE_FULL:
             if service in self.state.queues:
                 why = f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"
@@ -230,9 +232,14 @@ class Broker:
             log.debug("cannot reach master %s: %s", ident.hex(), exc)
             return False
 
-    def _error(self, ident: bytes, tid: bytes, code: str, details: dict[str, Any]) -> None:
+    def _error(self, ident: bytes, tid: bytes, code: str, details: dict[str, Any], task: Task | None = None) -> None:
         body = msgpack.packb(details, use_bin_type=True)
-        self._to_master(ident, [P.MASTER, P.ERROR, tid, code.encode(), body])
+        self._to_master(ident, [P.MASTER, P.ERROR, tid, code.encode(), body, *self._stage(task)])
+
+    @staticmethod
+    def _stage(task: Task | None) -> list[bytes]:
+        """ERROR's frame 5 for a pipeline: the stage that failed (PROTOCOL.md §5.5)."""
+        return [task.stage.to_bytes(2, "big")] if task is not None and task.stages else []
 
     # ---- workers: daemons and lanes ------------------------------------------------------------------
     def _on_worker(self, frames: list[Any]) -> None:
@@ -291,7 +298,10 @@ class Broker:
         tid, code, body = P.parse_answer(msg)
         known = self.state.lane_seen(rid) | self.state.worker_seen(rid, now)
         if code is None:
-            task = self.state.complete(rid, tid)
+            held = self.state.tasks.get(tid)
+            if held is not None and held.stages:  # the next stage's input: small frames copied, as at SUBMIT
+                body = [f if len(f) >= ZERO_COPY_MIN else frame_bytes(f) for f in body]
+            task = self.state.complete(rid, tid, body)
             if task is not None:
                 self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *body])
         else:
@@ -303,7 +313,7 @@ class Broker:
                     pass
             task = self.state.fail(rid, tid, code, now, why)
             if task is not None:
-                self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), body[0]])
+                self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), body[0], *self._stage(task)])
         if not known:
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])
 
@@ -363,7 +373,7 @@ class Broker:
                 log.warning("lane %s unreachable (%s): its tasks requeued", rec.address, exc)
                 self.state.lane_gone(rec.wid, now, penalize=False)
         for failure in self.state.take_failures():
-            self._error(failure.task.master, failure.task.tid, failure.code, failure.details)
+            self._error(failure.task.master, failure.task.tid, failure.code, failure.details, failure.task)
         for lane, tid in self.state.take_cancels():  # queued in the lane: it drops it; running: its daemon kills it
             self._to_worker(lane.wid, [P.WORKER, P.W_CANCEL, tid])
             if lane.host.hid != lane.wid:

@@ -83,7 +83,7 @@ class BrokerState:
         self._fetch_ids = itertools.count(1)
         self.counters = dict.fromkeys(
             ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped",
-             "fetched_bytes"), 0
+             "staged", "fetched_bytes"), 0
         )
 
     @property
@@ -128,8 +128,10 @@ class BrokerState:
         timeout_ms: int = 0,
         max_attempts: int = 0,
         flags: int = 0,
+        stages: tuple[str, ...] = (),
     ) -> str | None:
-        """Queue a task. Return None when queued or a duplicate, else the error code to send."""
+        """Queue a task (of a pipeline: its first stage). Return None when queued or a duplicate, else
+        the error code to send."""
         if tid in self.tasks:
             self.counters["duplicates"] += 1
             return None
@@ -146,7 +148,7 @@ class BrokerState:
             return P.QUEUE_FULL
         deadline = now + timeout_ms / 1000.0 if timeout_ms else None
         task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline,
-                    flags=flags)
+                    flags=flags, stages=stages)
         self.tasks[tid] = task
         queue.push(task)
         if deadline is not None:
@@ -359,17 +361,36 @@ class BrokerState:
             lane.inflight.discard(task.tid)
             self._offer(lane)
 
-    def complete(self, lid: bytes, tid: bytes) -> Task | None:
+    def complete(self, lid: bytes, tid: bytes, result: list[Any] | None = None) -> Task | None:
         """A lane answered; return the task to deliver, or None if the answer is not the holder's
-        (late, from a lane presumed dead, or unknown): the task is then still owed by its holder."""
+        (late, from a lane presumed dead, or unknown: the task is then still owed by its holder) or
+        it was a pipeline stage before the last (``result`` becomes the next stage's input)."""
         task = self._holder(lid, tid)
         if task is None:
             self.counters["dropped"] += 1
             return None
         self._release(task)
+        if task.stage + 1 < len(task.stages):
+            self._next_stage(task, result or [])
+            return None
         self._finish(task)
         self.counters["completed"] += 1
         return task
+
+    def _next_stage(self, task: Task, result: list[Any]) -> None:
+        """The stage's result frames, untouched, are the next stage's input: queued at the head of its
+        service's queue (a pipeline under way finishes before new ones start), attempts counted anew."""
+        task.stage += 1
+        task.service = task.stages[task.stage]
+        task.payload, task.flags = result, P.FLAG_CHAINED
+        task.attempt, task.state, task.worker = 0, QUEUED, None
+        self.counters["staged"] += 1
+        queue = self.queues.get(task.service)
+        if queue is None:
+            queue = self.queues[task.service] = ServiceQueue()
+        queue.push(task, front=True)
+        self._dirty.add(task.service)
+        self._fail_unservable(task.service)
 
     def fail(self, sender: bytes, tid: bytes, code: str, now: float, why: str = "") -> Task | None:
         """A lane or its daemon reported an error. CRASHED is retried (attempt check); others go to the

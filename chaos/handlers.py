@@ -155,3 +155,19 @@ class Hog:
 
 class NotCallable:
     """A class without ``__call__``: a worker must refuse it as a handler at start."""
+
+
+class Tally:
+    """A pipeline stage for the tests: ``x + add`` after ``seconds``, appending its pid to
+    ``log_dir/name.calls`` at the start of every call (so a test counts each stage's runs)."""
+
+    def __init__(self, log_dir: str, name: str, add: float = 1.0, seconds: float = 0.0) -> None:
+        self.path = os.path.join(log_dir, f"{name}.calls")
+        self.add, self.seconds = add, seconds
+
+    def __call__(self, x: Any) -> Any:
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if self.seconds:
+            time.sleep(self.seconds)
+        return x + self.add

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgpack
 import zmq
 
 from ndpipe.errors import ProtocolError
@@ -74,7 +75,10 @@ META: Final = struct.Struct("!HIH")  # attempt (1-based), timeout_ms (0 = none),
 
 # --- task flags (OPTIONS, META) ------------------------------------------------------------------
 FLAG_BATCH: Final = 0x0001  # the payload is a batch of calls; the result is a list of outcomes
-KNOWN_FLAGS: Final = FLAG_BATCH  # a SUBMIT with any other bit set gets BAD_REQUEST
+FLAG_PIPELINE: Final = 0x0002  # SUBMIT: frame 2 is a msgpack array of stages; each stage's result feeds the next
+FLAG_CHAINED: Final = 0x0004  # TASK only: the payload is one value (the previous stage's result), the argument
+KNOWN_FLAGS: Final = FLAG_BATCH | FLAG_PIPELINE  # a SUBMIT with any other bit set gets BAD_REQUEST
+MAX_STAGES: Final = 16  # services in one pipeline
 MAX_TASK_ID: Final = 64  # bytes
 REQUEST_ID_MAX: Final = 64  # bytes: a STATUS request id, echoed in STATUS_REPLY
 MAX_SERVICE: Final = 255  # bytes, UTF-8
@@ -209,6 +213,27 @@ class SubmitMsg:
     max_attempts: int
     flags: int
     payload: list[Any]
+    stages: tuple[str, ...] = ()  # FLAG_PIPELINE: every stage, ``service`` the first
+
+
+def pack_stages(stages: Sequence[str]) -> bytes:
+    """SUBMIT frame 2 of a pipeline: a msgpack array of its services."""
+    return bytes(msgpack.packb(list(stages), use_bin_type=True))
+
+
+def parse_stages(frame: Frame) -> tuple[str, ...]:
+    raw = _b(frame)
+    if len(raw) > MAX_STAGES * (MAX_SERVICE + 3) + 3:
+        raise ProtocolError(f"pipeline stages frame of {len(raw)} octets is too long")
+    try:
+        stages = msgpack.unpackb(raw, raw=False, max_array_len=MAX_STAGES + 1, max_str_len=MAX_SERVICE)
+    except Exception as exc:
+        raise ProtocolError(f"pipeline stages are not a msgpack array of service names: {exc}") from exc
+    if (not isinstance(stages, list) or not 2 <= len(stages) <= MAX_STAGES
+            or not all(isinstance(s, str) and 0 < len(s.encode()) <= MAX_SERVICE for s in stages)):
+        raise ProtocolError(f"a pipeline names 2..{MAX_STAGES} services (str of 1..{MAX_SERVICE} octets), "
+                            f"got {stages!r:.120}")
+    return tuple(stages)
 
 
 def submit_id(frames: Sequence[Frame]) -> bytes:
@@ -228,13 +253,16 @@ def parse_submit(frames: Sequence[Frame], max_frames: int) -> SubmitMsg:
             raise ProtocolError(f"SUBMIT needs at least {SUBMIT_FRAMES} frames, got {len(frames)}")
         if len(frames) - SUBMIT_FRAMES > max_frames:
             raise ProtocolError(f"SUBMIT has {len(frames) - SUBMIT_FRAMES} payload buffer frames (limit {max_frames})")
-        service = service_of(frames[2])
         timeout_ms, max_attempts, flags = parse_options(frames[4])
+        stages = parse_stages(frames[2]) if flags & FLAG_PIPELINE else ()
+        if flags & FLAG_PIPELINE and flags & FLAG_BATCH:
+            raise ProtocolError("a pipeline cannot be a batch (FLAG_PIPELINE with FLAG_BATCH)")
+        service = stages[0] if stages else service_of(frames[2])
     except ProtocolError as exc:
         if tid:
             raise BadSubmit(str(exc), tid) from exc
         raise
-    return SubmitMsg(service, tid, timeout_ms, max_attempts, flags, list(frames[5:]))
+    return SubmitMsg(service, tid, timeout_ms, max_attempts, flags, list(frames[5:]), stages)
 
 
 def parse_status(frames: Sequence[Frame]) -> bytes:
@@ -392,11 +420,12 @@ def parse_result(frames: Sequence[Frame]) -> tuple[bytes, list[Any]]:
     return task_id_of(frames[2]), list(frames[3:])
 
 
-def parse_error(frames: Sequence[Frame]) -> tuple[bytes, str, bytes]:
-    """ERROR at the master: (task id, code as sent, details bytes). The code is taken as it comes (a
-    newer broker's code fails the task as a plain TaskError)."""
+def parse_error(frames: Sequence[Frame]) -> tuple[bytes, str, bytes, int | None]:
+    """ERROR at the master: (task id, code as sent, details bytes, the pipeline stage that failed or
+    None). The code is taken as it comes (a newer broker's code fails the task as a plain TaskError)."""
     check_header(frames, MASTER, 5)
-    return task_id_of(frames[2]), _b(frames[3]).decode("ascii", "replace"), _b(frames[4])
+    stage = int.from_bytes(_b(frames[5]), "big") if len(frames) > 5 and len(_b(frames[5])) == 2 else None
+    return task_id_of(frames[2]), _b(frames[3]).decode("ascii", "replace"), _b(frames[4]), stage
 
 
 def parse_pong(frames: Sequence[Frame]) -> tuple[bytes, float]:

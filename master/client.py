@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from itertools import islice
@@ -165,8 +165,8 @@ class Master:
         self._check_open()
         return self._enqueue(service, encode_call(list(args), kwargs or {}), timeout, attempts)
 
-    def _enqueue(self, service: str, payload: list[Any], timeout: float | None, attempts: int,
-                 flags: int = 0, batch: int = 0) -> Future[Any]:
+    def _enqueue(self, service: str | bytes, payload: list[Any], timeout: float | None, attempts: int,
+                 flags: int = 0, batch: int = 0, stages: tuple[str, ...] = ()) -> Future[Any]:
         """Check the frames, take a window slot, hand the task to the I/O thread."""
         self._check_frames(payload)
         options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, flags)
@@ -176,7 +176,8 @@ class Master:
         future: Future[Any] = LoopFuture(self._drive)
         deadline = time.monotonic() + timeout if timeout else None
         tid = self._tid_prefix + next(self._tid_counter).to_bytes(8, "big")
-        pending = Pending(tid, service.encode(), options, payload, future, deadline, batch)
+        frame = service.encode() if isinstance(service, str) else service
+        pending = Pending(tid, frame, options, payload, future, deadline, batch, stages)
         with self._lock:
             if self._closed or self._error is not None:
                 self._slots.release()
@@ -234,10 +235,15 @@ class Master:
             yield from self._map_batched(service, calls, timeout, size)
 
     def _map_single(self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None) -> Iterator[Any]:
+        return self._in_order(lambda args: self.call(service, args, timeout=timeout), calls)
+
+    def _in_order(self, start: Callable[[Any], Future[Any]], items: Iterable[Any]) -> Iterator[Any]:
+        """Start one task per item, at most ``window`` ahead of the consumer; results in item order.
+        The first error raises; the tasks not yet answered are then cancelled."""
         futures: deque[Future[Any]] = deque()
         try:
-            for args in calls:
-                futures.append(self.call(service, args, timeout=timeout))
+            for item in items:
+                futures.append(start(item))
                 while futures and (futures[0].done() or len(futures) >= self.window):
                     yield futures.popleft().result()
             while futures:
@@ -245,6 +251,41 @@ class Master:
         finally:
             for future in futures:
                 future.cancel()
+
+    # ---- pipelines: stages routed by the broker, no master round trip between them ------------------
+    def pipeline(self, stages: Sequence[str], x: Any, *, timeout: float | None = None,
+                 max_attempts: int | None = None) -> Future[Any]:
+        """Run ``x`` through ``stages`` (2..16 service names): ``stages[0](x)``, then each stage's result
+        is the next one's only argument, forwarded by the broker untouched, never back here between
+        stages. Returns a Future of the last stage's result. Each stage is retried on its own (a lane
+        lost in stage 3 reruns stage 3 only, up to ``max_attempts``) and keeps its service's
+        timeout; ``timeout`` bounds the whole pipeline. An error names the stage that failed."""
+        names = self._check_stages(stages)
+        timeout = self.timeout if timeout is None else timeout
+        attempts = self.cfg.max_attempts if max_attempts is None else max_attempts
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+        self._check_open()
+        return self._enqueue(P.pack_stages(names), encode_call([x], {}), timeout, attempts, P.FLAG_PIPELINE,
+                             stages=names)
+
+    def pipeline_map(self, stages: Sequence[str], items: Iterable[Any], *,
+                     timeout: float | None = None) -> Iterator[Any]:
+        """:meth:`pipeline` for each item, streamed: up to ``window`` pipelines in flight, so the stages
+        work on different items at once; results in input order, like :meth:`map`. The first error
+        raises and the pipelines not yet answered are cancelled."""
+        names = self._check_stages(stages)
+        return self._in_order(lambda x: self.pipeline(names, x, timeout=timeout), items)
+
+    @staticmethod
+    def _check_stages(stages: Sequence[str]) -> tuple[str, ...]:
+        names = (stages,) if isinstance(stages, str) else tuple(stages)
+        if not 2 <= len(names) <= P.MAX_STAGES:
+            raise ValueError(f"a pipeline has 2..{P.MAX_STAGES} stages, got {len(names)} (one stage: use call)")
+        for name in names:
+            if not isinstance(name, str) or not 0 < len(name.encode()) <= P.MAX_SERVICE:
+                raise ValueError(f"a stage is a service name of 1..{P.MAX_SERVICE} octets, got {name!r:.80}")
+        return names
 
     def _map_batched(
         self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None, size: int

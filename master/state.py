@@ -51,6 +51,7 @@ class Pending:
     future: Future[Any]
     deadline: float | None
     batch: int = 0  # FLAG_BATCH tasks: number of calls (the result is that many outcomes)
+    stages: tuple[str, ...] = ()  # a pipeline's services (errors name the stage that failed)
 
 
 @dataclass(slots=True)
@@ -151,7 +152,7 @@ class MasterState:
         else:
             resolve(p.future, value=value)
 
-    def _on_error(self, tid: bytes, code: str, body: bytes) -> None:
+    def _on_error(self, tid: bytes, code: str, body: bytes, stage: int | None) -> None:
         p = self.pending.pop(tid, None)
         if p is None:
             self.counters["late_answers"] += 1
@@ -160,6 +161,10 @@ class MasterState:
             details = unpack_map(body, ERROR_DETAILS_MAX)
         except ProtocolError as exc:
             details = {"message": f"undecodable error details: {exc}"}
+        if stage is not None and stage < len(p.stages):
+            name = p.stages[stage]
+            details = {**details, "stage": stage, "service": name,
+                       "message": f"pipeline stage {stage} ({name!r}): {details.get('message', code)}"}
         resolve(p.future, error=error_from_code(code, p.tid.hex(), details))
 
     def _on_pong(self, session: bytes, broker_interval: float, now: float) -> list[Frames]:
@@ -223,7 +228,8 @@ class MasterState:
                 continue
             del self.pending[tid]
             timeout = P.OPTIONS.unpack(p.options)[0] / 1000
-            error = error_from_code(P.TIMEOUT, tid.hex(), {"message": f"no result within {timeout:g} s"})
+            what = f" from pipeline {list(p.stages)}" if p.stages else ""
+            error = error_from_code(P.TIMEOUT, tid.hex(), {"message": f"no result within {timeout:g} s{what}"})
             resolve(p.future, error=error)
             out.append([P.MASTER, P.CANCEL, tid])
         return out

@@ -21,6 +21,8 @@ EXPECTED = {
     "broker_cost": ["bytes/task", "idle workers"],
     "recovery": ["compute", "daemon"],
     "dispatch": ["index ÷ scan", "1,000"],
+    "refs": ["ndpipe put", "ndpipe inline", "raw inline"],
+    "stages": ["ndpipe pipeline", "ndpipe 4 master round trips", "raw 4 round trips"],
 }
 
 

@@ -47,8 +47,8 @@ def test_fixed_structs_round_trip() -> None:
     assert P.parse_options(P.OPTIONS.pack(1500, 3, 0)) == (1500, 3, 0)
     assert P.parse_meta(P.META.pack(2, 99, P.FLAG_BATCH)) == (2, 99, P.FLAG_BATCH)
     assert P.parse_options(P.OPTIONS.pack(0, 0, P.FLAG_BATCH)) == (0, 0, P.FLAG_BATCH)
-    with pytest.raises(ProtocolError, match="unknown task flags 0x0002"):
-        P.parse_options(P.OPTIONS.pack(0, 0, 0x0003))
+    with pytest.raises(ProtocolError, match="unknown task flags 0x0004"):
+        P.parse_options(P.OPTIONS.pack(0, 0, 0x0007))  # FLAG_CHAINED is the broker's, never a master's
     assert P.error_code_of(b"SOME_NEW_CODE") == "SOME_NEW_CODE"  # forwarded, not dropped
 
 

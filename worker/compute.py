@@ -20,7 +20,7 @@ from typing import Any, cast
 import msgpack
 
 from ndpipe import protocol as P
-from ndpipe.codec import DEFAULT_LIMITS, Limits, RefResolver, decode_batch, decode_call, encode
+from ndpipe.codec import DEFAULT_LIMITS, Limits, RefResolver, decode, decode_batch, decode_call, encode
 from ndpipe.errors import ConfigError, DecodeError, EncodeError
 
 log = logging.getLogger("ndpipe.compute")
@@ -113,8 +113,12 @@ def run_task(
         return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
     if flags & P.FLAG_BATCH:
         return run_batch(handler, tid, service, payload, max_frames, refs)
+    kwargs: dict[str, Any] = {}
     try:
-        args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
+        if flags & P.FLAG_CHAINED:  # a pipeline stage after the first: the previous stage's result is the argument
+            args = [decode(payload, Limits(max_frames=max_frames), refs)]
+        else:
+            args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
     except DecodeError as exc:
         return error_frames(tid, P.BAD_REQUEST, exc, False)
     try:

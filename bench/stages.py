@@ -1,0 +1,104 @@
+"""Stage pipelines routed by the broker: a 4-stage pipeline against four master round trips (ndpipe)
+and four raw pyzmq round trips through a C zmq.proxy, latency and throughput, in the same run.
+
+    python -m ndpipe.bench stages        # or: python bench/stages.py   (--help for options)
+
+Four tiny stages (``bench._handlers:add_one``: ``x + 1`` on a 1 KiB float64 array), 2 worker daemons
+× 2 lanes; the raw baseline has 4 echo processes computing the same. Latency: one input at a time,
+p50 and p99 of the whole 4-stage computation. Throughput: N inputs with up to ``window`` in flight —
+``pipeline_map`` against ``map`` stage by stage (each stage's results back at the master before the
+next stage starts) and the raw client pipelining 4 × N requests. Every result is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ndpipe.bench._common import SERVICES, bench_cluster, machine_line
+from ndpipe.bench._raw import RawBaseline
+
+STAGES = ["s0", "s1", "s2", "s3"]
+
+
+def pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def ndpipe_rows(x: np.ndarray[Any, Any], calls: int, items: int, window: int) -> list[tuple[str, float, float, float]]:
+    services = {**SERVICES, **{s: "ndpipe.bench._handlers:add_one" for s in STAGES}}
+    rows = []
+    with bench_cluster(2, 2, services=services) as cluster, cluster.master(window=window) as m:
+        for _ in range(20):  # warm-up
+            m.pipeline(STAGES, x).result(30)
+        lat = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            y = m.pipeline(STAGES, x).result(30)
+            lat.append(time.perf_counter() - t0)
+        assert np.array_equal(y, x + 4)
+        t0 = time.perf_counter()
+        out = list(m.pipeline_map(STAGES, (x for _ in range(items))))
+        through = items / (time.perf_counter() - t0)
+        assert all(np.array_equal(o, x + 4) for o in out)
+        rows.append(("ndpipe pipeline (broker-routed)", statistics.median(lat), pct(lat, 0.99), through))
+        lat = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            y = x
+            for s in STAGES:
+                y = m.call(s, (y,)).result(30)
+            lat.append(time.perf_counter() - t0)
+        assert np.array_equal(y, x + 4)
+        t0 = time.perf_counter()
+        ys: list[Any] = [x] * items
+        for s in STAGES:
+            ys = list(m.map(s, ys, chunksize=1))
+        through = items / (time.perf_counter() - t0)
+        assert all(np.array_equal(o, x + 4) for o in ys)
+        rows.append(("ndpipe 4 master round trips", statistics.median(lat), pct(lat, 0.99), through))
+    return rows
+
+
+def raw_row(x: np.ndarray[Any, Any], calls: int, items: int, window: int) -> tuple[str, float, float, float]:
+    with RawBaseline(workers=4, handler="ndpipe.bench._handlers:raw_add_one") as raw:
+        for _ in range(20):
+            raw.roundtrip(x)
+        lat = []
+        for _ in range(calls):
+            lat.append(sum(raw.roundtrip(x) for _ in STAGES))  # 4 round trips (each adds 1 to x)
+        wall = raw.run(items * len(STAGES), window, x)
+    return ("raw 4 round trips (C zmq.proxy)", statistics.median(lat), pct(lat, 0.99), items / wall)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--calls", type=int, default=500, help="sequential inputs for the latency rows")
+    ap.add_argument("--items", type=int, default=5000, help="inputs for the throughput rows")
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="100 calls, 500 items: a smoke run")
+    args = ap.parse_args(argv)
+    calls, items = (100, 500) if args.quick else (args.calls, args.items)
+    print(machine_line())
+    x = np.arange(128.0)  # 1 KiB
+    print(f"stages: 4 stages of x + 1 on a 1 KiB array; {calls} sequential inputs, {items} streamed "
+          f"(window {args.window}); ndpipe 2 daemons × 2 lanes, raw 4 processes\n")
+    rows = [*ndpipe_rows(x, calls, items, args.window), raw_row(x, calls, items, args.window)]
+    raw_p50 = rows[-1][1]
+    head = f"{'configuration':<36} {'p50 ms':>8} {'p99 ms':>8} {'p50 ÷ raw':>9} {'inputs/s':>10}"
+    print(head)
+    print("-" * len(head))
+    for name, p50, p99, through in rows:
+        print(f"{name:<36} {p50 * 1e3:8.3f} {p99 * 1e3:8.3f} {p50 / raw_p50:9.2f} {through:10,.0f}")
+    print("\n(p50/p99: one input through all 4 stages; inputs/s: all of them with the window in flight. The raw "
+          "baseline's inputs/s is 4 × N single requests pipelined, ÷ 4)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
