@@ -18,9 +18,11 @@ from collections.abc import Callable
 from ndpipe.chaos.checker import Report
 from ndpipe.chaos.scenarios import Params
 
-MODULES = ("ndpipe.chaos.scenarios", "ndpipe.chaos.partition", "ndpipe.chaos.load", "ndpipe.chaos.links")
+MODULES = ("ndpipe.chaos.scenarios", "ndpipe.chaos.partition", "ndpipe.chaos.load", "ndpipe.chaos.links",
+           "ndpipe.chaos.stages")
 ORDER = ("workers_killed", "worker_frozen", "task_hangs", "broker_crashes", "partition", "master_dies",
-         "overload", "garbage", "worker_oom", "master_frozen", "master_link_cut", "master_link_silent")
+         "overload", "garbage", "worker_oom", "master_frozen", "master_link_cut", "master_link_silent",
+         "pipeline_killed", "cache_pressure")
 
 
 def scenarios() -> dict[str, Callable[[Params], Report]]:

@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +94,8 @@ class Report:
 class History:
     """Thread-safe record of submissions and of every answer delivered to the caller."""
 
-    def __init__(self) -> None:
+    def __init__(self, expect: Callable[[int, int], Any] = expected) -> None:
+        self.expect = expect  # the one correct value of task (tid, size)
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self.sizes: dict[int, int] = {}  # tid -> array size of the task's input
@@ -161,7 +162,7 @@ class History:
                     report.wrong += 1
                 elif first[0] != tid:
                     report.unexpected += 1  # another task's answer reached this caller
-                elif first[1] != expected(tid, size):
+                elif first[1] != self.expect(tid, size):
                     report.wrong += 1
                 else:
                     report.ok += 1

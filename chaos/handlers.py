@@ -171,3 +171,35 @@ class Tally:
         if self.seconds:
             time.sleep(self.seconds)
         return x + self.add
+
+
+class Relay:
+    """A later pipeline stage for the chaos runs: logs a start for the task its input belongs to (in
+    ``log_dir``, as ``work`` does), sleeps ``seconds``, and passes ``[tid, value]`` on unchanged."""
+
+    def __init__(self, log_dir: str = "", seconds: float = 0.0) -> None:
+        self.log_dir, self.seconds = log_dir, seconds
+
+    def __call__(self, prev: list[Any]) -> list[Any]:
+        start = _log_start(self.log_dir, int(prev[0]))
+        if self.seconds:
+            time.sleep(self.seconds)
+        return [prev[0], prev[1], os.getpid(), start]
+
+
+def ref_work(tid: int, x: Any, log_dir: str = "") -> list[Any]:
+    """``[tid, checksum of x's bytes, pid, start]``: ``x`` arrives as an array ref (cache pressure).
+    A checksum of every byte, not a float sum: a sum's rounding depends on the BLAS threads."""
+    start = _log_start(log_dir, tid)
+    return [tid, checksum(x), os.getpid(), start]
+
+
+def checksum(x: Any) -> str:
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).hexdigest()
+
+
+def work_from(args: list[Any]) -> list[Any]:
+    """``work(*args)`` as a pipeline's first stage (a stage takes one argument)."""
+    return work(*args)

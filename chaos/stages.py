@@ -1,0 +1,137 @@
+"""Scenarios for the stateful features (issue 10): lanes killed under stage pipelines, and arrays
+sent once under cache pressure. Same checker as the others: nothing lost, duplicated, unexpected
+or wrong, errors exactly as expected, every planned task submitted, recovery within its bound."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
+from ndpipe.chaos.handlers import SERVICES, checksum
+from ndpipe.chaos.scenarios import SIZE, Params, finish, slack
+from ndpipe.cluster import Cluster
+from ndpipe.master import Master
+
+STAGES = ["first", "relay1", "relay2"]
+
+
+def pipelines_in_background(m: Master, hist: History, tids: Iterable[int], seconds: float,
+                            log_dir: str) -> threading.Thread:
+    """Submit ``work(tid) → relay1 → relay2`` for every id from a thread (``pipeline`` blocks on a
+    full window); each answer must be work's value, carried through both relays."""
+    def run() -> None:
+        for tid in tids:
+            try:
+                hist.track(tid, SIZE, m.pipeline(STAGES, [tid, SIZE, seconds, log_dir]))
+            except Exception as exc:  # a refused submit is an answer too: the caller saw it
+                hist.submitted(tid, SIZE)
+                hist.deliver(tid, exc)
+    thread = threading.Thread(target=run, name="chaos-pipelines", daemon=True)
+    thread.start()
+    return thread
+
+
+def pipeline_killed(p: Params) -> Report:
+    """kill -9 a random lane every 0.5–1 s while 3-stage pipelines run on 2 daemons × 2 lanes."""
+    tasks, kills = p.n(4_000, 600), (4 if p.short else 20)
+    gap = (0.2, 0.4) if p.short else (0.5, 1.0)
+    seconds = max(0.001, kills * statistics.mean(gap) * 4 / (3 * tasks) * 1.3)  # per stage; outlasts the kills
+    report = Report("pipeline_killed", f"kill -9 of a random lane every {gap[0]}–{gap[1]} s, {kills} kills; "
+                    f"{tasks:,} pipelines of 3 stages × {seconds * 1000:.1f} ms (work → relay1 → relay2, the "
+                    "relays resident) on 2 daemons × 2 lanes", recovery={"stage rerun s": []},
+                    bounds={"stage rerun s": 1.0 + slack(p)}, planned=tasks)
+    root = tempfile.mkdtemp(prefix="ndpc-")  # the relays' init names the log dir inside it
+    relay = {"handler": "ndpipe.chaos.handlers:Relay", "init": {"log_dir": f"{root}/starts", "seconds": seconds}}
+    services = {**SERVICES, "first": "ndpipe.chaos.handlers:work_from", "relay1": relay, "relay2": relay}
+    try:
+        _pipelines_under_kills(Cluster(services, broker={"max_attempts": 10}, root=root), p, report, tasks,
+                               kills, gap, seconds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def _pipelines_under_kills(cluster: Cluster, p: Params, report: Report, tasks: int, kills: int,
+                           gap: tuple[float, float], seconds: float) -> None:
+    rng = random.Random(p.seed)
+    with cluster as c:
+        c.start_broker()
+        workers = [c.start_worker(2), c.start_worker(2)]
+        with c.master() as m:
+            c.wait_slots(m, 4, service="relay1")
+            hist, t0 = History(), time.monotonic()
+            submitter = pipelines_in_background(m, hist, range(tasks), seconds, c.log_dir)
+            victims: list[tuple[int, float]] = []
+            deadline = t0 + 30 + 3 * kills
+            while len(victims) < kills and time.monotonic() < deadline:
+                time.sleep(rng.uniform(*gap))
+                pids = sorted(pid for w in workers for pid in c.lane_pids(w))
+                if not pids:
+                    continue
+                pid = rng.choice(pids)
+                t_kill = time.monotonic()
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                victims.append((pid, t_kill))
+            submitter.join(p.wait(120))
+            finish(c, hist, report, p.wait(300), t0)
+            starts = read_starts(c.log_dir)
+            for pid, t_kill in victims:
+                report.recovery["stage rerun s"] += restarts_after(starts, {pid}, t_kill)[1]
+            report.checks[f"{kills} kills made"] = len(victims) >= kills
+            counters = m.status()["counters"]
+            report.checks["every pipeline passed both relays at the broker"] = counters["staged"] >= 2 * tasks
+            report.notes.append(f"broker counters: staged {counters['staged']:,}, completed "
+                                f"{counters['completed']:,}, requeued {counters['requeued']:,}")
+
+
+def cache_pressure(p: Params) -> Report:
+    """Tasks over many arrays sent once, together 3× worker.cache_bytes: evictions, refetches, and
+    every answer still computed from the right array."""
+    arrays, mib = 12, 4
+    tasks = p.n(3_000, 400)
+    cache = arrays * mib // 3 << 20
+    report = Report("cache_pressure", f"{tasks:,} tasks, each on one of {arrays} arrays of {mib} MiB sent once "
+                    f"(Master.put) at random, worker.cache_bytes = {cache >> 20} MiB per host; 2 daemons × 2 "
+                    "lanes", planned=tasks)
+    rng = random.Random(p.seed)
+    data = [np.random.default_rng(j).standard_normal(mib << 17) for j in range(arrays)]  # mib MiB of float64
+    truth = [checksum(x) for x in data]
+    pick = [rng.randrange(arrays) for _ in range(tasks)]
+    services = {**SERVICES, "ref_work": "ndpipe.chaos.handlers:ref_work"}
+    with Cluster(services, worker={"cache_bytes": cache}) as c:
+        c.start_broker()
+        c.start_worker(2)
+        c.start_worker(2)
+        with c.master() as m:
+            c.wait_slots(m, 4, service="ref_work")
+            refs = [m.put(x) for x in data]
+            hist, t0 = History(expect=lambda tid, size: truth[pick[tid]]), time.monotonic()
+            for tid in range(tasks):
+                hist.track(tid, SIZE, m.call("ref_work", (tid, refs[pick[tid]], c.log_dir)))
+            finish(c, hist, report, p.wait(300), t0)
+            fetched = m.status()["counters"]["fetched_bytes"]
+            distinct = len(set(pick)) * (mib << 20)
+            report.checks["arrays were evicted and fetched again (fetched > distinct bytes × 2 hosts)"] = \
+                fetched > 2 * distinct
+            report.notes.append(f"fetched through the broker: {fetched / 2**20:,.0f} MiB for {tasks:,} tasks "
+                                f"({distinct / 2**20:,.0f} MiB distinct; without put: {tasks * mib:,} MiB)")
+    return report
+
+
+SCENARIOS: dict[str, Callable[[Params], Report]] = {
+    "pipeline_killed": pipeline_killed,
+    "cache_pressure": cache_pressure,
+}
