@@ -125,7 +125,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ndpipe.demo import run_demo
 
     setup_logging(args.log_level or "WARNING")
-    return run_demo(workers=args.workers, processes=args.processes, rows=args.rows, shards=args.shards)
+    return run_demo(workers=args.workers, processes=args.processes, rows=args.rows, shards=args.shards,
+                    lm_batches=args.lm_batches)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -177,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", parents=[common], help="local broker + workers + a data-parallel MLP job")
+    p = sub.add_parser("demo", parents=[common],
+                       help="local broker + workers: a data-parallel MLP job and a model-parallel transformer LM")
     p.add_argument("--workers", type=int, default=2, help="worker daemons")
     p.add_argument("--processes", type=int, default=1, help="compute processes per worker")
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--shards", type=int, default=64)
+    p.add_argument("--lm-batches", type=int, default=16, help="batches through the LM's stage pipeline (0: skip)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", parents=[common], help="check or show the effective configuration")
