@@ -32,6 +32,7 @@ class Task:
     flags: int = 0  # OPTIONS flags, passed on to the worker in META (e.g. FLAG_BATCH)
     stages: tuple[str, ...] = ()  # a pipeline's services; ``service`` is stages[stage]
     stage: int = 0
+    parts: int = 0  # FLAG_STREAM: parts forwarded to the master so far
 
 
 @dataclass(slots=True, eq=False)

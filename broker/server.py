@@ -169,6 +169,11 @@ class Broker:
         elif command == P.BYE:
             dropped = self.state.master_gone(ident)
             log.info("master %s left; %d queued tasks dropped", ident.hex(), dropped)
+        elif command == P.ACK:
+            tid, seq = P.parse_ack(msg, P.MASTER)
+            lane = self.state.ack(ident, tid)
+            if lane is not None:
+                self._to_worker(lane, [P.WORKER, P.W_ACK, tid, seq.to_bytes(4, "big")])
         elif command == P.DATA:
             request, digest, meta, data = P.parse_data(msg)
             worker = self.state.fetched(request, digest, len(data))
@@ -263,6 +268,13 @@ class Broker:
             return
         if command == P.W_FETCH:
             self._on_fetch(rid, msg, now)
+            return
+        if command == P.W_PART:
+            tid, seq, payload = P.parse_part(msg, P.WORKER)
+            self.state.lane_seen(rid)
+            task = self.state.part(rid, tid, seq)
+            if task is not None:
+                self._to_master(task.master, [P.MASTER, P.PART, tid, seq.to_bytes(4, "big"), *payload])
             return
         known = self._on_daemon(rid, command, msg, now)
         if not known:  # it lost us or we lost it: tell it to register again
@@ -374,6 +386,8 @@ class Broker:
                 self.state.lane_gone(rec.wid, now, penalize=False)
         for failure in self.state.take_failures():
             self._error(failure.task.master, failure.task.tid, failure.code, failure.details, failure.task)
+        for lane, tid in self.state.take_stops():  # a stream its master closed: the lane stops the generator
+            self._to_worker(lane.wid, [P.WORKER, P.W_CANCEL, tid])
         for lane, tid in self.state.take_cancels():  # queued in the lane: it drops it; running: its daemon kills it
             self._to_worker(lane.wid, [P.WORKER, P.W_CANCEL, tid])
             if lane.host.hid != lane.wid:

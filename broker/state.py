@@ -72,6 +72,8 @@ class BrokerState:
         self.masters: dict[bytes, tuple[float, int, bytes]] = {}  # id -> (expires, session number, id)
         self.failures: list[Failure] = []  # filled by state changes, drained by the loop
         self.cancels: list[tuple[LaneRecord, bytes]] = []  # (lane, task): W_CANCEL to send (lane and daemon)
+        self.stops: list[tuple[LaneRecord, bytes]] = []  # (lane, stream): W_CANCEL to the lane only (it stops)
+        self.streams: dict[bytes, Task] = {}  # stream tasks held: the ones a leaving master must stop
         self._sessions = 0
         self._deadlines: list[tuple[float, bytes]] = []
         self._dirty: set[str] = set()  # services that may be able to dispatch
@@ -83,7 +85,7 @@ class BrokerState:
         self._fetch_ids = itertools.count(1)
         self.counters = dict.fromkeys(
             ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped",
-             "staged", "fetched_bytes"), 0
+             "staged", "parts", "fetched_bytes"), 0
         )
 
     @property
@@ -107,8 +109,11 @@ class BrokerState:
         return self.broker_id + self.masters[master][1].to_bytes(8, "big")
 
     def master_gone(self, master: bytes) -> int:
-        """Forget a master (BYE or expiry) and drop its queued tasks; return how many."""
+        """Forget a master (BYE or expiry) and drop its queued tasks; return how many. Its streams
+        under way are stopped (nobody consumes their parts, so they would wait for acks for ever)."""
         self.masters.pop(master, None)
+        for task in [t for t in self.streams.values() if t.master == master and t.state == INFLIGHT]:
+            self._stop_stream(task)
         dropped = 0
         for queue in self.queues.values():
             for task in queue.drop_master(master):
@@ -150,6 +155,8 @@ class BrokerState:
         task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline,
                     flags=flags, stages=stages)
         self.tasks[tid] = task
+        if flags & P.FLAG_STREAM:
+            self.streams[tid] = task
         queue.push(task)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, tid))
@@ -163,13 +170,46 @@ class BrokerState:
         self.counters["rejected"] += 1
 
     def cancel(self, master: bytes, tid: bytes) -> bool:
-        """Cancel a task that is still queued (in-flight tasks run to completion)."""
+        """Cancel a task that is still queued, or a stream under way (its lane stops the generator);
+        other in-flight tasks run to completion."""
         task = self.tasks.get(tid)
-        if task is None or task.master != master or task.state != QUEUED:
+        if task is None or task.master != master:
             return False
-        self._drop_queued(task)
+        if task.state == QUEUED:
+            self._drop_queued(task)
+        elif task.flags & P.FLAG_STREAM:
+            self._stop_stream(task)
+        else:
+            return False
         self.counters["cancelled"] += 1
         return True
+
+    # ---- streams: parts forwarded as they come, acknowledged by the master ------------------------
+    def part(self, lid: bytes, tid: bytes, seq: int) -> Task | None:
+        """A lane sent part ``seq`` of a stream: the task to forward it for, or None (not the holder,
+        not a stream, or not the next part: every part reaches the master once, in order)."""
+        task = self._holder(lid, tid)
+        if task is None or not task.flags & P.FLAG_STREAM or seq != task.parts:
+            self.counters["dropped"] += 1
+            return None
+        task.parts += 1
+        self.counters["parts"] += 1
+        return task
+
+    def ack(self, master: bytes, tid: bytes) -> bytes | None:
+        """The master consumed parts of its stream: the lane to tell (W_ACK), or None."""
+        task = self.tasks.get(tid)
+        if task is None or task.master != master or task.state != INFLIGHT or task.worker not in self.lanes:
+            return None
+        return task.worker
+
+    def _stop_stream(self, task: Task) -> None:
+        rec = self.lanes.get(task.worker or b"")
+        if rec is not None and task.tid in rec.inflight:
+            rec.inflight.discard(task.tid)
+            self._offer(rec)
+            self.stops.append((rec, task.tid))
+        self._finish(task)
 
     def _drop_queued(self, task: Task) -> None:
         self.queues[task.service].discard()
@@ -321,6 +361,13 @@ class BrokerState:
         if task.master not in self.masters:  # nobody waits; a master that comes back resends
             self._finish(task)
             return False
+        if task.parts:  # a rerun would deliver its first parts again: the stream fails, saying how far it got
+            self._finish(task)
+            details = {"message": f"{why} after {task.parts} parts of the stream were delivered; it is not "
+                                  "run again (its first parts would come twice)", "parts": task.parts}
+            self.failures.append(Failure(task, P.STREAM_BROKEN, details))
+            self.counters["failed"] += 1
+            return False
         if not penalize:
             task.attempt -= 1
         elif task.attempt >= task.max_attempts:
@@ -337,6 +384,8 @@ class BrokerState:
         return True
 
     def _finish(self, task: Task) -> None:
+        if task.flags & P.FLAG_STREAM:
+            self.streams.pop(task.tid, None)
         task.state = DONE
         task.payload = []  # a dead entry may linger in a lane: do not let it hold the payload
         self.tasks.pop(task.tid, None)
@@ -554,8 +603,8 @@ class BrokerState:
 
     @property
     def has_work(self) -> bool:
-        """Anything for the loop to send: a service that may dispatch, failures or cancels."""
-        return bool(self._dirty or self.failures or self.cancels)
+        """Anything for the loop to send: a service that may dispatch, failures, cancels or stops."""
+        return bool(self._dirty or self.failures or self.cancels or self.stops)
 
     def take_failures(self) -> list[Failure]:
         out, self.failures = self.failures, []
@@ -563,6 +612,10 @@ class BrokerState:
 
     def take_cancels(self) -> list[tuple[LaneRecord, bytes]]:
         out, self.cancels = self.cancels, []
+        return out
+
+    def take_stops(self) -> list[tuple[LaneRecord, bytes]]:
+        out, self.stops = self.stops, []
         return out
 
     def snapshot(self, now: float) -> dict[str, Any]:

@@ -203,3 +203,22 @@ def checksum(x: Any) -> str:
 def work_from(args: list[Any]) -> list[Any]:
     """``work(*args)`` as a pipeline's first stage (a stage takes one argument)."""
     return work(*args)
+
+
+def counter(n: int, seconds: float = 0.0, fail_at: int = -1, log_dir: str = "") -> Any:
+    """A generator handler (``Master.stream``): yields ``[i, pid]`` for i < n, each after ``seconds``;
+    raises at part ``fail_at``. When it ends, however it ends, appends ``made`` to
+    ``log_dir/<pid>.closed``, so a test sees that a closed stream stopped its generator."""
+    made = 0
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"failed at part {i}")
+            if seconds:
+                time.sleep(seconds)
+            made += 1
+            yield [i, os.getpid()]
+    finally:
+        if log_dir:
+            with open(os.path.join(log_dir, f"{os.getpid()}.closed"), "a") as f:
+                f.write(f"{made}\n")

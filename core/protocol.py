@@ -38,6 +38,8 @@ ERROR: Final = b"\x08"  # B->M  task_id, code, details
 STATUS_REPLY: Final = b"\x09"  # B->M  body (msgpack map)
 FETCH: Final = b"\x0a"  # B->M  request (8 octets), digest: a worker needs the bytes of an array ref
 DATA: Final = b"\x0b"  # M->B  request, digest, description, bytes (description empty: bytes = why not)
+PART: Final = b"\x0c"  # B->M  task_id, seq (u32), payload...: one part of a streamed result
+ACK: Final = b"\x0d"  # M->B  task_id, seq (u32): parts up to seq were consumed (stream back-pressure)
 
 # --- worker <-> broker commands (frame 1) ---------------------------------------------------------
 # A worker is a daemon connection (READY, HEARTBEAT, DRAIN, LANE_GONE, reports) and one connection per
@@ -55,6 +57,8 @@ LANE: Final = b"\x1a"  # W->B  lane info (msgpack map: key, lane, pid[, broken])
 LANE_GONE: Final = b"\x1b"  # W->B  lane info (msgpack map: lane, pid): that lane's process ended
 W_FETCH: Final = b"\x1c"  # W->B  task_id, digest: the bytes of an array ref in that task's arguments
 W_DATA: Final = b"\x1d"  # B->W  digest, description, bytes (description empty: bytes = why not)
+W_PART: Final = b"\x1e"  # W->B  task_id, seq (u32), payload...: one part of a streamed result
+W_ACK: Final = b"\x1f"  # B->W  task_id, seq (u32): the master consumed parts up to seq
 
 
 # --- error codes (ASCII frame in ERROR / W_ERROR) -------------------------------------------------
@@ -65,8 +69,9 @@ QUEUE_FULL: Final = "QUEUE_FULL"  # the service's queue is at its bound
 BAD_REQUEST: Final = "BAD_REQUEST"  # malformed submission or undecodable payload; not retried
 CRASHED: Final = "CRASHED"  # W->B only: the compute process died; the broker retries
 UNAVAILABLE: Final = "UNAVAILABLE"  # no live lane can serve the service: its constructor failed there
+STREAM_BROKEN: Final = "STREAM_BROKEN"  # a stream's lane was lost after it had delivered parts: not rerun
 ERROR_CODES: Final = frozenset(
-    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED, UNAVAILABLE}
+    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED, UNAVAILABLE, STREAM_BROKEN}
 )
 
 # --- fixed binary fields --------------------------------------------------------------------------
@@ -77,7 +82,9 @@ META: Final = struct.Struct("!HIH")  # attempt (1-based), timeout_ms (0 = none),
 FLAG_BATCH: Final = 0x0001  # the payload is a batch of calls; the result is a list of outcomes
 FLAG_PIPELINE: Final = 0x0002  # SUBMIT: frame 2 is a msgpack array of stages; each stage's result feeds the next
 FLAG_CHAINED: Final = 0x0004  # TASK only: the payload is one value (the previous stage's result), the argument
-KNOWN_FLAGS: Final = FLAG_BATCH | FLAG_PIPELINE  # a SUBMIT with any other bit set gets BAD_REQUEST
+FLAG_STREAM: Final = 0x0008  # the handler yields parts: each travels as it is made (W_PART, PART)
+KNOWN_FLAGS: Final = FLAG_BATCH | FLAG_PIPELINE | FLAG_STREAM  # any other bit in a SUBMIT: BAD_REQUEST
+STREAM_WINDOW: Final = 8  # parts of one stream sent and not yet acknowledged by its master, at most
 MAX_STAGES: Final = 16  # services in one pipeline
 MAX_TASK_ID: Final = 64  # bytes
 REQUEST_ID_MAX: Final = 64  # bytes: a STATUS request id, echoed in STATUS_REPLY
@@ -255,8 +262,8 @@ def parse_submit(frames: Sequence[Frame], max_frames: int) -> SubmitMsg:
             raise ProtocolError(f"SUBMIT has {len(frames) - SUBMIT_FRAMES} payload buffer frames (limit {max_frames})")
         timeout_ms, max_attempts, flags = parse_options(frames[4])
         stages = parse_stages(frames[2]) if flags & FLAG_PIPELINE else ()
-        if flags & FLAG_PIPELINE and flags & FLAG_BATCH:
-            raise ProtocolError("a pipeline cannot be a batch (FLAG_PIPELINE with FLAG_BATCH)")
+        if bin(flags & KNOWN_FLAGS).count("1") > 1:
+            raise ProtocolError("a task is at most one of a batch, a pipeline and a stream")
         service = stages[0] if stages else service_of(frames[2])
     except ProtocolError as exc:
         if tid:
@@ -364,6 +371,25 @@ def parse_answer(frames: Sequence[Frame]) -> tuple[bytes, str | None, list[Any]]
     if len(frames) < 5:
         raise ProtocolError(f"W_ERROR needs 5 frames, got {len(frames)}")
     return tid, error_code_of(frames[3]), [frames[4]]
+
+
+def parse_part(frames: Sequence[Frame], header: bytes) -> tuple[bytes, int, list[Any]]:
+    """W_PART (worker header) or PART (master header): (task id, seq, payload frames)."""
+    check_header(frames, header, 5)
+    return task_id_of(frames[2]), _seq_of(frames[3]), list(frames[4:])
+
+
+def parse_ack(frames: Sequence[Frame], header: bytes) -> tuple[bytes, int]:
+    """ACK (master header) or W_ACK (worker header): (task id, seq)."""
+    check_header(frames, header, 4)
+    return task_id_of(frames[2]), _seq_of(frames[3])
+
+
+def _seq_of(frame: Frame) -> int:
+    raw = _b(frame)
+    if len(raw) != 4:
+        raise ProtocolError(f"a part's seq is 4 octets, got {len(raw)}")
+    return int.from_bytes(raw, "big")
 
 
 def parse_task_ref(frames: Sequence[Frame], header: bytes) -> bytes:

@@ -18,6 +18,7 @@ Three ways to run it: data-parallel scoring (``m.map("lm", batches)``), model-pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ def make_weights(path: str, vocab: int = 512, width: int = 256, blocks: int = 4,
         for name in ("ln1", "ln2"):
             w[f"b{i}.{name}.g"], w[f"b{i}.{name}.b"] = np.ones(width), np.zeros(width)
     w["lnf.g"], w["lnf.b"] = np.ones(width), np.zeros(width)
-    np.savez(path, **w)
+    np.savez(path, **w)  # type: ignore[arg-type]  # numpy's stub types **kwds as its bool flag
     return path
 
 
@@ -50,7 +51,8 @@ def _load(path: str, prefix: str) -> dict[str, Array]:
 def layer_norm(x: Array, g: Array, b: Array) -> Array:
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + 1e-5) * g + b
+    out: Array = (x - mu) / np.sqrt(var + 1e-5) * g + b
+    return out
 
 
 def gelu(x: Array) -> Array:
@@ -95,7 +97,8 @@ class Block:
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         att = (scores / scores.sum(-1, keepdims=True)) @ v
         h = h + att.transpose(0, 2, 1, 3).reshape(batch, seq, width) @ w["wo"]
-        return h + gelu(layer_norm(h, w["ln2.g"], w["ln2.b"]) @ w["w1"]) @ w["w2"]
+        out: Array = h + gelu(layer_norm(h, w["ln2.g"], w["ln2.b"]) @ w["w1"]) @ w["w2"]
+        return out
 
 
 class Head:
@@ -114,7 +117,8 @@ class LM:
 
     def __init__(self, weights: str) -> None:
         blocks = int(_load(weights, "meta")["meta"][2])
-        self.parts = [Embed(weights), *(Block(weights, i) for i in range(blocks)), Head(weights)]
+        self.parts: list[Callable[[Any], Any]] = [Embed(weights), *(Block(weights, i) for i in range(blocks)),
+                                                  Head(weights)]
 
     def __call__(self, tokens: Any) -> Array:
         x: Any = tokens

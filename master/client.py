@@ -25,6 +25,7 @@ import operator
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -48,6 +49,7 @@ from ndpipe.errors import (
     error_from_code,
 )
 from ndpipe.master.ioloop import (
+    Ack,
     Cancel,
     Channel,
     Close,
@@ -60,6 +62,7 @@ from ndpipe.master.ioloop import (
     Submit,
 )
 from ndpipe.master.state import Pending
+from ndpipe.master.stream import Stream
 from ndpipe.refs import Ref, make_ref
 
 log = logging.getLogger("ndpipe.master")
@@ -80,6 +83,7 @@ class LoopFuture(Future[Any]):
     def __init__(self, drive: Callable[[Future[Any], float | None], bool]) -> None:
         super().__init__()
         self._drive = drive
+        self.stream: Stream | None = None  # the parts of a streamed result (Master.stream)
 
     def _wait(self, timeout: float | None) -> float | None:
         if self.done():
@@ -166,18 +170,21 @@ class Master:
         return self._enqueue(service, encode_call(list(args), kwargs or {}), timeout, attempts)
 
     def _enqueue(self, service: str | bytes, payload: list[Any], timeout: float | None, attempts: int,
-                 flags: int = 0, batch: int = 0, stages: tuple[str, ...] = ()) -> Future[Any]:
+                 flags: int = 0, batch: int = 0, stages: tuple[str, ...] = ()) -> LoopFuture:
         """Check the frames, take a window slot, hand the task to the I/O thread."""
         self._check_frames(payload)
         options = P.OPTIONS.pack(int(timeout * 1000) if timeout else 0, attempts, flags)
         if not self._slots.acquire(blocking=not self._in_loop()):
             raise NdpipeError(f"window of {self.window} tasks is full inside a Future callback (the master's "
                               "I/O thread cannot wait for itself); submit from another thread")
-        future: Future[Any] = LoopFuture(self._drive)
+        future = LoopFuture(self._drive)
         deadline = time.monotonic() + timeout if timeout else None
         tid = self._tid_prefix + next(self._tid_counter).to_bytes(8, "big")
         frame = service.encode() if isinstance(service, str) else service
-        pending = Pending(tid, frame, options, payload, future, deadline, batch, stages)
+        if flags & P.FLAG_STREAM:
+            future.stream = Stream(future, lambda seq: self._ack(tid, seq))
+        sink = weakref.ref(future.stream) if future.stream is not None else None  # dropped: the stream stops
+        pending = Pending(tid, frame, options, payload, future, deadline, batch, stages, sink)
         with self._lock:
             if self._closed or self._error is not None:
                 self._slots.release()
@@ -251,6 +258,27 @@ class Master:
         finally:
             for future in futures:
                 future.cancel()
+
+    # ---- streams: a generator's parts as they are made ------------------------------------------------
+    def stream(self, service: str, /, *args: Any, **kwargs: Any) -> Stream:
+        """Run a generator handler, ``service(*args, **kwargs)``, and receive what it yields as it
+        yields it: iterate the :class:`~ndpipe.master.stream.Stream` returned. Parts come in order,
+        each once; at most 8 are on their way at a time (a slow consumer slows the generator).
+        Leaving the loop early, ``close()`` or the end of a ``with`` block stops the generator on
+        the worker. A generator that raises ends the iteration with its error (after the parts it
+        made); if its lane dies after some parts, the stream fails with ``STREAM_BROKEN`` (it is
+        not rerun: its first parts would come twice). ``master.timeout`` bounds the whole stream."""
+        self._check_open()
+        future = self._enqueue(service, encode_call(list(args), kwargs), self.timeout, self.cfg.max_attempts,
+                               P.FLAG_STREAM)
+        stream, future.stream = future.stream, None  # the caller's alone: dropping it closes the stream
+        assert stream is not None
+        return stream
+
+    def _ack(self, tid: bytes, seq: int) -> None:
+        with self._lock:
+            if not self._closed and self._error is None:
+                self._post(Ack(tid, seq))
 
     # ---- pipelines: stages routed by the broker, no master round trip between them ------------------
     def pipeline(self, stages: Sequence[str], x: Any, *, timeout: float | None = None,

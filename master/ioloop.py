@@ -67,6 +67,12 @@ class StatusWithdrawn:
 
 
 @dataclass(slots=True, frozen=True)
+class Ack:
+    tid: bytes
+    seq: int
+
+
+@dataclass(slots=True, frozen=True)
 class Put:
     digest: bytes
     meta: bytes
@@ -83,7 +89,7 @@ class Close:
     pass
 
 
-Command = Submit | Cancel | Status | StatusWithdrawn | Put | Release | Close
+Command = Submit | Cancel | Status | StatusWithdrawn | Ack | Put | Release | Close
 
 
 class Channel:
@@ -284,6 +290,8 @@ class IOLoop:
                 self._send_all(self.state.status(command.request, command.future))
             elif isinstance(command, StatusWithdrawn):
                 self.state.status_withdrawn(command.request)
+            elif isinstance(command, Ack):
+                self._send_all(self.state.ack(command.tid, command.seq))
             elif isinstance(command, Put):
                 self.state.put(command.digest, command.meta, command.array)
             elif isinstance(command, Release):

@@ -52,6 +52,7 @@ class Pending:
     deadline: float | None
     batch: int = 0  # FLAG_BATCH tasks: number of calls (the result is that many outcomes)
     stages: tuple[str, ...] = ()  # a pipeline's services (errors name the stage that failed)
+    stream: Any = None  # FLAG_STREAM: a weak reference to the master.stream.Stream its parts go to
 
 
 @dataclass(slots=True)
@@ -123,6 +124,8 @@ class MasterState:
             self._on_error(*P.parse_error(frames))
         elif command == P.PONG:
             return self._on_pong(*P.parse_pong(frames), now)
+        elif command == P.PART:
+            return self._on_part(*P.parse_part(frames, P.MASTER))
         elif command == P.FETCH:
             request, digest = P.parse_fetch(frames)
             held = self.refs.get(digest)
@@ -151,6 +154,29 @@ class MasterState:
             resolve(p.future, error=exc)
         else:
             resolve(p.future, value=value)
+
+    def _on_part(self, tid: bytes, seq: int, payload: list[Any]) -> list[Frames]:
+        p = self.pending.get(tid)
+        if p is None or p.stream is None:  # a stream closed, or already answered
+            return []
+        sink = p.stream()
+        if sink is None:  # its consumer dropped it without closing it: stop it
+            del self.pending[tid]
+            p.future.cancel()
+            return [[P.MASTER, P.CANCEL, tid]]
+        try:
+            value = decode(payload, self.limits)
+        except DecodeError as exc:
+            del self.pending[tid]
+            resolve(p.future, error=exc)
+            return [[P.MASTER, P.CANCEL, tid]]
+        if not sink.part(seq, value):  # a rerun's part this stream already has: let the lane go on
+            return self.ack(tid, seq)
+        return []
+
+    def ack(self, tid: bytes, seq: int) -> list[Frames]:
+        """The consumer took part ``seq`` of a stream: the lane may send more."""
+        return [[P.MASTER, P.ACK, tid, seq.to_bytes(4, "big")]] if tid in self.pending else []
 
     def _on_error(self, tid: bytes, code: str, body: bytes, stage: int | None) -> None:
         p = self.pending.pop(tid, None)

@@ -56,6 +56,7 @@ TEST_SERVICES: dict[str, Any] = {
     "reciprocal": "ndpipe.examples.handlers:reciprocal",
     "zeros": "ndpipe.chaos.handlers:zeros",
     "array_info": "ndpipe.chaos.handlers:array_info",
+    "counter": "ndpipe.chaos.handlers:counter",
     "crash_on": "ndpipe.chaos.handlers:crash_on",
 }
 

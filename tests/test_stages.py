@@ -36,7 +36,7 @@ def test_a_pipeline_submit_names_its_stages_and_bad_ones_get_bad_request() -> No
     for bad in (["a"], ["a"] * 17, ["a", ""], ["a", 3], b"\xc1", msgpack.packb({"a": "b"})):
         with pytest.raises(P.BadSubmit):
             P.parse_submit(submit_frames(bad), 16)
-    with pytest.raises(P.BadSubmit, match="cannot be a batch"):
+    with pytest.raises(P.BadSubmit, match="at most one of a batch, a pipeline and a stream"):
         P.parse_submit(submit_frames(["a", "b"], P.FLAG_PIPELINE | P.FLAG_BATCH), 16)
     with pytest.raises(P.BadSubmit, match="unknown task flags"):
         P.parse_submit(submit_frames(["a", "b"], P.FLAG_CHAINED), 16)  # the broker's flag, not a master's

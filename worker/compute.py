@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import msgpack
@@ -134,6 +134,38 @@ def run_task(
     except Exception as exc:  # EncodeError, or anything odd a result can do while being encoded
         wrapped = EncodeError(f"result of service {service!r} cannot be sent: {exc}")
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
+
+
+def start_stream(handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any],
+                 max_frames: int = P.MAX_FRAMES, refs: RefResolver | None = None) -> Iterator[Any] | list[Any]:
+    """FLAG_STREAM: call the handler and return the iterator of its parts, or the error frames to
+    send instead (unknown service, undecodable payload, a handler that raised or returned no iterable)."""
+    handler = handlers.get(service)
+    if handler is None:
+        return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
+    try:
+        args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
+    except DecodeError as exc:
+        return error_frames(tid, P.BAD_REQUEST, exc, False)
+    try:
+        parts = handler(*args, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        return error_frames(tid, P.HANDLER_ERROR, exc)
+    try:
+        return iter(cast(Iterable[Any], parts))
+    except TypeError:
+        why = TypeError(f"service {service!r} was called as a stream but returned a {type(parts).__name__}, "
+                        "not an iterable (make it a generator)")
+        return error_frames(tid, P.HANDLER_ERROR, why, False)
+
+
+def part_frames(value: Any, max_frames: int) -> list[Any]:
+    """One part of a stream, encoded and checked like a result (raises EncodeError)."""
+    frames = encode(value)
+    _check_sizes(frames, max_frames)
+    return frames
 
 
 def _check_sizes(frames: list[Any], max_frames: int) -> None:

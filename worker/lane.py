@@ -131,6 +131,8 @@ class Lane:
         self.deferred: list[bytes] = []  # pipe messages that came while a task waited for an array
         self.tid = b""  # the task running (a fetch names it: the broker asks that task's master)
         self.denied: tuple[bytes, str] | None = None  # the last L_NODATA: (digest, why)
+        self.acked = 0  # the running stream: parts its master has consumed (W_ACK)
+        self.stopped = False  # the running stream was cancelled (W_CANCEL): stop its generator
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
         self.watch: LinkWatch | None = None
@@ -246,6 +248,11 @@ class Lane:
                 elif command == P.W_CANCEL:
                     tid = P.parse_task_ref(frames, P.WORKER)
                     self.queue = deque(t for t in self.queue if t.tid != tid)
+                    self.stopped = self.stopped or tid == self.tid  # a stream under way stops
+                elif command == P.W_ACK:
+                    tid, seq = P.parse_ack(frames, P.WORKER)
+                    if tid == self.tid:
+                        self.acked = max(self.acked, seq + 1)
                 elif command == P.DISCONNECT:
                     self._link_lost("the broker does not know this lane")
                 elif command != P.HEARTBEAT:
@@ -269,8 +276,11 @@ class Lane:
             signal.setitimer(signal.ITIMER_REAL, timeout)  # SIGALRM's default action ends the process
         try:
             self.tid = task.tid
-            reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
-                                     task.flags, self._ref)
+            if task.flags & P.FLAG_STREAM:
+                reply = self._stream(task)
+            else:
+                reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
+                                         task.flags, self._ref)
         except MemoryError:
             # Exhausted memory leaves a process in no state to go on: exit with a status the daemon
             # turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
@@ -279,8 +289,54 @@ class Lane:
             signal.setitimer(signal.ITIMER_REAL, 0)
         self.slot.done += 1
         write_slot(self.slot, IDLE)
-        if self.sock is not None:
+        if self.sock is not None and reply:
             send_frames(self.sock, [P.WORKER, *reply])
+
+    # ---- streams ----------------------------------------------------------------------------------
+    def _stream(self, task: P.TaskMsg) -> list[Any]:
+        """Send each part the handler yields as W_PART, at most STREAM_WINDOW ahead of its master's
+        acks (a slow consumer slows the generator); then W_RESULT with the number of parts. A
+        W_CANCEL for it (its master closed the stream) closes the generator: no reply."""
+        parts = compute.start_stream(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
+                                     self._ref)
+        if isinstance(parts, list):
+            return parts
+        self.acked, self.stopped, seq = 0, False, 0
+        try:
+            for value in parts:
+                frames = compute.part_frames(value, self.args.max_frames)
+                if self.sock is None:
+                    return []
+                send_frames(self.sock, [P.WORKER, P.W_PART, task.tid, seq.to_bytes(4, "big"), *frames])
+                seq += 1
+                self._read()
+                while not self.stopped and seq - self.acked >= P.STREAM_WINDOW:
+                    self._await_broker()
+                if self.stopped:
+                    return []
+        except MemoryError:
+            raise
+        except Exception as exc:  # the generator raised after some parts: they stand, this ends the stream
+            return compute.error_frames(task.tid, P.HANDLER_ERROR, exc)
+        finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()  # runs the generator's finally blocks now, also when the stream was cancelled
+        return [P.W_RESULT, task.tid, *compute.part_frames(seq, self.args.max_frames)]
+
+    def _await_broker(self) -> None:
+        """Wait (up to 1 s) for what the broker sends next: acks, a cancel, more tasks."""
+        if self.sock is None or self.watch is None:
+            self.stopped = True
+            return
+        poller = zmq.Poller()  # not self.poller: a pipe message waiting would wake it at once, every time
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
+        events = dict(poller.poll(1000))
+        if self.watch.monitor in events and (self.watch.came_back() or self.watch.dropped):
+            self._link_lost("the connection to the broker dropped")
+        if self.sock in events:
+            self._read()
 
     def run(self) -> None:
         count = 0

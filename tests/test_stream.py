@@ -1,0 +1,127 @@
+"""Streamed results (issue 10, item 4): a generator's parts arrive as they are made, in order, each
+once, with back-pressure; leaving early stops the generator on the worker; a generator that raises
+gives its parts then its traceback; a lane lost mid-stream fails the stream, never repeats a part."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ndpipe import protocol as P
+from ndpipe.broker.state import BrokerState
+from ndpipe.errors import TaskError, TaskFailed
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---- the broker's state ------------------------------------------------------------------------------
+def stream_at_lane(s: BrokerState) -> None:
+    host = s.worker_ready(b"w", ["gen"], 1, 0.0, name="w")
+    s.lane_ready(b"w", host.key, 0, 0.0, pid=1)
+    s.submit(b"m", b"t", "gen", [b"p"], 0.0, flags=P.FLAG_STREAM)
+    list(s.dispatch(0.0))
+
+
+def test_parts_are_forwarded_once_in_order_and_acks_go_to_the_lane() -> None:
+    s = BrokerState()
+    stream_at_lane(s)
+    assert s.part(b"w", b"t", 0) is not None and s.part(b"w", b"t", 0) is None  # a repeat: dropped
+    assert s.part(b"w", b"t", 2) is None  # out of order: dropped
+    assert s.part(b"stranger", b"t", 1) is None and s.part(b"w", b"t", 1) is not None
+    assert s.ack(b"m", b"t") == b"w" and s.ack(b"other", b"t") is None
+    assert s.counters["parts"] == 2 and s.counters["dropped"] == 3
+
+
+def test_a_stream_lost_after_some_parts_fails_instead_of_repeating_them() -> None:
+    s = BrokerState()
+    stream_at_lane(s)
+    s.part(b"w", b"t", 0)
+    s.lane_gone(b"w", 1.0)
+    [failure] = s.take_failures()
+    assert failure.code == P.STREAM_BROKEN and failure.details["parts"] == 1 and b"t" not in s.tasks
+
+
+def test_a_stream_lost_before_its_first_part_simply_runs_again() -> None:
+    s = BrokerState()
+    stream_at_lane(s)
+    s.lane_gone(b"w", 1.0)
+    assert s.take_failures() == [] and s.tasks[b"t"].state == "queued"
+
+
+def test_closing_or_leaving_stops_the_stream_at_its_lane() -> None:
+    s = BrokerState()
+    stream_at_lane(s)
+    assert s.cancel(b"m", b"t") and [(lane.wid, tid) for lane, tid in s.take_stops()] == [(b"w", b"t")]
+    assert s.take_cancels() == []  # not the daemon: the lane stops the generator itself, nobody is killed
+    stream_at_lane(s)
+    s.master_gone(b"m")
+    assert [tid for _, tid in s.take_stops()] == [b"t"]
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+def test_parts_arrive_as_they_are_made_in_order(cluster) -> None:  # type: ignore[no-untyped-def]
+    with cluster.master() as m:
+        cluster.wait_slots(m, 2)
+        t0 = time.monotonic()
+        stream = m.stream("counter", 20, seconds=0.05)
+        first = next(stream)
+        assert first[0] == 0 and time.monotonic() - t0 < 0.5  # not after the whole generator (1 s)
+        rest = list(stream)
+        assert [p[0] for p in [first, *rest]] == list(range(20)) and stream.future.result(5) == 20
+        assert list(m.stream("counter", 0)) == []
+
+
+def test_a_slow_consumer_holds_the_generator_back(cluster, tmp_short: Path) -> None:  # type: ignore[no-untyped-def]
+    with cluster.master() as m:
+        cluster.wait_slots(m, 2)
+        stream = m.stream("counter", 1000, log_dir=cluster.log_dir)
+        next(stream)
+        time.sleep(0.5)  # the generator could make 1000 parts in this time; the window lets it make ~8
+        status = m.status()["counters"]
+        assert status["parts"] <= P.STREAM_WINDOW + 1
+        stream.close()
+        closed = wait_until(lambda: list(Path(cluster.log_dir).glob("*.closed")), 10, "the generator closed")
+        made = int(closed[0].read_text().split()[0])
+        assert made <= P.STREAM_WINDOW + 2  # stopped on the worker, not run to 1000
+        assert m.call("echo", (1,)).result(10) == 1  # its lane serves on (not killed)
+
+
+def test_leaving_the_loop_early_stops_the_generator(cluster) -> None:  # type: ignore[no-untyped-def]
+    with cluster.master() as m:
+        cluster.wait_slots(m, 2)
+        for part in m.stream("counter", 10_000, log_dir=cluster.log_dir):
+            if part[0] == 3:
+                break
+        closed = wait_until(lambda: list(Path(cluster.log_dir).glob("*.closed")), 10, "the generator closed")
+        assert int(closed[0].read_text().split()[0]) < 100
+
+
+def test_a_generator_that_raises_gives_its_parts_then_its_traceback(cluster) -> None:  # type: ignore[no-untyped-def]
+    with cluster.master() as m:
+        cluster.wait_slots(m, 2)
+        got: list[Any] = []
+        with pytest.raises(TaskFailed, match="failed at part 3") as err:
+            for part in m.stream("counter", 10, fail_at=3):
+                got.append(part[0])
+        assert got == [0, 1, 2] and "counter" in err.value.remote_traceback
+        with pytest.raises(TaskFailed, match="not an iterable"):
+            list(m.stream("echo", 1))
+
+
+def test_a_lane_killed_mid_stream_fails_it_without_repeating_a_part(cluster) -> None:  # type: ignore[no-untyped-def]
+    with cluster.master() as m:
+        cluster.wait_slots(m, 2)
+        got: list[Any] = []
+        with pytest.raises(TaskError, match="STREAM_BROKEN") as err:
+            for part in m.stream("counter", 50, seconds=0.05):
+                got.append(part[0])
+                if part[0] == 4:
+                    os.kill(part[1], signal.SIGKILL)
+        assert got == list(range(len(got))) and len(got) >= 5  # each part once, in order, none missing
+        assert err.value.details["parts"] >= 5
