@@ -94,4 +94,20 @@ def _lm(master: Any, weights: str, batches: int) -> bool:
           f"({n / elapsed:,.0f} tokens/s), {local:.3f} s in one process")
     print("logits and greedy tokens match the single-process model" if ok
           else "MISMATCH against the single-process model")
+    return _generate(master, weights, tokens[0][0]) and ok
+
+
+def _generate(master: Any, weights: str, prompt: Any) -> bool:
+    """Greedy generation streamed token by token from a resident generator service."""
+    t0 = time.perf_counter()
+    got: list[int] = []
+    first = 0.0
+    for token in master.stream("generate", prompt, max_new_tokens=16):
+        first = first or time.perf_counter() - t0
+        got.append(token)
+    elapsed = time.perf_counter() - t0
+    ok = got == lm.generate(weights, prompt, 16)
+    print(f"greedy generation, streamed: {got} ({first * 1e3:.0f} ms to the first token, "
+          f"{len(got) / elapsed:,.1f} tokens/s)")
+    print("the same tokens as the single-process model" if ok else "MISMATCH against the single-process model")
     return ok

@@ -12,13 +12,14 @@ so a stage's lane holds only its own block:
       lm:     {handler: "ndpipe.examples.lm:LM",    init: {weights: /var/lib/ndpipe/lm.npz}}   # whole model
 
 Three ways to run it: data-parallel scoring (``m.map("lm", batches)``), model-parallel
-(``m.pipeline_map(["embed", "block0", …, "head"], batches)``), and in one process
-(:func:`forward`), which both are checked against.
+(``m.pipeline_map(["embed", "block0", …, "head"], batches)``), and greedy generation streamed
+token by token (``m.stream("generate", prompt, max_new_tokens=32)``); each is checked against the
+model in one process (:func:`forward`, :func:`generate`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,26 @@ class LM:
         return np.asarray(x)
 
 
+class Generate:
+    """Greedy generation, token by token, as a generator: a stream service (``Master.stream``).
+    Each step runs the whole model on the tokens so far and yields the most likely next token."""
+
+    def __init__(self, weights: str) -> None:
+        self.model = LM(weights)
+
+    def __call__(self, prompt: Any, max_new_tokens: int = 16) -> Iterator[int]:
+        tokens = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        for _ in range(max_new_tokens):
+            nxt = int(self.model(np.array([tokens]))[0, -1].argmax())
+            tokens.append(nxt)
+            yield nxt
+
+
+def generate(weights: str, prompt: Any, max_new_tokens: int = 16) -> list[int]:
+    """The reference: greedy generation in this process."""
+    return list(Generate(weights)(prompt, max_new_tokens))
+
+
 def forward(weights: str, tokens: Any) -> Array:
     """The reference: the whole model in this process."""
     return LM(weights)(tokens)
@@ -142,7 +163,8 @@ def services(weights: str) -> dict[str, Any]:
     """The ``worker.services`` entries that serve this model both ways (YAML-ready)."""
     out: dict[str, Any] = {"embed": {"handler": "ndpipe.examples.lm:Embed", "init": {"weights": weights}},
                            "head": {"handler": "ndpipe.examples.lm:Head", "init": {"weights": weights}},
-                           "lm": {"handler": "ndpipe.examples.lm:LM", "init": {"weights": weights}}}
+                           "lm": {"handler": "ndpipe.examples.lm:LM", "init": {"weights": weights}},
+                           "generate": {"handler": "ndpipe.examples.lm:Generate", "init": {"weights": weights}}}
     for name in stages(weights)[1:-1]:
         out[name] = {"handler": "ndpipe.examples.lm:Block", "init": {"weights": weights, "layer": int(name[5:])}}
     return out

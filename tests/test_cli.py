@@ -103,6 +103,7 @@ def test_demo_runs_and_checks_its_result() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result matches the single-process forward pass" in done.stdout
     assert "logits and greedy tokens match the single-process model" in done.stdout
+    assert "the same tokens as the single-process model" in done.stdout
 
 
 def test_broker_reports_an_endpoint_in_use() -> None:

@@ -1,7 +1,7 @@
 """The example language model run as a user would (issue 10, item 5): data-parallel scoring with
-``map`` over a resident whole-model service, and model-parallel with each block a resident stage
-chained by ``pipeline_map``; both checked against the model in one process (logits to 1e-5, the
-same greedy tokens)."""
+``map`` over a resident whole-model service, model-parallel with each block a resident stage
+chained by ``pipeline_map``, and greedy generation streamed token by token; each checked against
+the model in one process (logits to 1e-5, the same greedy tokens)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def test_the_model_gives_the_same_logits_data_parallel_and_model_parallel(make_c
         c.wait_slots(m, 2, service="block0")
         data_parallel = list(m.map("lm", batches, chunksize=1))
         model_parallel = list(m.pipeline_map(lm.stages(weights), batches))
+        streamed = list(m.stream("generate", batches[0][0], max_new_tokens=12))
+    assert streamed == lm.generate(weights, batches[0][0], 12)  # the same greedy tokens, one by one
     for want, a, b in zip(expected, data_parallel, model_parallel, strict=True):
         np.testing.assert_allclose(a, want, rtol=0, atol=1e-5)
         np.testing.assert_allclose(b, want, rtol=0, atol=1e-5)
