@@ -22,7 +22,7 @@ MODULES = ("ndpipe.chaos.scenarios", "ndpipe.chaos.partition", "ndpipe.chaos.loa
            "ndpipe.chaos.stages")
 ORDER = ("workers_killed", "worker_frozen", "task_hangs", "broker_crashes", "partition", "master_dies",
          "overload", "garbage", "worker_oom", "master_frozen", "master_link_cut", "master_link_silent",
-         "pipeline_killed", "cache_pressure")
+         "pipeline_killed", "cache_pressure", "stream_killed")
 
 
 def scenarios() -> dict[str, Callable[[Params], Report]]:

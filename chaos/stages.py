@@ -1,10 +1,11 @@
-"""Scenarios for the stateful features (issue 10): lanes killed under stage pipelines, and arrays
-sent once under cache pressure. Same checker as the others: nothing lost, duplicated, unexpected
+"""Scenarios for the stateful features (issue 10): lanes killed under stage pipelines and under
+streams, and arrays sent once under cache pressure. Same checker as the others: nothing lost, duplicated, unexpected
 or wrong, errors exactly as expected, every planned task submitted, recovery within its bound."""
 
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
 import signal
@@ -13,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
 from ndpipe.chaos.handlers import SERVICES, checksum
 from ndpipe.chaos.scenarios import SIZE, Params, finish, slack
 from ndpipe.cluster import Cluster
+from ndpipe.errors import TaskError
 from ndpipe.master import Master
 
 STAGES = ["first", "relay1", "relay2"]
@@ -131,7 +134,90 @@ def cache_pressure(p: Params) -> Report:
     return report
 
 
+def stream_killed(p: Params) -> Report:
+    """kill -9 a random lane every 0.5–1 s while 4 consumers read streams of 20 parts each."""
+    rng = random.Random(p.seed)
+    streams, parts, kills = p.n(600, 120), 20, (4 if p.short else 20)
+    gap = (0.2, 0.4) if p.short else (0.5, 1.0)
+    seconds = max(0.0005, kills * statistics.mean(gap) * 1.3 * 4 / (streams * parts))
+    report = Report("stream_killed", f"kill -9 of a random lane every {gap[0]}–{gap[1]} s, {kills} kills; "
+                    f"{streams:,} streams of {parts} parts × {seconds * 1000:.1f} ms read by 4 consumers on 2 "
+                    "daemons × 2 lanes", expected_errors={"STREAM_BROKEN": None}, planned=streams)
+    report.notes.append("a stream whose lane dies after some parts ends with STREAM_BROKEN (any number "
+                        "allowed); what must hold: each stream's parts came in order, each once, none missing, "
+                        "and the error says how many came")
+    outcomes: dict[int, tuple[list[int], str, int]] = {}  # stream -> (parts seen, outcome, parts claimed)
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for k in range(streams):
+        todo.put(k)
+    with Cluster(SERVICES | {"counter": "ndpipe.chaos.handlers:counter"}, broker={"max_attempts": 10}) as c:
+        c.start_broker()
+        workers = [c.start_worker(2), c.start_worker(2)]
+        with c.master() as m:
+            c.wait_slots(m, 4, service="counter")
+            t0 = time.monotonic()
+            consumers = [threading.Thread(target=_consume, args=(m, todo, outcomes, parts, seconds), daemon=True)
+                         for _ in range(4)]
+            for thread in consumers:
+                thread.start()
+            made = _kill_lanes(c, workers, rng, kills, gap, t0 + 30 + 3 * kills)
+            for thread in consumers:
+                thread.join(p.wait(300))
+    report.seconds = time.monotonic() - t0
+    report.submitted = len(outcomes)
+    for k in range(streams):
+        seen, outcome, claimed = outcomes.get(k, ([], "lost", 0))
+        if outcome == "lost":
+            report.lost += 1
+        elif len(set(seen)) != len(seen):
+            report.duplicated += 1
+        elif seen != list(range(len(seen))) or (outcome == "ok" and len(seen) != parts) or \
+                (outcome != "ok" and claimed != len(seen)):
+            report.wrong += 1
+        elif outcome == "ok":
+            report.ok += 1
+        else:
+            report.errors[outcome] += 1
+    report.checks[f"{kills} kills made"] = made >= kills
+    return report
+
+
+def _consume(m: Master, todo: queue.SimpleQueue[int], outcomes: dict[int, tuple[list[int], str, int]],
+             parts: int, seconds: float) -> None:
+    while True:
+        try:
+            k = todo.get_nowait()
+        except queue.Empty:
+            return
+        seen: list[int] = []
+        try:
+            stream = m.stream("counter", parts, seconds=seconds)
+            for part in stream:
+                seen.append(part[0])
+            outcomes[k] = (seen, "ok", stream.future.result(10))
+        except TaskError as exc:
+            outcomes[k] = (seen, exc.code, int(exc.details.get("parts", -1)))
+        except Exception as exc:
+            outcomes[k] = (seen, type(exc).__name__, -1)
+
+
+def _kill_lanes(c: Cluster, workers: list[Any], rng: random.Random, kills: int, gap: tuple[float, float],
+                deadline: float) -> int:
+    made = 0
+    while made < kills and time.monotonic() < deadline:
+        time.sleep(rng.uniform(*gap))
+        pids = sorted(pid for w in workers for pid in c.lane_pids(w))
+        if pids:
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                made += 1
+            except ProcessLookupError:
+                pass
+    return made
+
+
 SCENARIOS: dict[str, Callable[[Params], Report]] = {
     "pipeline_killed": pipeline_killed,
     "cache_pressure": cache_pressure,
+    "stream_killed": stream_killed,
 }

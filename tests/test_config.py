@@ -77,7 +77,8 @@ def test_shipped_config_yaml_is_valid_and_shows_every_key() -> None:
     # When loading it
     cfg = load_config(path, env={})
     # Then it is valid, lists the example services, and its values are the defaults
-    assert set(cfg.worker.services) == {"echo", "mlp", "normalize"}
+    assert set(cfg.worker.services) == {"echo", "mlp", "normalize", "mlp_resident"}
+    assert cfg.worker.services["mlp_resident"].init == {"d_in": 256, "d_hidden": 512, "seed": 0}
     assert cfg.worker.services["mlp"].handler == "ndpipe.examples.handlers:mlp_forward"
     assert cfg.worker.services["mlp"].timeout == 60.0
     assert cfg.worker.services["normalize"].handler == "ndpipe.examples.handlers:normalize"
