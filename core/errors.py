@@ -75,6 +75,13 @@ class ServiceUnavailable(TaskError):
     code = "UNAVAILABLE"
 
 
+class StreamBroken(TaskError):
+    """A stream's worker was lost after some parts were delivered; it is not rerun (its parts would
+    come twice). ``details["parts"]``: how many were delivered, all of them before this error."""
+
+    code = "STREAM_BROKEN"
+
+
 class TaskTimeout(TaskError):
     """The task did not finish within its timeout."""
 
@@ -100,7 +107,8 @@ class BadRequest(TaskError):
 
 
 _BY_CODE: dict[str, type[TaskError]] = {
-    cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest, ServiceUnavailable)
+    cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest, ServiceUnavailable,
+                              StreamBroken)
 }
 
 

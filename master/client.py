@@ -266,8 +266,8 @@ class Master:
         each once; at most 8 are on their way at a time (a slow consumer slows the generator).
         Leaving the loop early, ``close()`` or the end of a ``with`` block stops the generator on
         the worker. A generator that raises ends the iteration with its error (after the parts it
-        made); if its lane dies after some parts, the stream fails with ``STREAM_BROKEN`` (it is
-        not rerun: its first parts would come twice). ``master.timeout`` bounds the whole stream."""
+        made); if its lane dies after some parts, the stream fails with StreamBroken (it is not
+        rerun: its first parts would come twice). ``master.timeout`` bounds the whole stream."""
         self._check_open()
         future = self._enqueue(service, encode_call(list(args), kwargs), self.timeout, self.cfg.max_attempts,
                                P.FLAG_STREAM)

@@ -14,7 +14,7 @@ import pytest
 
 from ndpipe import protocol as P
 from ndpipe.broker.state import BrokerState
-from ndpipe.errors import TaskError, TaskFailed
+from ndpipe.errors import StreamBroken, TaskFailed
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,7 +118,7 @@ def test_a_lane_killed_mid_stream_fails_it_without_repeating_a_part(cluster) -> 
     with cluster.master() as m:
         cluster.wait_slots(m, 2)
         got: list[Any] = []
-        with pytest.raises(TaskError, match="STREAM_BROKEN") as err:
+        with pytest.raises(StreamBroken, match="STREAM_BROKEN") as err:
             for part in m.stream("counter", 50, seconds=0.05):
                 got.append(part[0])
                 if part[0] == 4:
