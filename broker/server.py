@@ -47,7 +47,7 @@ class Broker:
         self._own_ctx = context is None
         self.state = BrokerState(
             self.cfg.heartbeat_interval, self.cfg.liveness, self.cfg.max_attempts, self.cfg.max_queued,
-            self.cfg.max_services,
+            self.cfg.max_services, self.cfg.unroutable_timeout,
         )
         self.frontend = self._router()
         self.backend = self._router()

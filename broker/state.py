@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,7 @@ from typing import Any
 from ndpipe import protocol as P
 from ndpipe.broker.records import DONE, INFLIGHT, QUEUED, Failure, HostRecord, LaneRecord, ServiceQueue, Task
 
+log = logging.getLogger("ndpipe.broker")
 __all__ = ["DONE", "INFLIGHT", "QUEUED", "BrokerState", "Failure", "HostRecord", "LaneRecord", "ServiceQueue",
            "Task"]
 
@@ -54,12 +56,15 @@ class BrokerState:
         max_attempts: int = P.MAX_ATTEMPTS_DEFAULT,
         max_queued: int = P.MAX_QUEUED,
         max_services: int = P.MAX_SERVICES,
+        unroutable_timeout: float = P.UNROUTABLE_TIMEOUT,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.max_attempts = max_attempts
         self.max_queued = max_queued
         self.max_services = max_services
+        self.unroutable_timeout = unroutable_timeout
+        self._unroutable: dict[str, float] = {}  # service no live lane serves -> since when tasks wait for it
         self.broker_id = os.urandom(8)
         self.tasks: dict[bytes, Task] = {}
         self.queues: dict[str, ServiceQueue] = {}
@@ -575,7 +580,31 @@ class BrokerState:
         gone = [m for m, (expires, _, _) in self.masters.items() if expires <= now]
         for master in gone:
             self.master_gone(master)
+        self._expire_unroutable(now)
         return dead, gone
+
+    def _expire_unroutable(self, now: float) -> None:
+        """Tasks wait for a service no live lane serves at most ``unroutable_timeout`` seconds (a worker
+        may be starting), then fail with UNAVAILABLE naming it and what is served: never a silent wait."""
+        waiting: dict[str, float] = {}
+        for service, queue in self.queues.items():
+            if not len(queue) or self.by_service.get(service):
+                continue
+            since = waiting[service] = self._unroutable.get(service, now)
+            if since == now:
+                log.warning("tasks wait for service %r, which no live worker serves; they fail in %g s "
+                            "(broker.unroutable_timeout) unless one comes", service, self.unroutable_timeout)
+            elif now - since >= self.unroutable_timeout:
+                del waiting[service]
+                served = sorted(name for name, lanes in self.by_service.items() if lanes)
+                details = {"message": f"no live worker serves {service!r} (waited {now - since:.0f} s, "
+                                      f"broker.unroutable_timeout); served now: {', '.join(served) or 'none'}",
+                           "served": served}
+                while (task := queue.pop()) is not None:
+                    self._finish(task)
+                    self.failures.append(Failure(task, P.UNAVAILABLE, details))
+                    self.counters["failed"] += 1
+        self._unroutable = waiting
 
     def _time_out(self, task: Task) -> None:
         if task.state == QUEUED:

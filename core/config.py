@@ -110,6 +110,7 @@ class BrokerConfig(BaseModel):
     max_frame_bytes: int = _num(protocol.MAX_FRAME_BYTES, ge=1024, le=2**63 - 1)
     hwm: int = _num(protocol.HWM, ge=1000, le=2**31 - 1)
     rcvhwm: int = _num(1000, ge=100, le=2**31 - 1)
+    unroutable_timeout: float = _num(protocol.UNROUTABLE_TIMEOUT, gt=0, le=86400)
 
 
 class ServiceSpec(BaseModel):

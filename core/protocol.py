@@ -99,6 +99,7 @@ RECONNECT_MAX: Final = 8.0
 MAX_FRAMES: Final = 1024  # payload frames per message
 MAX_QUEUED: Final = 100_000  # tasks per service
 MAX_SERVICES: Final = 10_000  # services with queued tasks; names are free text, so this bounds the broker
+UNROUTABLE_TIMEOUT: Final = 30.0  # seconds a task waits for a service no live lane serves, then UNAVAILABLE
 MAX_FRAME_BYTES: Final = 1 << 30  # one frame; libzmq drops the link on a bigger one (ZMQ_MAXMSGSIZE)
 MAX_SLOTS: Final = 100_000  # READY's credit per lane, at most
 MAX_LANES: Final = 1024  # READY's lanes, at most

@@ -566,3 +566,40 @@ def test_broken_names_outside_the_workers_services_are_ignored() -> None:
     s = make()
     lane = broken_lane(s, b"w1", ["echo"], ["nosuch"])
     assert lane.broken == {} and "nosuch" not in s.broken_by
+
+
+def test_tasks_for_a_service_nobody_serves_fail_after_the_unroutable_timeout() -> None:
+    s = BrokerState(unroutable_timeout=30.0)
+    ready(s, b"w1", ["echo"], 1)
+
+    def tick(now: float) -> None:
+        s.worker_seen(b"w1", now)
+        expire_keeping_masters(s, now)
+
+    submit(s, b"t", service="nosuch", now=0.0)
+    tick(1.0)  # the wait starts here
+    tick(30.0)
+    assert s.take_failures() == []
+    tick(31.0)
+    [failure] = s.take_failures()
+    assert failure.code == P.UNAVAILABLE and "'nosuch'" in failure.details["message"]
+    assert failure.details["served"] == ["echo"] and b"t" not in s.tasks
+
+
+def test_a_worker_that_comes_in_time_ends_the_unroutable_wait() -> None:
+    s = BrokerState(unroutable_timeout=30.0)
+    submit(s, b"t", service="late", now=0.0)
+    expire_keeping_masters(s, 1.0)
+    ready(s, b"w1", ["late"], 1, now=20.0)
+    s.worker_seen(b"w1", 40.0)
+    expire_keeping_masters(s, 40.0)
+    assert s.take_failures() == [] and [t.tid for t, _ in s.dispatch(40.0)] == [b"t"]
+    s.complete(b"w1", b"t")
+    s.lane_gone(b"w1", 40.0)
+    s.prune()
+    submit(s, b"u", service="late", now=41.0)  # a new wait starts afresh, not from an old entry
+    expire_keeping_masters(s, 42.0)
+    expire_keeping_masters(s, 71.0)
+    assert s.take_failures() == []
+    expire_keeping_masters(s, 72.5)
+    assert [f.task.tid for f in s.take_failures()] == [b"u"]

@@ -16,7 +16,7 @@ import pytest
 from ndpipe import protocol as P
 from ndpipe.broker.state import QUEUED, BrokerState
 from ndpipe.config import MasterConfig
-from ndpipe.errors import TaskFailed, TaskTimeout
+from ndpipe.errors import ServiceUnavailable, TaskFailed, TaskTimeout
 from ndpipe.master.state import MasterState, Pending
 from tests.conftest import STEADY, wait_until
 
@@ -108,7 +108,7 @@ def calls(log_dir: str, name: str) -> list[int]:
 @pytest.fixture
 def stages(make_cluster, tmp_short: Path):  # type: ignore[no-untyped-def]
     log_dir = str(tmp_short / "starts")
-    c = make_cluster(broker=STEADY, services={
+    c = make_cluster(broker={**STEADY, "unroutable_timeout": 1.0}, services={
         "s0": tally(log_dir, "s0", 1.0), "s1": tally(log_dir, "s1", 10.0), "s2": tally(log_dir, "s2", 100.0),
         "slow": tally(log_dir, "slow", 1000.0, seconds=1.5)})
     c.start_broker()
@@ -140,7 +140,9 @@ def test_a_stage_that_raises_fails_the_pipeline_naming_the_stage(stages) -> None
             m.pipeline(["s0", "fail"], 1).result(30)  # fail(2) raises Exception(2)
         assert "examples/handlers.py" in err.value.remote_traceback
         with pytest.raises(TaskTimeout, match=r"pipeline \['s0', 'nosuch'\]"):
-            m.pipeline(["s0", "nosuch"], 1, timeout=1.0).result(30)
+            m.pipeline(["s0", "nosuch"], 1, timeout=0.5).result(30)
+        with pytest.raises(ServiceUnavailable, match=r"pipeline stage 1 \('nosuch'\): no live worker serves 'nosuch'"):
+            m.pipeline(["s0", "nosuch"], 1).result(30)  # after broker.unroutable_timeout (1 s here)
         with pytest.raises(ValueError, match="2..16 stages"):
             m.pipeline(["s0"], 1)
 
