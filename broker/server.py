@@ -176,7 +176,7 @@ class Broker:
                 self._to_worker(lane, [P.WORKER, P.W_ACK, tid, seq.to_bytes(4, "big")])
         elif command == P.DATA:
             request, digest, meta, data = P.parse_data(msg)
-            worker = self.state.fetched(request, digest, len(data))
+            worker = self.state.fetched(request, digest, len(data), ident)
             if worker is not None:  # forwarded untouched: the worker checks the digest
                 self._to_worker(worker, [P.WORKER, P.W_DATA, digest, meta, data])
         else:
@@ -271,10 +271,11 @@ class Broker:
             return
         if command == P.W_PART:
             tid, seq, payload = P.parse_part(msg, P.WORKER)
-            self.state.lane_seen(rid)
             task = self.state.part(rid, tid, seq)
             if task is not None:
                 self._to_master(task.master, [P.MASTER, P.PART, tid, seq.to_bytes(4, "big"), *payload])
+            if not self.state.lane_seen(rid):  # a lane the broker forgot (cut off, expired): it starts over
+                self._to_worker(rid, [P.WORKER, P.DISCONNECT])
             return
         known = self._on_daemon(rid, command, msg, now)
         if not known:  # it lost us or we lost it: tell it to register again
@@ -317,13 +318,15 @@ class Broker:
             if task is not None:
                 self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *body])
         else:
-            why = ""
+            why, pid = "", None
             if code == P.CRASHED:  # say in a final MAX_ATTEMPTS why the last attempt died (e.g. out of memory)
                 try:
-                    why = str(unpack_map(frame_bytes(body[0])).get("message", ""))[:500]
+                    details = unpack_map(frame_bytes(body[0]))
+                    why = str(details.get("message", ""))[:500]
+                    pid = details.get("pid") if isinstance(details.get("pid"), int) else None
                 except ProtocolError:
                     pass
-            task = self.state.fail(rid, tid, code, now, why)
+            task = self.state.fail(rid, tid, code, now, why, pid)
             if task is not None:
                 self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), body[0], *self._stage(task)])
         if not known:

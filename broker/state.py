@@ -86,7 +86,7 @@ class BrokerState:
         self._free: dict[str, list[tuple[float, float, int, int, LaneRecord]]] = {}
         self._seq = itertools.count()
         # array-ref fetches forwarded to masters: request -> (worker connection, digest, expires)
-        self.fetches: OrderedDict[bytes, tuple[bytes, bytes, float]] = OrderedDict()
+        self.fetches: OrderedDict[bytes, tuple[bytes, bytes, float, bytes]] = OrderedDict()  # + the master asked
         self._fetch_ids = itertools.count(1)
         self.counters = dict.fromkeys(
             ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped",
@@ -167,7 +167,6 @@ class BrokerState:
             heapq.heappush(self._deadlines, (deadline, tid))
         self._dirty.add(service)
         self.counters["submitted"] += 1
-        self._fail_unservable(service)
         return None
 
     def reject(self) -> None:
@@ -264,29 +263,19 @@ class BrokerState:
             self.by_service.setdefault(service, []).append(rec)
         for service in rec.broken:
             self.broken_by.setdefault(service, []).append(rec)
-            self._fail_unservable(service)
         self._offer(rec)
         return rec
 
-    def _fail_unservable(self, service: str) -> None:
-        """Fail what waits for ``service`` when no live lane serves it and some lane reported its
-        constructor failed: a clear error now, naming the service and the exception, rather than a
-        wait for a worker that will never take the task."""
-        witnesses = self.broken_by.get(service)
-        queue = self.queues.get(service)
-        if not witnesses or self.by_service.get(service) or not queue:
-            return
+    def _unservable(self, service: str) -> dict[str, Any]:
+        """The UNAVAILABLE details of a service some lane could not construct."""
+        witnesses = self.broken_by[service]
         lane = witnesses[0]
         why = lane.broken[service]
         error = f"{why.get('type', '?')}: {why.get('message', '')}"
-        details = {"type": why.get("type", ""), "traceback": why.get("traceback", ""),
-                   "lanes": [w.address for w in witnesses[:8]],
-                   "message": f"service {service!r} has no live worker that can serve it: its constructor "
-                              f"failed in lane {lane.address} (pid {lane.pid}): {error}"}
-        while (task := queue.pop()) is not None:
-            self._finish(task)
-            self.failures.append(Failure(task, P.UNAVAILABLE, details))
-            self.counters["failed"] += 1
+        return {"type": why.get("type", ""), "traceback": why.get("traceback", ""),
+                "lanes": [w.address for w in witnesses[:8]],
+                "message": f"service {service!r} has no live worker that can serve it: its constructor "
+                           f"failed in lane {lane.address} (pid {lane.pid}): {error}"}
 
     def worker_seen(self, hid: bytes, now: float, stats: bytes | None = None) -> bool:
         """A message from a daemon's connection: it is alive (and so are its lanes)."""
@@ -425,7 +414,10 @@ class BrokerState:
             return None
         self._release(task)
         if task.stage + 1 < len(task.stages):
-            self._next_stage(task, result or [])
+            if task.master in self.masters:  # nobody waits for a pipeline whose master left: it ends here
+                self._next_stage(task, result or [])
+            else:
+                self._finish(task)
             return None
         self._finish(task)
         self.counters["completed"] += 1
@@ -444,13 +436,18 @@ class BrokerState:
             queue = self.queues[task.service] = ServiceQueue()
         queue.push(task, front=True)
         self._dirty.add(task.service)
-        self._fail_unservable(task.service)
 
-    def fail(self, sender: bytes, tid: bytes, code: str, now: float, why: str = "") -> Task | None:
+    def fail(self, sender: bytes, tid: bytes, code: str, now: float, why: str = "",
+             pid: int | None = None) -> Task | None:
         """A lane or its daemon reported an error. CRASHED is retried (attempt check); others go to the
         master. ``why`` (the report's message) ends up in the MAX_ATTEMPTS error of a task that
-        crashed too often. Returns the task whose error must be forwarded, or None."""
+        crashed too often. A daemon's report naming a lane process (``pid``) counts only if that
+        process holds the task: a pipeline's next stage may run at a sibling lane under the same id.
+        Returns the task whose error must be forwarded, or None."""
         task = self._holder(sender, tid)
+        lane = self.lanes.get(task.worker or b"") if task is not None else None
+        if task is not None and pid is not None and lane is not None and sender != lane.wid and pid != lane.pid:
+            task = None
         if task is None:
             self.counters["dropped"] += 1
             return None
@@ -477,13 +474,14 @@ class BrokerState:
         if len(self.fetches) >= P.FETCH_MAX:
             return f"{P.FETCH_MAX} fetches already wait at the broker"
         request = next(self._fetch_ids).to_bytes(8, "big")
-        self.fetches[request] = (sender, digest, now + P.FETCH_TIMEOUT)
+        self.fetches[request] = (sender, digest, now + P.FETCH_TIMEOUT, task.master)
         return task.master, request
 
-    def fetched(self, request: bytes, digest: bytes, nbytes: int) -> bytes | None:
-        """A master's DATA: the worker connection to forward it to, or None (unknown or expired)."""
+    def fetched(self, request: bytes, digest: bytes, nbytes: int, master: bytes | None = None) -> bytes | None:
+        """A master's DATA: the worker connection to forward it to, or None (unknown, expired, another
+        digest, or from a master that was not asked)."""
         entry = self.fetches.get(request)
-        if entry is None or entry[1] != digest:
+        if entry is None or entry[1] != digest or (master is not None and entry[3] != master):
             return None
         del self.fetches[request]
         self.counters["fetched_bytes"] += nbytes
@@ -585,26 +583,36 @@ class BrokerState:
 
     def _expire_unroutable(self, now: float) -> None:
         """Tasks wait for a service no live lane serves at most ``unroutable_timeout`` seconds (a worker
-        may be starting), then fail with UNAVAILABLE naming it and what is served: never a silent wait."""
+        may be starting), or liveness × interval when a lane reported its constructor failed (lanes
+        join one by one after a restart: a healthy one may still come), then fail with UNAVAILABLE
+        naming the service and why: never a silent wait."""
         waiting: dict[str, float] = {}
         for service, queue in self.queues.items():
             if not len(queue) or self.by_service.get(service):
                 continue
             since = waiting[service] = self._unroutable.get(service, now)
-            if since == now:
+            broken = bool(self.broken_by.get(service))
+            limit = min(self.unroutable_timeout, self.expiry) if broken else self.unroutable_timeout
+            if since == now and not broken:
                 log.warning("tasks wait for service %r, which no live worker serves; they fail in %g s "
-                            "(broker.unroutable_timeout) unless one comes", service, self.unroutable_timeout)
-            elif now - since >= self.unroutable_timeout:
+                            "(broker.unroutable_timeout) unless one comes", service, limit)
+            elif now - since >= limit:
                 del waiting[service]
-                served = sorted(name for name, lanes in self.by_service.items() if lanes)
-                details = {"message": f"no live worker serves {service!r} (waited {now - since:.0f} s, "
-                                      f"broker.unroutable_timeout); served now: {', '.join(served) or 'none'}",
-                           "served": served}
-                while (task := queue.pop()) is not None:
-                    self._finish(task)
-                    self.failures.append(Failure(task, P.UNAVAILABLE, details))
-                    self.counters["failed"] += 1
+                why = self._unservable(service) if broken else self._unrouted(service, since, now)
+                self._fail_queue(queue, why)
         self._unroutable = waiting
+
+    def _unrouted(self, service: str, since: float, now: float) -> dict[str, Any]:
+        served = sorted(name for name, lanes in self.by_service.items() if lanes)
+        return {"message": f"no live worker serves {service!r} (waited {now - since:.0f} s, "
+                           f"broker.unroutable_timeout); served now: {', '.join(served) or 'none'}",
+                "served": served}
+
+    def _fail_queue(self, queue: ServiceQueue, details: dict[str, Any]) -> None:
+        while (task := queue.pop()) is not None:
+            self._finish(task)
+            self.failures.append(Failure(task, P.UNAVAILABLE, details))
+            self.counters["failed"] += 1
 
     def _time_out(self, task: Task) -> None:
         if task.state == QUEUED:

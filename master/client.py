@@ -463,6 +463,9 @@ class Master:
         the handler receives the array itself, read-only. The master keeps a copy until
         :meth:`release` or :meth:`close`; the same content always gives the same ref."""
         ref, kept = make_ref(array)
+        if kept.nbytes > self.cfg.max_frame_bytes:
+            raise EncodeError(f"an array of {kept.nbytes} bytes exceeds max_frame_bytes = {self.cfg.max_frame_bytes} "
+                              "(its bytes travel as one frame; the broker's and the workers' limits must allow it)")
         with self._lock:
             self._check_open()
             self._post(Put(ref.digest, ref.meta(), kept))

@@ -78,7 +78,7 @@ class MasterState:
         self.lost_since: float | None = None
         self.limits = Limits(max_frames=cfg.max_frames)
         self.counters = {"late_answers": 0, "resends": 0, "fetches": 0}
-        self.refs: dict[bytes, tuple[bytes, Any]] = {}  # put(): digest -> (description, read-only array)
+        self.refs: dict[bytes, tuple[bytes, Any, int]] = {}  # put(): digest -> (description, array, puts)
 
     def next_wake(self) -> float:
         """When :meth:`tick` next has something to do."""
@@ -104,11 +104,17 @@ class MasterState:
         self.status_waiters.pop(request, None)
 
     def put(self, digest: bytes, meta: bytes, array: Any) -> None:
-        """Hold an array for the workers that fetch it (until :meth:`release` or the master closes)."""
-        self.refs[digest] = (meta, array)
+        """Hold an array for the workers that fetch it, until as many :meth:`release` as ``put`` of
+        that content (two puts of equal arrays give one ref) or the master closes."""
+        held = self.refs.get(digest)
+        self.refs[digest] = (meta, array, held[2] + 1 if held else 1)
 
     def release(self, digest: bytes) -> None:
-        self.refs.pop(digest, None)
+        held = self.refs.get(digest)
+        if held is not None and held[2] > 1:
+            self.refs[digest] = (held[0], held[1], held[2] - 1)
+        else:
+            self.refs.pop(digest, None)
 
     # ---- from the broker ----------------------------------------------------------------------
     def on_message(self, frames: Frames, now: float) -> list[Frames]:
@@ -152,8 +158,13 @@ class MasterState:
             value = decode_outcomes(payload, p.batch, self.limits) if p.batch else decode(payload, self.limits)
         except DecodeError as exc:
             resolve(p.future, error=exc)
-        else:
-            resolve(p.future, value=value)
+            return
+        sink = p.stream() if p.stream is not None else None
+        if sink is not None and value != sink.received:  # the last parts never came: say so, not a clean end
+            resolve(p.future, error=error_from_code(P.STREAM_BROKEN, tid.hex(), {
+                "message": f"the stream made {value} parts but {sink.received} arrived", "parts": sink.received}))
+            return
+        resolve(p.future, value=value)
 
     def _on_part(self, tid: bytes, seq: int, payload: list[Any]) -> list[Frames]:
         p = self.pending.get(tid)
@@ -170,7 +181,15 @@ class MasterState:
             del self.pending[tid]
             resolve(p.future, error=exc)
             return [[P.MASTER, P.CANCEL, tid]]
-        if not sink.part(seq, value):  # a rerun's part this stream already has: let the lane go on
+        taken = sink.part(seq, value)
+        if taken is None:  # a part went missing on the way: never deliver the stream with a hole in it
+            del self.pending[tid]
+            error = error_from_code(P.STREAM_BROKEN, tid.hex(), {
+                "message": f"part {sink.received} of the stream was lost on the way (part {seq} came next); "
+                           f"{sink.received} parts were delivered", "parts": sink.received})
+            resolve(p.future, error=error)
+            return [[P.MASTER, P.CANCEL, tid]]
+        if not taken:  # a rerun's part this stream already has: let the lane go on
             return self.ack(tid, seq)
         return []
 
@@ -216,7 +235,17 @@ class MasterState:
         log.warning("link to broker %s dropped and came back: %d tasks to resend", self.endpoint, len(self.pending))
         self.resend_due = True
         self.link.beaten(now)
-        return [[P.MASTER, P.PING]]
+        return [[P.MASTER, P.PING], *self._reack()]
+
+    def _reack(self) -> list[Frames]:
+        """Acknowledge again what each stream's consumer has taken: an ACK lost with the link would
+        leave its lane waiting with a full window, and the consumer waiting for it."""
+        out: list[Frames] = []
+        for tid, p in self.pending.items():
+            sink = p.stream() if p.stream is not None else None
+            if sink is not None and sink.parts:
+                out += self.ack(tid, sink.parts - 1)
+        return out
 
     # ---- time ---------------------------------------------------------------------------------
     def tick(self, now: float) -> Tick:

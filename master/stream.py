@@ -33,13 +33,22 @@ class Stream(Iterator[Any]):
         future.add_done_callback(lambda f: parts.put(_END))
 
     # ---- the I/O thread ---------------------------------------------------------------------------
-    def part(self, seq: int, value: Any) -> bool:
-        """Take part ``seq``; False (the caller acknowledges it at once) if it is not the next one."""
-        if seq != self._received:
+    def part(self, seq: int, value: Any) -> bool | None:
+        """Take part ``seq``: True; False for a part it already has (a rerun's: the caller acknowledges
+        it at once); None for a gap (a part lost on the way, e.g. in a dropped link): the caller ends
+        the stream with an error rather than deliver it with a part missing."""
+        if seq < self._received:
             return False
+        if seq > self._received:
+            return None
         self._received += 1
         self._parts.put(value)
         return True
+
+    @property
+    def received(self) -> int:
+        """Parts received so far (the I/O thread's count)."""
+        return self._received
 
     # ---- the consumer -----------------------------------------------------------------------------
     def __iter__(self) -> Stream:

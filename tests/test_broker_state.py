@@ -524,10 +524,21 @@ def test_a_lane_is_offered_no_task_of_a_service_it_could_not_build() -> None:
     assert [(t.tid, w.wid) for t, w in s.dispatch(0.0)] == [(b"e", b"w1")]
 
 
-def test_a_service_no_live_lane_can_serve_fails_at_once_naming_the_constructor_error() -> None:
+def wait_out(s: BrokerState, start: float, seconds: float) -> None:
+    """Expiry passes from ``start`` to ``start + seconds``, masters and workers alive throughout."""
+    for now in (start, start + seconds):
+        for hid in list(s.hosts):
+            s.worker_seen(hid, now)
+        expire_keeping_masters(s, now)
+
+
+def test_a_service_no_live_lane_can_serve_fails_soon_naming_the_constructor_error() -> None:
     s = make()
     broken_lane(s, b"w1", ["lm"], ["lm"])
     assert submit(s, b"t", service="lm") is None
+    wait_out(s, 0.0, 2.9)
+    assert s.take_failures() == []  # a healthy lane may still join (after a restart they come one by one)
+    wait_out(s, 3.0, 0.0)
     [failure] = s.take_failures()
     assert failure.task.tid == b"t" and failure.code == P.UNAVAILABLE
     assert "'lm'" in failure.details["message"] and "ValueError: weights file is corrupt" in failure.details["message"]
@@ -539,8 +550,10 @@ def test_tasks_waiting_for_a_service_fail_when_a_lane_reports_it_broken() -> Non
     s = make()
     submit(s, b"t1", service="lm")
     submit(s, b"t2", service="lm")
-    assert s.take_failures() == []  # nobody said anything yet: they wait (issue 13 bounds that wait)
+    wait_out(s, 0.0, 2.0)
+    assert s.take_failures() == []  # nobody said anything yet: they wait (up to broker.unroutable_timeout)
     broken_lane(s, b"w1", ["lm"], ["lm"])
+    wait_out(s, 3.0, 0.0)
     assert sorted(f.task.tid for f in s.take_failures()) == [b"t1", b"t2"]
 
 
@@ -549,7 +562,18 @@ def test_a_broken_lane_does_not_fail_work_that_another_lane_serves() -> None:
     broken_lane(s, b"w1", ["lm"], ["lm"])
     ready(s, b"w2", ["lm"], 1)
     submit(s, b"t", service="lm")
-    assert s.take_failures() == [] and [w.wid for _, w in s.dispatch(0.0)] == [b"w2"]
+    wait_out(s, 0.0, 5.0)
+    assert s.take_failures() == [] and [w.wid for _, w in s.dispatch(5.0)] == [b"w2"]
+
+
+def test_a_healthy_lane_joining_in_the_grace_serves_what_a_broken_one_could_not() -> None:
+    s = make()
+    broken_lane(s, b"w1", ["lm"], ["lm"])
+    submit(s, b"t", service="lm")
+    wait_out(s, 0.0, 1.0)
+    ready(s, b"w2", ["lm"], 1, now=1.5)
+    wait_out(s, 2.0, 3.0)
+    assert s.take_failures() == [] and [w.wid for _, w in s.dispatch(5.0)] == [b"w2"]
 
 
 def test_a_broken_report_goes_with_its_lane() -> None:
@@ -559,7 +583,8 @@ def test_a_broken_report_goes_with_its_lane() -> None:
     s.prune()
     assert "lm" not in s.broken_by
     submit(s, b"t", service="lm", now=1.0)
-    assert s.take_failures() == []  # no witness left: the task waits for a lane
+    wait_out(s, 1.0, 10.0)
+    assert s.take_failures() == []  # no witness left: the task waits for a lane (unroutable_timeout: 30 s)
 
 
 def test_broken_names_outside_the_workers_services_are_ignored() -> None:

@@ -187,3 +187,33 @@ def test_past_cache_bytes_arrays_are_evicted_and_fetched_again_correctly(two_hos
             sums = [m.call("array_info", (r,)).result(30)[1] for r in refs]
             assert sums == [float(a.sum()) for a in arrays]
         assert m.status()["counters"]["fetched_bytes"] > 5 * arrays[0].nbytes  # some came twice: evicted
+
+
+def test_data_counts_only_from_the_master_that_was_asked_and_puts_are_counted() -> None:
+    s = BrokerState()
+    host = s.worker_ready(b"d", ["svc"], 1, 0.0, lanes=1, name="w")
+    s.lane_ready(b"l", host.key, 0, 0.0, pid=1)
+    s.submit(b"m", b"t", "svc", [b"x"], 0.0)
+    list(s.dispatch(0.0))
+    _master, request = s.fetch(b"d", b"t", b"g" * 16, 0.0)  # type: ignore[misc]
+    assert s.fetched(request, b"g" * 16, 10, b"intruder") is None  # another master guessed the request id
+    assert s.fetched(request, b"g" * 16, 10, b"m") == b"d"
+    state = MasterState(MasterConfig(), "ipc://x", 0.0)
+    ref, kept = make_ref(np.arange(3.0))
+    state.put(ref.digest, ref.meta(), kept)
+    state.put(ref.digest, ref.meta(), kept)  # the same content put twice: one ref, two holders
+    state.release(ref.digest)
+    [data] = state.on_message([P.MASTER, P.FETCH, b"r", ref.digest], 0.0)
+    assert data[4] == ref.meta()  # still served: one put is not released yet
+    state.release(ref.digest)
+    [gone] = state.on_message([P.MASTER, P.FETCH, b"r", ref.digest], 0.0)
+    assert gone[4] == b""
+
+
+def test_put_refuses_an_array_over_max_frame_bytes() -> None:
+    from ndpipe.master import Master
+
+    with Master("ipc:///tmp/ndpipe-nobroker", config=MasterConfig(broker="ipc:///tmp/ndpipe-nobroker",
+                                                                  max_frame_bytes=1 << 20)) as m:
+        with pytest.raises(EncodeError, match="exceeds max_frame_bytes"):
+            m.put(np.zeros(1 << 18))  # 2 MiB

@@ -66,7 +66,7 @@ def test_a_failing_constructor_leaves_the_worker_up_and_callers_get_its_error(ma
         c.wait_slots(m, 2)  # the lanes joined for the services they could build
         lanes = c.lane_pids(worker)
         with pytest.raises(ServiceUnavailable, match="constructor failed in lane"):
-            m.call("bad").result(10)  # at once, from the broker
+            m.call("bad").result(10)  # from the broker, within liveness × interval
         assert m.call("echo", (5,)).result(10) == 5  # the rest of the worker serves on
         status = m.status()
         assert status["services"]["bad"]["broken"] == 2 and status["services"]["bad"]["lanes"] == 0

@@ -156,3 +156,30 @@ def test_a_lane_killed_in_a_stage_reruns_that_stage_only(stages) -> None:  # typ
         assert len(calls(stages.log_dir, "s0")) == 1  # the first stage ran once
         assert len(calls(stages.log_dir, "slow")) == 2 and calls(stages.log_dir, "slow")[1] != victim
         assert len(calls(stages.log_dir, "s1")) == 1
+
+
+def test_a_stale_crash_report_for_an_earlier_stage_does_not_hit_the_next() -> None:
+    s = BrokerState(max_attempts=1)
+    host = s.worker_ready(b"d", ["a", "b"], 1, 0.0, lanes=2, name="w")
+    s.lane_ready(b"l0", host.key, 0, 0.0, pid=10)
+    s.lane_ready(b"l1", host.key, 1, 0.0, pid=11)
+    s.submit(b"m", b"t", "a", [b"x"], 0.0, stages=("a", "b"), flags=P.FLAG_PIPELINE)
+    [(_, first)] = list(s.dispatch(0.0))
+    s.complete(first.wid, b"t", [b"r"])
+    [(task, second)] = list(s.dispatch(0.0))
+    assert second.wid != first.wid  # stage b at the sibling lane (a tie goes to the lane that waited longest)
+    # the daemon reports its first lane's link loss for the last task it answered: stage a's, same id
+    assert s.fail(b"d", b"t", P.CRASHED, 0.0, "LinkLost", pid=first.pid) is None
+    assert s.tasks[b"t"].state == "inflight" and s.take_failures() == []
+    s.fail(b"d", b"t", P.CRASHED, 0.0, "died", pid=second.pid)  # a report about the holder counts
+    assert [f.code for f in s.take_failures()] == [P.MAX_ATTEMPTS]
+
+
+def test_a_pipeline_whose_master_left_ends_at_its_current_stage() -> None:
+    s = BrokerState()
+    lane(s, b"wa", ["a"])
+    lane(s, b"wb", ["b"])
+    s.submit(b"m", b"t", "a", [b"x0"], 0.0, stages=("a", "b"), flags=P.FLAG_PIPELINE)
+    list(s.dispatch(0.0))
+    s.master_gone(b"m")
+    assert s.complete(b"wa", b"t", [b"r1"]) is None and b"t" not in s.tasks and list(s.dispatch(0.0)) == []

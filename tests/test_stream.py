@@ -125,3 +125,57 @@ def test_a_lane_killed_mid_stream_fails_it_without_repeating_a_part(cluster) -> 
                     os.kill(part[1], signal.SIGKILL)
         assert got == list(range(len(got))) and len(got) >= 5  # each part once, in order, none missing
         assert err.value.details["parts"] >= 5
+
+
+# ---- the master's side: gaps and lost acks never go unnoticed ------------------------------------
+def stream_state() -> tuple[Any, Any]:
+    from concurrent.futures import Future
+
+    from ndpipe.config import MasterConfig
+    from ndpipe.master.state import MasterState, Pending
+    from ndpipe.master.stream import Stream
+
+    state = MasterState(MasterConfig(), "ipc://x", 0.0)
+    future: Future[Any] = Future()
+    stream = Stream(future, lambda seq: None)
+    import weakref
+
+    state.submit(Pending(b"t", b"gen", P.OPTIONS.pack(0, 0, P.FLAG_STREAM), [b""], future, None,
+                         stream=weakref.ref(stream)), 0.0)
+    return state, stream
+
+
+def part(seq: int) -> list[Any]:
+    from ndpipe.codec import encode
+
+    return [P.MASTER, P.PART, b"t", seq.to_bytes(4, "big"), *encode(seq)]
+
+
+def test_a_part_lost_on_the_way_breaks_the_stream_instead_of_leaving_a_hole() -> None:
+    state, stream = stream_state()
+    state.on_message(part(0), 0.0)
+    assert state.on_message(part(2), 0.0) == [[P.MASTER, P.CANCEL, b"t"]]  # part 1 never came
+    assert next(stream) == 0
+    with pytest.raises(StreamBroken, match="part 1 of the stream was lost"):
+        next(stream)
+
+
+def test_a_stream_that_ends_short_of_its_count_is_broken_and_a_repeat_is_acknowledged() -> None:
+    from ndpipe.codec import encode
+
+    state, stream = stream_state()
+    state.on_message(part(0), 0.0)
+    assert state.on_message(part(0), 0.0) == [[P.MASTER, P.ACK, b"t", (0).to_bytes(4, "big")]]  # a rerun's
+    state.on_message([P.MASTER, P.RESULT, b"t", *encode(2)], 0.0)  # it made 2, 1 arrived
+    assert next(stream) == 0
+    with pytest.raises(StreamBroken, match="made 2 parts but 1 arrived"):
+        next(stream)
+
+
+def test_acks_are_sent_again_when_the_link_comes_back() -> None:
+    state, stream = stream_state()
+    state.on_message(part(0), 0.0)
+    state.on_message(part(1), 0.0)
+    next(stream), next(stream)
+    sent = state.link_came_back(1.0)
+    assert [P.MASTER, P.ACK, b"t", (1).to_bytes(4, "big")] in sent

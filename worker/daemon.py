@@ -26,7 +26,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -64,6 +64,7 @@ class LaneProc:
     slot: LaneSlot
     ready: bool = False  # said HELLO (its handlers loaded)
     killed: str = ""  # why the daemon killed it: "timeout", "cancel" (its task is already settled)
+    mapped: set[bytes] = field(default_factory=set)  # arrays sent once it was given (told L_EVICT: only those)
 
 
 class WorkerDaemon:
@@ -158,16 +159,21 @@ class WorkerDaemon:
         if not waiters:
             return
         buf = data.buffer if isinstance(data, zmq.Frame) else data
-        admitted = self.cache.admit(digest, meta, buf) if meta else bytes(buf).decode("utf-8", "replace")
+        try:
+            admitted = self.cache.admit(digest, meta, buf) if meta else bytes(buf).decode("utf-8", "replace")
+        except OSError as exc:  # no memory for the memfd: the waiters hear it now, not after a timeout
+            admitted = f"this host cannot keep the array: {exc}"
         if isinstance(admitted, str):
             log.warning("array ref %s unavailable: %s", digest.hex(), admitted)
             for lane in waiters:
                 self._deny(lane, digest, admitted)
             return
         entry, evicted = admitted
-        for old in evicted:
+        for old in evicted:  # only lanes that map it: a busy lane's pipe must not fill with news of others
             for each in self.lanes.values():
-                self._tell(each, P.L_EVICT + old)
+                if old in each.mapped:
+                    each.mapped.discard(old)
+                    self._tell(each, P.L_EVICT + old)
         for lane in waiters:
             self._give(lane, digest, entry)
 
@@ -176,6 +182,7 @@ class WorkerDaemon:
         return self.lanes.get(lane.index) is lane
 
     def _give(self, lane: LaneProc, digest: bytes, entry: Entry) -> None:
+        lane.mapped.add(digest)
         if self._tell(lane, P.L_DATA + msgpack.packb({"digest": digest, "meta": entry.meta, "size": entry.size})):
             try:
                 reduction.send_handle(lane.conn, entry.fd, lane.proc.pid or 0)
