@@ -208,11 +208,16 @@ class BrokerState:
         return task.worker
 
     def _stop_stream(self, task: Task) -> None:
+        self._settle_running(task, self.stops)
+
+    def _settle_running(self, task: Task, tell: list[tuple[LaneRecord, bytes]]) -> None:
+        """Settle an in-flight task at the broker: free its lane's credit, and note in ``tell`` (W_CANCEL
+        to the lane, or to the lane and its daemon) that the lane should stop it."""
         rec = self.lanes.get(task.worker or b"")
         if rec is not None and task.tid in rec.inflight:
             rec.inflight.discard(task.tid)
             self._offer(rec)
-            self.stops.append((rec, task.tid))
+            tell.append((rec, task.tid))
         self._finish(task)
 
     def _drop_queued(self, task: Task) -> None:
@@ -618,12 +623,7 @@ class BrokerState:
         if task.state == QUEUED:
             self._drop_queued(task)
         else:
-            rec = self.lanes.get(task.worker or b"")
-            if rec is not None and task.tid in rec.inflight:
-                rec.inflight.discard(task.tid)
-                self._offer(rec)
-                self.cancels.append((rec, task.tid))
-            self._finish(task)
+            self._settle_running(task, self.cancels)
         details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
         self.failures.append(Failure(task, P.TIMEOUT, details))
         self.counters["failed"] += 1

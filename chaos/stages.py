@@ -74,20 +74,7 @@ def _pipelines_under_kills(cluster: Cluster, p: Params, report: Report, tasks: i
             c.wait_slots(m, 4, service="relay1")
             hist, t0 = History(), time.monotonic()
             submitter = pipelines_in_background(m, hist, range(tasks), seconds, c.log_dir)
-            victims: list[tuple[int, float]] = []
-            deadline = t0 + 30 + 3 * kills
-            while len(victims) < kills and time.monotonic() < deadline:
-                time.sleep(rng.uniform(*gap))
-                pids = sorted(pid for w in workers for pid in c.lane_pids(w))
-                if not pids:
-                    continue
-                pid = rng.choice(pids)
-                t_kill = time.monotonic()
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    continue
-                victims.append((pid, t_kill))
+            victims = _kill_lanes(c, workers, rng, kills, gap, t0 + 30 + 3 * kills)
             submitter.join(p.wait(120))
             finish(c, hist, report, p.wait(300), t0)
             starts = read_starts(c.log_dir)
@@ -160,7 +147,7 @@ def stream_killed(p: Params) -> Report:
                          for _ in range(4)]
             for thread in consumers:
                 thread.start()
-            made = _kill_lanes(c, workers, rng, kills, gap, t0 + 30 + 3 * kills)
+            made = len(_kill_lanes(c, workers, rng, kills, gap, t0 + 30 + 3 * kills))
             for thread in consumers:
                 thread.join(p.wait(300))
     report.seconds = time.monotonic() - t0
@@ -202,18 +189,22 @@ def _consume(m: Master, todo: queue.SimpleQueue[int], outcomes: dict[int, tuple[
 
 
 def _kill_lanes(c: Cluster, workers: list[Any], rng: random.Random, kills: int, gap: tuple[float, float],
-                deadline: float) -> int:
-    made = 0
-    while made < kills and time.monotonic() < deadline:
+                deadline: float) -> list[tuple[int, float]]:
+    """kill -9 a random lane every ``gap`` seconds, ``kills`` times (bounded by ``deadline``): the
+    (pid, time) of each kill."""
+    victims: list[tuple[int, float]] = []
+    while len(victims) < kills and time.monotonic() < deadline:
         time.sleep(rng.uniform(*gap))
         pids = sorted(pid for w in workers for pid in c.lane_pids(w))
-        if pids:
-            try:
-                os.kill(rng.choice(pids), signal.SIGKILL)
-                made += 1
-            except ProcessLookupError:
-                pass
-    return made
+        if not pids:
+            continue
+        pid, t_kill = rng.choice(pids), time.monotonic()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        victims.append((pid, t_kill))
+    return victims
 
 
 SCENARIOS: dict[str, Callable[[Params], Report]] = {

@@ -43,8 +43,12 @@ def mlp_weights(seed: int, d_in: int, d_hidden: int, d_out: int) -> tuple[np.nda
 def mlp_forward(x: np.ndarray, seed: int = 0, d_hidden: int = 512, d_out: int = 64) -> np.ndarray:
     """softmax(gelu(x @ W1 + b1) @ W2 + b2), row by row: a batch-inference step."""
     x = np.asarray(x, dtype=np.float64)
-    w1, b1, w2, b2 = mlp_weights(seed, x.shape[1], d_hidden, d_out)
-    h = x @ w1 + b1
+    return mlp(x, *mlp_weights(seed, x.shape[1], d_hidden, d_out))
+
+
+def mlp(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """The forward pass itself, on given weights."""
+    h = np.asarray(x, dtype=np.float64) @ w1 + b1
     h = 0.5 * h * (1.0 + np.tanh(0.7978845608028654 * (h + 0.044715 * h**3)))
     z = h @ w2 + b2
     z -= z.max(axis=1, keepdims=True)
@@ -74,14 +78,7 @@ class MLP:
             p.setflags(write=False)  # shared by every task of this process: nobody may change them
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        w1, b1, w2, b2 = self.params
-        h = np.asarray(x, dtype=np.float64) @ w1 + b1
-        h = 0.5 * h * (1.0 + np.tanh(0.7978845608028654 * (h + 0.044715 * h**3)))
-        z = h @ w2 + b2
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-        return out
+        return mlp(x, *self.params)
 
 
 def fail(message: str = "boom") -> None:

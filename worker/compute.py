@@ -15,6 +15,7 @@ import os
 import resource
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
@@ -109,26 +110,13 @@ def run_task(
     """Decode (``refs`` turns array refs into arrays), call, encode; every failure becomes an error
     message, never an exception."""
     handler = handlers.get(service)
-    if handler is None:
-        return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
-    if flags & P.FLAG_BATCH:
+    if handler is not None and flags & P.FLAG_BATCH:
         return run_batch(handler, tid, service, payload, max_frames, refs)
-    kwargs: dict[str, Any] = {}
+    called = _call(handler, tid, service, payload, max_frames, flags, refs)
+    if isinstance(called, _Failed):
+        return called.frames
     try:
-        if flags & P.FLAG_CHAINED:  # a pipeline stage after the first: the previous stage's result is the argument
-            args = [decode(payload, Limits(max_frames=max_frames), refs)]
-        else:
-            args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
-    except DecodeError as exc:
-        return error_frames(tid, P.BAD_REQUEST, exc, False)
-    try:
-        result = handler(*args, **kwargs)
-    except MemoryError:
-        raise  # the process's memory is exhausted: main() exits and the daemon reports it
-    except Exception as exc:
-        return error_frames(tid, P.HANDLER_ERROR, exc)
-    try:
-        frames = encode(result)
+        frames = encode(called)
         _check_sizes(frames, max_frames)
         return [P.W_RESULT, tid, *frames]
     except Exception as exc:  # EncodeError, or anything odd a result can do while being encoded
@@ -136,23 +124,41 @@ def run_task(
         return error_frames(tid, P.HANDLER_ERROR, wrapped, False)
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    frames: list[Any]  # the W_ERROR to send instead of a result
+
+
+def _call(handler: Handler | None, tid: bytes, service: str, payload: list[Any], max_frames: int, flags: int,
+          refs: RefResolver | None) -> Any:
+    """Decode the call and run the handler: its return value, or :class:`_Failed` with the error to
+    send (unknown service, undecodable payload, the handler raised). MemoryError propagates: the
+    process's memory is exhausted, its main() exits and the daemon reports it."""
+    if handler is None:
+        return _Failed(error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False))
+    kwargs: dict[str, Any] = {}
+    try:
+        if flags & P.FLAG_CHAINED:  # a pipeline stage after the first: the previous stage's result is the argument
+            args = [decode(payload, Limits(max_frames=max_frames), refs)]
+        else:
+            args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
+    except DecodeError as exc:
+        return _Failed(error_frames(tid, P.BAD_REQUEST, exc, False))
+    try:
+        return handler(*args, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        return _Failed(error_frames(tid, P.HANDLER_ERROR, exc))
+
+
 def start_stream(handlers: dict[str, Handler], tid: bytes, service: str, payload: list[Any],
                  max_frames: int = P.MAX_FRAMES, refs: RefResolver | None = None) -> Iterator[Any] | list[Any]:
     """FLAG_STREAM: call the handler and return the iterator of its parts, or the error frames to
     send instead (unknown service, undecodable payload, a handler that raised or returned no iterable)."""
-    handler = handlers.get(service)
-    if handler is None:
-        return error_frames(tid, P.BAD_REQUEST, LookupError(f"this worker has no service {service!r}"), False)
-    try:
-        args, kwargs = decode_call(payload, Limits(max_frames=max_frames), refs)
-    except DecodeError as exc:
-        return error_frames(tid, P.BAD_REQUEST, exc, False)
-    try:
-        parts = handler(*args, **kwargs)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        return error_frames(tid, P.HANDLER_ERROR, exc)
+    parts = _call(handlers.get(service), tid, service, payload, max_frames, 0, refs)
+    if isinstance(parts, _Failed):
+        return parts.frames
     try:
         return iter(cast(Iterable[Any], parts))
     except TypeError:
