@@ -15,9 +15,11 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from ndpipe.chaos.checker import History, Report, read_starts, restarts_after, runs_per_task, started
 from ndpipe.chaos.handlers import SERVICES
@@ -52,10 +54,16 @@ class Params:
 def submit_in_background(m: Master, hist: History, tids: Iterable[int], seconds: float, log_dir: str,
                          service: str = "work", timeout: float | None = None) -> threading.Thread:
     """Submit ``work(tid)`` for every id from a thread (``submit`` blocks on a full window)."""
+    return track_in_background(hist, tids, lambda tid: m.call(service, (tid, SIZE, seconds, log_dir),
+                                                              timeout=timeout))
+
+
+def track_in_background(hist: History, tids: Iterable[int], start: Callable[[int], Future[Any]]) -> threading.Thread:
+    """``start(tid)`` for every id from a thread, each future tracked in ``hist``."""
     def run() -> None:
         for tid in tids:
             try:
-                hist.track(tid, SIZE, m.call(service, (tid, SIZE, seconds, log_dir), timeout=timeout))
+                hist.track(tid, SIZE, start(tid))
             except Exception as exc:  # a refused submit is an answer too: the caller saw it
                 hist.submitted(tid, SIZE)
                 hist.deliver(tid, exc)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
 from ndpipe.chaos.handlers import SERVICES, checksum
-from ndpipe.chaos.scenarios import SIZE, Params, finish, slack
+from ndpipe.chaos.scenarios import SIZE, Params, finish, slack, track_in_background
 from ndpipe.cluster import Cluster
 from ndpipe.errors import TaskError
 from ndpipe.master import Master
@@ -32,16 +32,7 @@ def pipelines_in_background(m: Master, hist: History, tids: Iterable[int], secon
                             log_dir: str) -> threading.Thread:
     """Submit ``work(tid) → relay1 → relay2`` for every id from a thread (``pipeline`` blocks on a
     full window); each answer must be work's value, carried through both relays."""
-    def run() -> None:
-        for tid in tids:
-            try:
-                hist.track(tid, SIZE, m.pipeline(STAGES, [tid, SIZE, seconds, log_dir]))
-            except Exception as exc:  # a refused submit is an answer too: the caller saw it
-                hist.submitted(tid, SIZE)
-                hist.deliver(tid, exc)
-    thread = threading.Thread(target=run, name="chaos-pipelines", daemon=True)
-    thread.start()
-    return thread
+    return track_in_background(hist, tids, lambda tid: m.pipeline(STAGES, [tid, SIZE, seconds, log_dir]))
 
 
 def pipeline_killed(p: Params) -> Report:
