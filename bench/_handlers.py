@@ -64,3 +64,19 @@ def raw_add_one(frames: list[Any]) -> list[bytes]:
     import numpy as np
 
     return [(np.frombuffer(frames[0].buffer, np.float64) + 1).tobytes()]
+
+
+def make_parts(n: int, seconds: float = 0.0) -> Any:
+    """A generator of ``n`` small parts (a 16-float array each), one every ``seconds``: a stand-in
+    for token-by-token generation (bench stages, the stream rows)."""
+    import numpy as np
+
+    for i in range(n):
+        if seconds:
+            time.sleep(seconds)
+        yield np.full(16, float(i))
+
+
+def all_parts(n: int, seconds: float = 0.0) -> list[Any]:
+    """The same parts returned at once, as a list: what a caller without streams would get."""
+    return list(make_parts(n, seconds))

@@ -65,6 +65,37 @@ def ndpipe_rows(x: np.ndarray[Any, Any], calls: int, items: int, window: int) ->
     return rows
 
 
+def stream_rows(parts: int, seconds: float) -> list[tuple[str, float, float]]:
+    """A generator of ``parts`` parts, one every ``seconds``: streamed (``Master.stream``) against the
+    same parts returned at once (``call``). (name, seconds to the first part, parts/s)."""
+    services = {**SERVICES, "make_parts": "ndpipe.bench._handlers:make_parts",
+                "all_parts": "ndpipe.bench._handlers:all_parts"}
+    rows = []
+    with bench_cluster(1, 2, services=services) as cluster, cluster.master() as m:
+        list(m.stream("make_parts", 2))  # warm-up
+        t0 = time.perf_counter()
+        first = 0.0
+        got = 0
+        for part in m.stream("make_parts", parts, seconds):
+            first = first or time.perf_counter() - t0
+            got += 1
+            assert part[0] == got - 1
+        wall = time.perf_counter() - t0
+        rows.append(("ndpipe stream", first, got / wall))
+        t0 = time.perf_counter()
+        whole = m.call("all_parts", (parts, seconds)).result(300)
+        wall = time.perf_counter() - t0
+        assert len(whole) == parts
+        rows.append(("ndpipe call returning the list", wall, parts / wall))
+        t0 = time.perf_counter()
+        first, got = 0.0, 0
+        for _ in m.stream("make_parts", parts * 10):
+            first = first or time.perf_counter() - t0
+            got += 1
+        rows.append((f"ndpipe stream, no work per part (×{parts * 10})", first, got / (time.perf_counter() - t0)))
+    return rows
+
+
 def raw_row(x: np.ndarray[Any, Any], calls: int, items: int, window: int) -> tuple[str, float, float, float]:
     with RawBaseline(workers=4, handler="ndpipe.bench._handlers:raw_add_one") as raw:
         for _ in range(20):
@@ -81,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=500, help="sequential inputs for the latency rows")
     ap.add_argument("--items", type=int, default=5000, help="inputs for the throughput rows")
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="100 calls, 500 items: a smoke run")
+    ap.add_argument("--parts", type=int, default=500, help="parts of the streamed generator")
+    ap.add_argument("--part-ms", type=float, default=2.0, help="milliseconds the generator takes per part")
+    ap.add_argument("--quick", action="store_true", help="100 calls, 500 items, 100 parts: a smoke run")
     args = ap.parse_args(argv)
-    calls, items = (100, 500) if args.quick else (args.calls, args.items)
+    calls, items, parts = (100, 500, 100) if args.quick else (args.calls, args.items, args.parts)
     print(machine_line())
     x = np.arange(128.0)  # 1 KiB
     print(f"stages: 4 stages of x + 1 on a 1 KiB array; {calls} sequential inputs, {items} streamed "
@@ -97,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<36} {p50 * 1e3:8.3f} {p99 * 1e3:8.3f} {p50 / raw_p50:9.2f} {through:10,.0f}")
     print("\n(p50/p99: one input through all 4 stages; inputs/s: all of them with the window in flight. The raw "
           "baseline's inputs/s is 4 × N single requests pipelined, ÷ 4)")
+    print(f"\nstreams: a generator of {parts} parts (16 floats each), one every {args.part_ms:g} ms "
+          f"(bound: {1000 / args.part_ms:,.0f} parts/s), 1 daemon × 2 lanes\n")
+    head = f"{'configuration':<36} {'first part ms':>14} {'parts/s':>10}"
+    print(head)
+    print("-" * len(head))
+    for name, first, rate in stream_rows(parts, args.part_ms / 1000):
+        print(f"{name:<36} {first * 1e3:14.1f} {rate:10,.0f}")
     return 0
 
 
