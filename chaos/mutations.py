@@ -31,6 +31,7 @@ STATE, MSTATE, DAEMON, CODEC = "broker/state.py", "master/state.py", "worker/dae
 LANE = "worker/lane.py"
 T_STATE, T_FAIL, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", "tests/test_master.py"
 T_MSTATE = "tests/test_master_state.py"
+T_STAGES = "tests/test_stages.py"
 CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
 
 
@@ -227,6 +228,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the decoder accepts every dtype kind (datetime, void, str arrays)", CODEC,
         "    if dt.kind not in _KINDS or dt.hasobject", "    if dt.hasobject",
         ("tests/test_codec.py::test_fuzzed_dtypes_decode_only_to_allowed_kinds",)),
+    # ---- issue 10: resident services, arrays sent once, pipelines, streams ----
+    Mutation(
+        "broken-constructor-crashes-lane", "A resident service whose constructor fails never crash-loops a worker",
+        "a constructor's exception ends the lane (it is respawned, fails again, and callers wait)",
+        "worker/compute.py", "            broken[name] = error_details(exc)\n", "            raise\n",
+        ("tests/test_resident.py::test_a_failing_constructor_leaves_the_worker_up_and_callers_get_its_error",)),
+    Mutation(
+        "ref-bytes-unchecked", "A host keeps only bytes that hash to the ref's digest",
+        "the daemon keeps fetched bytes without checking their digest", "worker/cache.py",
+        "        if digest_of(meta, data) != digest:\n", "        if False:\n",
+        ("tests/test_refs.py::test_the_cache_keeps_checked_bytes_sealed_and_evicts_least_recently_used",)),
+    Mutation(
+        "stage-gets-first-input", "Each pipeline stage gets the previous stage's result",
+        "the broker passes every stage the pipeline's first input", STATE,
+        "        task.payload, task.flags = result, P.FLAG_CHAINED\n", "        task.flags = P.FLAG_CHAINED\n",
+        (f"{T_STAGES}::test_each_stage_result_is_the_next_stage_input_and_only_the_last_is_delivered",
+         f"{T_STAGES}::test_a_pipeline_runs_each_stage_once_with_no_round_trip_to_the_master",
+         f"{CHAOS}[pipeline_killed]")),
+    Mutation(
+        "stream-rerun-after-parts", "No part of a stream is delivered twice by a rerun",
+        "a stream whose lane died after some parts is requeued like any task", STATE,
+        "        if task.parts:  # a rerun would deliver", "        if False:  # a rerun would deliver",
+        ("tests/test_stream.py::test_a_stream_lost_after_some_parts_fails_instead_of_repeating_them",
+         "tests/test_stream.py::test_a_lane_killed_mid_stream_fails_it_without_repeating_a_part")),
 )
 
 
