@@ -28,6 +28,7 @@ import numpy as np
 
 from ndpipe.bench._common import SERVICES, bench_cluster, machine_line
 from ndpipe.bench._raw import RawBaseline
+from ndpipe.bench._ray import put_row
 from ndpipe.codec import encode_call
 
 WINDOW = 8
@@ -75,16 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     arr = np.random.default_rng(0).standard_normal(mib * 2**20 // 8)
     print(f"refs: {tasks} tasks sharing one {mib} MiB float64 array, window {WINDOW}\n")
     rows = [*ndpipe_rows(arr, tasks), raw_row(arr, tasks)]
+    ray_row = put_row(arr, tasks)
+    rows += [ray_row] if ray_row else []
     put_wall = rows[0][1]
     head = (f"{'configuration':<40} {'seconds':>8} {'tasks/s':>9} {'MiB via broker':>15} {'× array':>8} "
             f"{'time ÷ put':>10}")
     print(head)
     print("-" * len(head))
     for name, wall, moved in rows:
-        print(f"{name:<40} {wall:8.3f} {tasks / wall:9.1f} {moved / 2**20:15.1f} {moved / arr.nbytes:8.2f} "
-              f"{wall / put_wall:10.2f}")
+        via = f"{moved / 2**20:15.1f} {moved / arr.nbytes:8.2f}" if moved >= 0 else f"{'—':>15} {'—':>8}"
+        print(f"{name:<40} {wall:8.3f} {tasks / wall:9.1f} {via} {wall / put_wall:10.2f}")
     print("\n(× array: bytes through the broker ÷ the array's size; goal for put ≈ 2, one fetch per host. "
-          "time ÷ put: how many times longer than with put)")
+          "time ÷ put: how many times longer than with put)" + ("" if ray_row else
+          "; Ray row skipped: Ray is not installed (pip install ray)"))
     return 0
 
 

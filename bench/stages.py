@@ -22,6 +22,7 @@ import numpy as np
 
 from ndpipe.bench._common import SERVICES, bench_cluster, machine_line
 from ndpipe.bench._raw import RawBaseline
+from ndpipe.bench._ray import pipeline_row
 
 STAGES = ["s0", "s1", "s2", "s3"]
 
@@ -123,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
           f"(window {args.window}); ndpipe 2 daemons × 2 lanes, raw 4 processes\n")
     rows = [*ndpipe_rows(x, calls, items, args.window), raw_row(x, calls, items, args.window)]
     raw_p50 = rows[-1][1]
+    ray_row = pipeline_row(x, len(STAGES), calls, items)
+    rows += [ray_row] if ray_row else []
     head = f"{'configuration':<36} {'p50 ms':>8} {'p99 ms':>8} {'p50 ÷ raw':>9} {'inputs/s':>10}"
     print(head)
     print("-" * len(head))
     for name, p50, p99, through in rows:
         print(f"{name:<36} {p50 * 1e3:8.3f} {p99 * 1e3:8.3f} {p50 / raw_p50:9.2f} {through:10,.0f}")
     print("\n(p50/p99: one input through all 4 stages; inputs/s: all of them with the window in flight. The raw "
-          "baseline's inputs/s is 4 × N single requests pipelined, ÷ 4)")
+          "baseline's inputs/s is 4 × N single requests pipelined, ÷ 4)" + ("" if ray_row else
+          "; Ray rows skipped: Ray is not installed (pip install ray)"))
     print(f"\nstreams: a generator of {parts} parts (16 floats each), one every {args.part_ms:g} ms "
           f"(bound: {1000 / args.part_ms:,.0f} parts/s), 1 daemon × 2 lanes\n")
     head = f"{'configuration':<36} {'first part ms':>14} {'parts/s':>10}"
