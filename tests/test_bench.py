@@ -22,8 +22,8 @@ EXPECTED = {
     "recovery": ["compute", "daemon"],
     "dispatch": ["index ÷ scan", "1,000"],
     "refs": ["ndpipe put", "ndpipe inline", "raw inline"],
-    "stages": ["ndpipe pipeline", "ndpipe 4 master round trips", "raw 4 round trips", "ndpipe stream",
-               "ndpipe call returning the list"],
+    "stages": ["ndpipe pipeline", "ndpipe 4 master round trips", "raw 4 round trips", "slowest-stage bound",
+               "ndpipe stream", "ndpipe call returning the list"],
 }
 
 
