@@ -106,6 +106,13 @@ class ServiceQueue:
             lane.append(task)
         self.size += 1
 
+    def head_stage(self) -> int:
+        """The pipeline stage of the task next in line (0: a fresh task, or a dead entry): the broker
+        serves later stages first, so a pipeline under way finishes before new ones start."""
+        for lane in self._lanes.values():
+            return lane[0].stage if lane and lane[0].state == QUEUED else 0
+        return 0
+
     def discard(self) -> None:
         """Account for a task that left the queue by a path other than ``pop``; compact the lanes
         when dead entries outnumber live ones, so memory follows the live queue."""

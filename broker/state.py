@@ -82,6 +82,7 @@ class BrokerState:
         self._sessions = 0
         self._deadlines: list[tuple[float, bytes]] = []
         self._dirty: set[str] = set()  # services that may be able to dispatch
+        self._served: dict[str, int] = {}  # service -> sequence number of its last dispatch
         # service -> heap of (load, last dispatch, seq, version, worker): workers that may have credit
         self._free: dict[str, list[tuple[float, float, int, int, LaneRecord]]] = {}
         self._seq = itertools.count()
@@ -496,7 +497,8 @@ class BrokerState:
     def dispatch(self, now: float) -> Iterator[tuple[Task, LaneRecord]]:
         """Yield (task, worker) pairs to send: least-loaded worker with credit, ties LRU; O(log n) each."""
         while self._dirty:
-            service = self._dirty.pop()
+            service = max(self._dirty, key=self._urgency)
+            self._dirty.discard(service)
             queue = self.queues.get(service)
             heap = self._free.get(service)
             if not queue or not heap:
@@ -514,8 +516,17 @@ class BrokerState:
                 task.attempt += 1
                 best.inflight.add(task.tid)
                 best.last_dispatch = now
+                self._served[service] = next(self._seq)
                 self._index(best)  # less credit: other services need no new pass, so not _offer
                 yield task, best
+
+    def _urgency(self, service: str) -> tuple[int, int]:
+        """Which waiting service a free lane serves first: a pipeline's later stage before an earlier
+        one or a fresh task (else the intermediate results pile up in the broker and a pipeline's
+        latency becomes the time to drain every queue before it), then the service served longest ago
+        (one service's deep queue must not starve another's on shared lanes)."""
+        queue = self.queues.get(service)
+        return (queue.head_stage() if queue else 0), -self._served.get(service, 0)
 
     def _pop_free(self, heap: list[tuple[float, float, int, int, LaneRecord]]) -> LaneRecord | None:
         """The least-loaded worker with credit, taken off the heap (stale entries are dropped)."""
@@ -635,6 +646,7 @@ class BrokerState:
         for name in [n for n, peers in self.by_service.items() if not peers and n not in self.queues]:
             del self.by_service[name]
             self._free.pop(name, None)
+            self._served.pop(name, None)
         for name in [n for n, witnesses in self.broken_by.items() if not witnesses]:
             del self.broken_by[name]
 

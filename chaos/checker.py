@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ndpipe.chaos.handlers import expected
 
@@ -178,7 +178,14 @@ def _outcome(future: Future[Any]) -> Any:
 
 def read_starts(log_dir: str) -> dict[int, list[tuple[int, float]]]:
     """pid -> [(task id, start time)] from the handlers' start logs, in the order they started."""
-    out: dict[int, list[tuple[int, float]]] = {}
+    return {pid: [(tid, t) for (tid, _), t in runs] for pid, runs in read_stage_starts(log_dir).items()}
+
+
+def read_stage_starts(log_dir: str) -> dict[int, list[tuple[tuple[int, str], float]]]:
+    """pid -> [((task id, stage), start time)]: as :func:`read_starts`, keyed also by the pipeline stage
+    a start names ("" for a plain task or a pipeline's first stage): a pipeline runs one id in several
+    stages, and a stage's rerun must be told from the next stage's first run."""
+    out: dict[int, list[tuple[tuple[int, str], float]]] = {}
     for name in os.listdir(log_dir):
         if not name.endswith(".starts"):
             continue
@@ -186,8 +193,9 @@ def read_starts(log_dir: str) -> dict[int, list[tuple[int, float]]]:
         with open(os.path.join(log_dir, name)) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) == 2:
-                    out.setdefault(pid, []).append((int(parts[0]), float(parts[1])))
+                if len(parts) in (2, 3):
+                    stage = parts[2] if len(parts) == 3 else ""
+                    out.setdefault(pid, []).append(((int(parts[0]), stage), float(parts[1])))
     return out
 
 
@@ -209,11 +217,15 @@ def runs_per_task(starts: Mapping[int, list[tuple[int, float]]]) -> dict[int, li
     return {tid: sorted(ts) for tid, ts in out.items()}
 
 
-def restarts_after(starts: Mapping[int, list[tuple[int, float]]], victims: set[int], t_fault: float,
-                   t_until: float = float("inf")) -> tuple[set[int], list[float]]:
+K = TypeVar("K")
+
+
+def restarts_after(starts: Mapping[int, list[tuple[K, float]]], victims: set[int], t_fault: float,
+                   t_until: float = float("inf")) -> tuple[set[K], list[float]]:
     """Tasks the ``victims`` processes started before ``t_fault`` and that started again elsewhere
-    after it: (their ids, delay from the fault to each one's first restart)."""
-    held: set[int] = set()
+    after it: (their ids, delay from the fault to each one's first restart). A task is keyed by
+    its id, or by (id, stage) from :func:`read_stage_starts`."""
+    held: set[K] = set()
     for pid in victims:
         runs = [(tid, t) for tid, t in starts.get(pid, []) if t <= t_fault]
         if runs:

@@ -31,13 +31,13 @@ def expected(tid: int, size: int) -> float:
     return float(np.dot(x, x))
 
 
-def _log_start(log_dir: str, tid: int) -> float:
+def _log_start(log_dir: str, tid: int, stage: str = "") -> float:
     start = time.monotonic()
     if log_dir:
         f = _logs.get(log_dir)
         if f is None:
             f = _logs[log_dir] = open(os.path.join(log_dir, f"{os.getpid()}.starts"), "a", buffering=1)
-        f.write(f"{tid} {start:.6f}\n")
+        f.write(f"{tid} {start:.6f} {stage}\n" if stage else f"{tid} {start:.6f}\n")
     return start
 
 
@@ -175,13 +175,14 @@ class Tally:
 
 class Relay:
     """A later pipeline stage for the chaos runs: logs a start for the task its input belongs to (in
-    ``log_dir``, as ``work`` does), sleeps ``seconds``, and passes ``[tid, value]`` on unchanged."""
+    ``log_dir``, as ``work`` does, tagged with ``stage``), sleeps ``seconds``, and passes
+    ``[tid, value]`` on unchanged."""
 
-    def __init__(self, log_dir: str = "", seconds: float = 0.0) -> None:
-        self.log_dir, self.seconds = log_dir, seconds
+    def __init__(self, log_dir: str = "", seconds: float = 0.0, stage: str = "relay") -> None:
+        self.log_dir, self.seconds, self.stage = log_dir, seconds, stage
 
     def __call__(self, prev: list[Any]) -> list[Any]:
-        start = _log_start(self.log_dir, int(prev[0]))
+        start = _log_start(self.log_dir, int(prev[0]), self.stage)
         if self.seconds:
             time.sleep(self.seconds)
         return [prev[0], prev[1], os.getpid(), start]

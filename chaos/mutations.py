@@ -252,6 +252,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if task.parts:  # a rerun would deliver", "        if False:  # a rerun would deliver",
         ("tests/test_stream.py::test_a_stream_lost_after_some_parts_fails_instead_of_repeating_them",
          "tests/test_stream.py::test_a_lane_killed_mid_stream_fails_it_without_repeating_a_part")),
+    Mutation(
+        "stages-wait-behind-new-work", "A free lane serves a pipeline's later stage first, and services take turns",
+        "the broker serves waiting services in a fixed order (as set order once did, following the hash seed)",
+        STATE, "            service = max(self._dirty, key=self._urgency)\n",
+        "            service = min(self._dirty)\n",
+        (f"{T_STAGES}::test_a_free_lane_serves_a_pipelines_later_stage_before_new_pipelines[names0]",
+         f"{T_STAGES}::test_services_sharing_lanes_take_turns")),
 )
 
 

@@ -4,6 +4,7 @@ or wrong, errors exactly as expected, every planned task submitted, recovery wit
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import random
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ndpipe.chaos.checker import History, Report, read_starts, restarts_after
+from ndpipe.chaos.checker import History, Report, read_stage_starts, restarts_after
 from ndpipe.chaos.handlers import SERVICES, checksum
 from ndpipe.chaos.scenarios import SIZE, Params, finish, slack, track_in_background
 from ndpipe.cluster import Cluster
@@ -45,8 +46,10 @@ def pipeline_killed(p: Params) -> Report:
                     "relays resident) on 2 daemons × 2 lanes", recovery={"stage rerun s": []},
                     bounds={"stage rerun s": 1.0 + slack(p)}, planned=tasks)
     root = tempfile.mkdtemp(prefix="ndpc-")  # the relays' init names the log dir inside it
-    relay = {"handler": "ndpipe.chaos.handlers:Relay", "init": {"log_dir": f"{root}/starts", "seconds": seconds}}
-    services = {**SERVICES, "first": "ndpipe.chaos.handlers:work_from", "relay1": relay, "relay2": relay}
+    services: dict[str, Any] = {**SERVICES, "first": "ndpipe.chaos.handlers:work_from"}
+    for stage in STAGES[1:]:
+        services[stage] = {"handler": "ndpipe.chaos.handlers:Relay",
+                           "init": {"log_dir": f"{root}/starts", "seconds": seconds, "stage": stage}}
     try:
         _pipelines_under_kills(Cluster(services, broker={"max_attempts": 10}, root=root), p, report, tasks,
                                kills, gap, seconds)
@@ -68,14 +71,36 @@ def _pipelines_under_kills(cluster: Cluster, p: Params, report: Report, tasks: i
             victims = _kill_lanes(c, workers, rng, kills, gap, t0 + 30 + 3 * kills)
             submitter.join(p.wait(120))
             finish(c, hist, report, p.wait(300), t0)
-            starts = read_starts(c.log_dir)
+            starts = read_stage_starts(c.log_dir)  # a stage's rerun, not the next stage's first run
             for pid, t_kill in victims:
                 report.recovery["stage rerun s"] += restarts_after(starts, {pid}, t_kill)[1]
+            waits = sorted(hand_offs(starts, seconds))
+            p99 = waits[int(0.99 * (len(waits) - 1))] if waits else 0.0
+            report.checks[f"stage hand-offs wait for a lane, not for the new pipelines (p99 {p99 * 1000:.1f} ms "
+                          f"≤ {100 + 1000 * slack(p):.0f} ms)"] = p99 <= 0.1 + slack(p)
+            report.notes.append(f"stage hand-off (a stage's start after the previous one's, less its run time): "
+                                f"p50 {waits[len(waits) // 2] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max "
+                                f"{waits[-1] * 1000:.0f} ms over {len(waits):,}" if waits else "no hand-off logged")
             report.checks[f"{kills} kills made"] = len(victims) >= kills
             counters = m.status()["counters"]
             report.checks["every pipeline passed both relays at the broker"] = counters["staged"] >= 2 * tasks
             report.notes.append(f"broker counters: staged {counters['staged']:,}, completed "
                                 f"{counters['completed']:,}, requeued {counters['requeued']:,}")
+
+
+def hand_offs(starts: dict[int, list[tuple[tuple[int, str], float]]], seconds: float) -> list[float]:
+    """For each pipeline and stage after the first: from the previous stage's last start (plus its run
+    time) to this stage's first start — the time a finished stage's result waited in the broker."""
+    first: dict[tuple[int, str], float] = {}
+    last: dict[tuple[int, str], float] = {}
+    for runs in starts.values():
+        for key, t in runs:
+            first[key] = min(first.get(key, t), t)
+            last[key] = max(last.get(key, t), t)
+    labels = ["", *STAGES[1:]]  # the first stage logs as a plain task
+    return [max(0.0, first[(tid, b)] - last[(tid, a)] - seconds)
+            for (tid, stage) in first if stage == ""
+            for a, b in itertools.pairwise(labels) if (tid, a) in last and (tid, b) in first]
 
 
 def cache_pressure(p: Params) -> Report:

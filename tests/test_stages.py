@@ -4,6 +4,7 @@ final result delivered once; errors name the stage."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from pathlib import Path
@@ -61,6 +62,39 @@ def test_each_stage_result_is_the_next_stage_input_and_only_the_last_is_delivere
     assert again is task and rec.wid == b"wb" and task.attempt == 1
     assert s.complete(b"wb", b"t", [b"r2"]) is task and b"t" not in s.tasks
     assert s.counters["staged"] == 1 and s.counters["completed"] == 1
+
+
+@pytest.mark.parametrize("names", [("a", "b", "c"), ("c", "b", "a"), ("x", "a", "m")])
+def test_a_free_lane_serves_a_pipelines_later_stage_before_new_pipelines(names: tuple[str, ...]) -> None:
+    """Whatever the services are called (the broker once took them in set order, which follows the
+    hash seed): a stage hand-off waits for one lane slot, not for the queue of new pipelines."""
+    s = BrokerState()
+    lane(s, b"w", list(names))  # one slot serving every stage
+    for i in range(50):
+        s.submit(b"m", b"t%d" % i, names[0], [b"x"], 0.0, stages=names, flags=P.FLAG_PIPELINE)
+    order = []
+    for _ in range(3 * 50):
+        [(task, rec)] = list(s.dispatch(0.0))
+        order.append((task.tid, task.stage))
+        s.complete(rec.wid, task.tid, [b"r"])
+    assert order[:6] == [(b"t0", 0), (b"t0", 1), (b"t0", 2), (b"t1", 0), (b"t1", 1), (b"t1", 2)]
+    assert s.counters["completed"] == 50 and not s.tasks
+
+
+def test_services_sharing_lanes_take_turns() -> None:
+    """Two deep queues on one lane: each free slot goes to the service served longest ago."""
+    s = BrokerState()
+    lane(s, b"w", ["a", "b"])
+    for i in range(20):
+        s.submit(b"m", b"a%d" % i, "a", [b"x"], 0.0)
+        s.submit(b"m", b"b%d" % i, "b", [b"x"], 0.0)
+    served = []
+    for _ in range(40):
+        [(task, rec)] = list(s.dispatch(0.0))
+        served.append(task.service)
+        s.complete(rec.wid, task.tid, [b"r"])
+    assert served.count("a") == served.count("b") == 20
+    assert all(x != y for x, y in itertools.pairwise(served)), served
 
 
 def test_a_stage_lost_with_its_lane_reruns_alone_from_its_own_input() -> None:
