@@ -17,6 +17,8 @@ import msgpack
 import zmq
 
 from ndpipe import protocol as P
+from ndpipe import rounds as R
+from ndpipe.broker.iterate import Runs, Send
 from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig
 from ndpipe.errors import ConfigError, ProtocolError
@@ -49,6 +51,7 @@ class Broker:
             self.cfg.heartbeat_interval, self.cfg.liveness, self.cfg.max_attempts, self.cfg.max_queued,
             self.cfg.max_services, self.cfg.unroutable_timeout,
         )
+        self.runs = Runs(self.state)  # iterations: where partitions sit, messages between them, barriers
         self.frontend = self._router()
         self.backend = self._router()
         self._malformed = Throttle(log)
@@ -168,7 +171,10 @@ class Broker:
             self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
         elif command == P.BYE:
             dropped = self.state.master_gone(ident)
+            self._send(self.runs.master_gone(ident))
             log.info("master %s left; %d queued tasks dropped", ident.hex(), dropped)
+        elif command in (P.IT_PLACE, P.IT_ROUND, P.IT_END):
+            self._on_iteration(ident, command, msg)
         elif command == P.ACK:
             tid, seq = P.parse_ack(msg, P.MASTER)
             lane = self.state.ack(ident, tid)
@@ -181,6 +187,16 @@ class Broker:
                 self._to_worker(worker, [P.WORKER, P.W_DATA, digest, meta, data])
         else:
             raise ProtocolError(f"unknown master command {command!r}")
+
+    def _on_iteration(self, ident: bytes, command: bytes, msg: list[Any]) -> None:
+        """IT_PLACE, IT_ROUND, IT_END (PROTOCOL.md §5.7): the master decides, the broker routes."""
+        run, ctl, payload = R.parse(msg, P.MASTER)
+        if command == P.IT_PLACE:
+            self._send(self.runs.place(ident, run, ctl, payload))
+        elif command == P.IT_ROUND:
+            self._send(self.runs.round(ident, run, ctl))
+        else:
+            self._send(self.runs.end(ident, run, ctl))
 
     def _on_submit(self, ident: bytes, msg: list[Any], now: float) -> None:
         try:
@@ -209,6 +225,8 @@ class Broker:
     def _snapshot(self, now: float) -> dict[str, Any]:
         """The state's snapshot with each worker's stats frame decoded (an undecodable one shows as {})."""
         snap = self.state.snapshot(now)
+        snap["iterations"] = self.runs.snapshot()
+        snap["counters"] = {**snap["counters"], **{f"iter_{k}": v for k, v in self.runs.counters.items()}}
         for w in snap["workers"]:
             try:
                 w["stats"] = unpack_map(w["stats"]) if w["stats"] else {}
@@ -269,6 +287,12 @@ class Broker:
         if command == P.W_FETCH:
             self._on_fetch(rid, msg, now)
             return
+        if command in (P.W_STEPPED, P.W_STATE):
+            run, ctl, payload = R.parse(msg, P.WORKER)
+            self.state.lane_seen(rid)
+            sends = self.runs.stepped if command == P.W_STEPPED else self.runs.state_of
+            self._send(sends(rid, run, ctl, payload))
+            return
         if command == P.W_PART:
             tid, seq, payload = P.parse_part(msg, P.WORKER)
             task = self.state.part(rid, tid, seq)
@@ -302,6 +326,7 @@ class Broker:
             back = self.state.lane_ended(rid, index, pid, now) if known else None
             if back is not None:
                 log.info("worker %s lane %d (pid %d) ended; %d tasks handed back", rid.hex(), index, pid, len(back))
+                self._send(self.runs.check())  # its iterations' partitions are lost: their masters roll back
         elif command not in (P.HEARTBEAT, P.DRAIN):
             raise ProtocolError(f"unknown worker command {command!r}")
         return known
@@ -367,6 +392,13 @@ class Broker:
             self.state.fetched(request, digest, 0)
             self._to_worker(rid, [P.WORKER, P.W_DATA, digest, b"", b"the task's master cannot be reached"])
 
+    def _send(self, sends: list[Send]) -> None:
+        for to_worker, ident, frames in sends:
+            if to_worker:
+                self._to_worker(ident, frames)
+            else:
+                self._to_master(ident, frames)
+
     def _to_worker(self, wid: bytes, frames: list[Any]) -> bool:
         try:
             send_frames(self.backend, [wid, *frames], zmq.NOBLOCK)
@@ -409,6 +441,8 @@ class Broker:
                         self.state.expiry)
         for master in gone:
             log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
+            self._send(self.runs.master_gone(master))
+        self._send(self.runs.check())  # iterations with a partition on a lane that is gone
 
     def _heartbeat(self, now: float) -> None:
         self.state.prune()

@@ -223,3 +223,32 @@ def counter(n: int, seconds: float = 0.0, fail_at: int = -1, log_dir: str = "") 
         if log_dir:
             with open(os.path.join(log_dir, f"{os.getpid()}.closed"), "a") as f:
                 f.write(f"{made}\n")
+
+
+# ---- iterations (Master.iterate): steps for the tests and the chaos runs --------------------------
+def slow_ring_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
+    """``examples.exchange.ring_step`` after sleeping ``state["delay"]`` seconds (a round long enough
+    to kill a lane in)."""
+    from ndpipe.examples.exchange import ring_step
+
+    time.sleep(float(state.get("delay", 0.0)))
+    return ring_step(state, inbox, round)
+
+
+def bad_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
+    """Misbehaves at ``state["at"]`` (round) in partition ``state["i"] == 1`` as ``state["how"]`` says."""
+    if round == state.get("at", 0) and state.get("i") == 1:
+        how = state.get("how")
+        if how == "raise":
+            raise ValueError(f"bad data in round {round}")
+        if how == "shape":
+            return state, {}
+        if how == "dest":
+            return state, {99: 1.0}, 0.0
+        if how == "metric":
+            return state, {}, "small"
+        if how == "message":
+            return state, {0: {1, 2}}, 0.0
+        if how == "state":
+            return {**state, "s": {3}}, {}, 0.0
+    return state, {}, float(state.get("metric", 1.0))

@@ -116,9 +116,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             broken = f"  without {', '.join(lane['broken'])} (constructor failed)" if lane.get("broken") else ""
             print(f"  {lane['address'][:32]:32} {'':16} {lane['pid']:>7} {lane['slots']:5} {lane['inflight']:5} "
                   f"{use.get('cpu', 0):6} {use.get('rss', 0) / 2**20:8.1f}{broken}")
+    runs = status.get("iterations", [])
+    if runs:
+        print(f"{'iteration':18} {'service':20} {'round':>6} {'epoch':>5} {'parts':>5}  where")
+        for run in runs:
+            where = "  ".join(f"{lane}: {_spans(parts)}" for lane, parts in sorted(run["lanes"].items()))
+            print(f"{run['run'][:16]:18} {run['service'][:20]:20} {run['round']:6} {run['epoch']:5} "
+                  f"{run['partitions']:5}  {where}")
     counters = "  ".join(f"{k} {v}" for k, v in status["counters"].items())
     print(counters)
     return EXIT_OK
+
+
+def _spans(parts: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5": a lane's partitions, short."""
+    out, start = [], None
+    for i, p in enumerate(parts):
+        if start is None:
+            start = p
+        if i + 1 == len(parts) or parts[i + 1] != p + 1:
+            out.append(f"{start}" if start == p else f"{start}-{p}")
+            start = None
+    return ",".join(out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -106,9 +106,16 @@ class BadRequest(TaskError):
     code = "BAD_REQUEST"
 
 
+class IterationLost(TaskError):
+    """An iteration lost partitions (lanes died, the broker restarted, a round outlasted its timeout)
+    more often than its ``max_recoveries``; each time it had rolled back to its last checkpoint."""
+
+    code = "LOST"
+
+
 _BY_CODE: dict[str, type[TaskError]] = {
     cls.code: cls for cls in (TaskFailed, TaskTimeout, TaskCrashed, QueueFull, BadRequest, ServiceUnavailable,
-                              StreamBroken)
+                              StreamBroken, IterationLost)
 }
 
 
@@ -117,6 +124,15 @@ def error_from_code(code: str, task_id: str, details: dict[str, Any]) -> TaskErr
     cls = _BY_CODE.get(code, TaskError)
     message = str(details.get("message", code))
     err = cls(f"task {task_id}: {code}: {message}", task_id, details)
+    if cls is TaskError:
+        err.code = code
+    return err
+
+
+def iteration_error(code: str, run_id: str, details: dict[str, Any]) -> TaskError:
+    """The exception an iteration fails with (the message names the partition and round where known)."""
+    cls = _BY_CODE.get(code, TaskError)
+    err = cls(f"iteration {run_id}: {code}: {details.get('message', code)}", run_id, details)
     if cls is TaskError:
         err.code = code
     return err

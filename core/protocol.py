@@ -40,6 +40,13 @@ FETCH: Final = b"\x0a"  # B->M  request (8 octets), digest: a worker needs the b
 DATA: Final = b"\x0b"  # M->B  request, digest, description, bytes (description empty: bytes = why not)
 PART: Final = b"\x0c"  # B->M  task_id, seq (u32), payload...: one part of a streamed result
 ACK: Final = b"\x0d"  # M->B  task_id, seq (u32): parts up to seq were consumed (stream back-pressure)
+# Iterations (Master.iterate, PROTOCOL.md §5.7): run id (16 octets), a control map, then payload frames
+IT_PLACE: Final = b"\x0e"  # M->B  run, ctl, state + inbox frames: put partition ctl.part on a lane
+IT_DONE: Final = b"\x0f"  # B->M  run, ctl: every partition finished round ctl.round (metrics, bytes)
+IT_ROUND: Final = b"\x20"  # M->B  run, ctl: run round ctl.round on every partition
+IT_END: Final = b"\x21"  # M->B  run, ctl: gather the final states (ctl.gather) or just free the run
+IT_STATE: Final = b"\x22"  # B->M  run, ctl, state + inbox frames: a checkpoint's or the result's partition
+IT_FAIL: Final = b"\x23"  # B->M  run, ctl: the run's epoch failed (LOST: recoverable; other codes: final)
 
 # --- worker <-> broker commands (frame 1) ---------------------------------------------------------
 # A worker is a daemon connection (READY, HEARTBEAT, DRAIN, LANE_GONE, reports) and one connection per
@@ -59,6 +66,12 @@ W_FETCH: Final = b"\x1c"  # W->B  task_id, digest: the bytes of an array ref in 
 W_DATA: Final = b"\x1d"  # B->W  digest, description, bytes (description empty: bytes = why not)
 W_PART: Final = b"\x1e"  # W->B  task_id, seq (u32), payload...: one part of a streamed result
 W_ACK: Final = b"\x1f"  # B->W  task_id, seq (u32): the master consumed parts up to seq
+W_PLACE: Final = b"\x30"  # B->W  run, ctl, state + inbox frames: hold this partition (§5.7)
+W_STEP: Final = b"\x31"  # B->W  run, ctl: run round ctl.round of the partitions this lane holds
+W_INBOX: Final = b"\x32"  # B->W  run, ctl, frames: messages for this lane's partitions, next round
+W_END: Final = b"\x33"  # B->W  run, ctl: send the final states (ctl.gather), then drop the run
+W_STEPPED: Final = b"\x34"  # W->B  run, ctl, frames: a round's metrics, remote messages, checkpoints
+W_STATE: Final = b"\x35"  # W->B  run, ctl, state frames: a partition's final state (after W_END gather)
 
 
 # --- error codes (ASCII frame in ERROR / W_ERROR) -------------------------------------------------
@@ -70,8 +83,9 @@ BAD_REQUEST: Final = "BAD_REQUEST"  # malformed submission or undecodable payloa
 CRASHED: Final = "CRASHED"  # W->B only: the compute process died; the broker retries
 UNAVAILABLE: Final = "UNAVAILABLE"  # no live lane can serve the service: its constructor failed there
 STREAM_BROKEN: Final = "STREAM_BROKEN"  # a stream's lane was lost after it had delivered parts: not rerun
+LOST: Final = "LOST"  # IT_FAIL: partitions of the run's epoch were lost (a lane died): roll back and replay
 ERROR_CODES: Final = frozenset(
-    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED, UNAVAILABLE, STREAM_BROKEN}
+    {HANDLER_ERROR, TIMEOUT, MAX_ATTEMPTS, QUEUE_FULL, BAD_REQUEST, CRASHED, UNAVAILABLE, STREAM_BROKEN, LOST}
 )
 
 # --- fixed binary fields --------------------------------------------------------------------------
@@ -89,6 +103,9 @@ MAX_STAGES: Final = 16  # services in one pipeline
 MAX_TASK_ID: Final = 64  # bytes
 REQUEST_ID_MAX: Final = 64  # bytes: a STATUS request id, echoed in STATUS_REPLY
 MAX_SERVICE: Final = 255  # bytes, UTF-8
+RUN_ID_BYTES: Final = 16  # an iteration's run id
+MAX_PARTITIONS: Final = 4096  # partitions of one iteration
+ITER_CONTROL_MAX: Final = 4 << 20  # bytes of one iteration control map (message index of a round)
 
 # --- defaults -------------------------------------------------------------------------------------
 HEARTBEAT_INTERVAL: Final = 1.0  # seconds; the broker tells workers this value in WELCOME

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ndpipe import protocol as P
-from ndpipe.codec import encode_batch, encode_call
+from ndpipe.codec import Limits, encode_batch, encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
 from ndpipe.errors import (
     BrokerUnreachable,
@@ -55,12 +55,15 @@ from ndpipe.master.ioloop import (
     Close,
     Command,
     IOLoop,
+    IterStart,
+    IterStop,
     Put,
     Release,
     Status,
     StatusWithdrawn,
     Submit,
 )
+from ndpipe.master.iterate import Iteration, make_run
 from ndpipe.master.state import Pending
 from ndpipe.master.stream import Stream
 from ndpipe.refs import Ref, make_ref
@@ -274,6 +277,33 @@ class Master:
         stream, future.stream = future.stream, None  # the caller's alone: dropping it closes the stream
         assert stream is not None
         return stream
+
+    # ---- iterations: resident partitions exchanging messages round by round --------------------------
+    def iterate(self, service: str, states: Sequence[dict[str, Any]], *, max_rounds: int = 100, tol: float = 0.0,
+                reduce: str = "max", checkpoint: int = 10, round_timeout: float | None = None,
+                max_recoveries: int = 10) -> Iteration:
+        """Run ``service`` — ``step(state, inbox, round) -> (state, {destination: message}, metric)`` —
+        over ``states`` (one dict per partition) round by round until the metric reduced over the
+        partitions (``reduce``: "max" or "sum") is <= ``tol``, or for ``max_rounds`` rounds. Each
+        partition is placed once on a lane and stays there; ``inbox`` is what the others sent it the
+        round before, as ``(source, message)`` sorted by source. Iterate the returned
+        :class:`~ndpipe.master.iterate.Iteration` for one RoundInfo per round; ``result()`` gives the
+        final states in partition order. Every ``checkpoint`` rounds the states come back here; a lost
+        lane (or broker) rolls the run back to the last checkpoint and replays it, so a deterministic
+        step gives the same bits as a run without faults. A round longer than ``round_timeout`` counts
+        as lost; more than ``max_recoveries`` losses fail the run. A step that raises (or returns the
+        wrong shape) fails it with the remote traceback, naming the partition and round."""
+        run = make_run(service, states, max_rounds, tol, reduce, checkpoint, round_timeout, max_recoveries,
+                       Limits(max_frames=self.cfg.max_frames))
+        with self._lock:
+            self._check_open()
+            self._post(IterStart(run))
+        return Iteration(run, self._iter_stop)
+
+    def _iter_stop(self, rid: bytes) -> None:
+        with self._lock:
+            if not self._closed and self._error is None:
+                self._post(IterStop(rid))
 
     def _ack(self, tid: bytes, seq: int) -> None:
         with self._lock:

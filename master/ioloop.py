@@ -34,6 +34,7 @@ import zmq
 from ndpipe import protocol as P
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError, ProtocolError
+from ndpipe.master.iterate import IterRun
 from ndpipe.master.state import Frames, MasterState, Pending, resolve
 from ndpipe.runtime import drain_pipe, ring_pipe
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames
@@ -85,11 +86,21 @@ class Release:
 
 
 @dataclass(slots=True, frozen=True)
+class IterStart:
+    run: IterRun
+
+
+@dataclass(slots=True, frozen=True)
+class IterStop:
+    rid: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class Close:
     pass
 
 
-Command = Submit | Cancel | Status | StatusWithdrawn | Ack | Put | Release | Close
+Command = Submit | Cancel | Status | StatusWithdrawn | Ack | Put | Release | IterStart | IterStop | Close
 
 
 class Channel:
@@ -142,6 +153,8 @@ class Channel:
                 resolve(command.pending.future, error=error)
             elif isinstance(command, Status):
                 resolve(command.future, error=error)
+            elif isinstance(command, IterStart):
+                command.run.fail(error)
 
     def close(self) -> None:
         os.close(self.wake_r)
@@ -296,6 +309,10 @@ class IOLoop:
                 self.state.put(command.digest, command.meta, command.array)
             elif isinstance(command, Release):
                 self.state.release(command.digest)
+            elif isinstance(command, IterStart):
+                self._send_all(self.state.iter_start(command.run, now))
+            elif isinstance(command, IterStop):
+                self._send_all(self.state.iter_stop(command.rid))
             else:
                 self.closing = True
                 self.channel.ring()  # the I/O thread must see it, even if a user thread runs this pass

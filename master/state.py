@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ndpipe import protocol as P
+from ndpipe import rounds as R
 from ndpipe.codec import Limits, decode, decode_outcomes
 from ndpipe.config import MasterConfig
 from ndpipe.errors import BrokerUnreachable, DecodeError, ProtocolError, error_from_code
 from ndpipe.link import BrokerLink
+from ndpipe.master.iterate import IterRun
 from ndpipe.refs import raw_bytes
 from ndpipe.transport import unpack_map
 
@@ -79,10 +81,37 @@ class MasterState:
         self.limits = Limits(max_frames=cfg.max_frames)
         self.counters = {"late_answers": 0, "resends": 0, "fetches": 0}
         self.refs: dict[bytes, tuple[bytes, Any, int]] = {}  # put(): digest -> (description, array, puts)
+        self.runs: dict[bytes, IterRun] = {}  # iterations under way, by run id
 
     def next_wake(self) -> float:
         """When :meth:`tick` next has something to do."""
-        return min(self.link.next_beat, self.deadlines[0][0]) if self.deadlines else self.link.next_beat
+        wake = min(self.link.next_beat, self.deadlines[0][0]) if self.deadlines else self.link.next_beat
+        for run in self.runs.values():
+            deadline = run.deadline
+            if deadline is not None:
+                wake = min(wake, deadline)
+        return wake
+
+    # ---- iterations (master/iterate.py decides; this keeps them and routes their messages) ---------
+    def iter_start(self, run: IterRun, now: float) -> list[Frames]:
+        if run.future.done():
+            return []
+        self.runs[run.rid] = run
+        return run.start(now)
+
+    def iter_stop(self, rid: bytes) -> list[Frames]:
+        run = self.runs.pop(rid, None)
+        return run.cancel() if run is not None else []
+
+    def _on_iteration(self, command: bytes, frames: Frames, now: float) -> list[Frames]:
+        rid, ctl, payload = R.parse(frames, P.MASTER)
+        run = self.runs.get(rid)
+        if run is None:
+            return []
+        out = run.on_message(command, ctl, payload, now)
+        if run.future.done():
+            del self.runs[rid]
+        return out
 
     # ---- from user threads --------------------------------------------------------------------
     def submit(self, p: Pending, now: float) -> list[Frames]:
@@ -140,6 +169,8 @@ class MasterState:
                 why = "its master does not hold it (released, or put() by another master)"
                 return [[P.MASTER, P.DATA, request, digest, b"", why.encode()]]
             return [[P.MASTER, P.DATA, request, digest, held[0], raw_bytes(held[1])]]
+        elif command in (P.IT_DONE, P.IT_STATE, P.IT_FAIL):
+            return self._on_iteration(command, frames, now)
         elif command == P.STATUS_REPLY:
             body, request = P.parse_status_reply(frames)
             future = self.status_waiters.pop(request, None)
@@ -228,6 +259,8 @@ class MasterState:
         self.counters["resends"] += 1
         out = [self._submit_frames(p, now) for p in self.pending.values()]
         out += [[P.MASTER, P.STATUS, request] for request in self.status_waiters]
+        for run in self.runs.values():  # their messages may be lost: each rolls back to its checkpoint
+            out += run.recover(now, "the link to the broker was lost or the broker restarted")
         return out
 
     def link_came_back(self, now: float) -> list[Frames]:
@@ -253,6 +286,10 @@ class MasterState:
         silence for liveness × interval ask for a new socket; after ``broker_timeout`` of it, fail
         everything outstanding with BrokerUnreachable."""
         out = Tick(self._expire(now))
+        for rid, run in list(self.runs.items()):
+            out.send += run.tick(now)
+            if run.future.done():
+                del self.runs[rid]
         if not self.link.beat_due(now):
             return out
         if self.link.silent(now):
@@ -297,6 +334,9 @@ class MasterState:
         waiters, self.status_waiters = self.status_waiters, {}
         for future in waiters.values():
             resolve(future, error=error)
+        runs, self.runs = self.runs, {}
+        for run in runs.values():
+            run.fail(error)
 
     def _submit_frames(self, p: Pending, now: float) -> Frames:
         options = p.options

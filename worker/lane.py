@@ -42,12 +42,14 @@ import numpy as np
 import zmq
 
 from ndpipe import protocol as P
+from ndpipe import rounds as R
 from ndpipe.codec import batch_length
 from ndpipe.errors import DecodeError, ProtocolError
 from ndpipe.refs import Ref
 from ndpipe.runtime import die_with_parent
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
+from ndpipe.worker.partitions import Partitions
 
 log = logging.getLogger("ndpipe.lane")
 
@@ -102,6 +104,15 @@ def write_slot(slot: LaneSlot, state: int, tid: bytes | None = None, timeout: fl
 
 
 @dataclass(frozen=True, slots=True)
+class StepCall:
+    """A W_STEP waiting in the lane's queue (it runs in order with the tasks)."""
+
+    run: bytes
+    ctl: dict[str, Any]
+    tid: bytes = b""  # never a task's id: a W_CANCEL does not match it
+
+
+@dataclass(frozen=True, slots=True)
 class LaneArgs:
     """What a lane needs from the worker's configuration (pickled to the spawned process)."""
 
@@ -136,7 +147,8 @@ class Lane:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
         self.watch: LinkWatch | None = None
-        self.queue: deque[P.TaskMsg] = deque()
+        self.queue: deque[P.TaskMsg | StepCall] = deque()
+        self.partitions = Partitions(handlers, args.max_frames)  # iterations' partitions held here
         self.draining = False
         self.poller = zmq.Poller()
         self.poller.register(conn.fileno(), zmq.POLLIN)
@@ -245,6 +257,8 @@ class Lane:
                 command = P.check_header(frames, P.WORKER, 2)
                 if command == P.TASK:
                     self.queue.append(P.parse_task(frames))
+                elif command in (P.W_PLACE, P.W_STEP, P.W_INBOX, P.W_END):
+                    self._on_iteration(command, frames)
                 elif command == P.W_CANCEL:
                     tid = P.parse_task_ref(frames, P.WORKER)
                     self.queue = deque(t for t in self.queue if t.tid != tid)
@@ -262,6 +276,23 @@ class Lane:
             except ProtocolError as exc:
                 self._bad.warning("lane %d: dropped malformed message: %s", self.args.index, exc)
 
+    def _on_iteration(self, command: bytes, frames: list[Any]) -> None:
+        """Placement, messages and the end are taken at once; a round waits its turn in the queue."""
+        run, ctl, payload = R.parse(frames, P.WORKER)
+        if command == P.W_STEP:
+            self.queue.append(StepCall(run, ctl))
+            return
+        if command == P.W_PLACE:
+            replies = self.partitions.place(run, ctl, payload)
+        elif command == P.W_INBOX:
+            self.partitions.inbox(run, ctl, payload)
+            replies = []
+        else:
+            replies = self.partitions.end(run, ctl)
+        for reply in replies:
+            if self.sock is not None:
+                send_frames(self.sock, reply)
+
     def _timeout(self, task: P.TaskMsg) -> float:
         per_call = self.args.timeouts.get(task.service)
         if per_call and task.flags & P.FLAG_BATCH:  # the service's timeout is per call: scale it to the batch
@@ -269,7 +300,16 @@ class Lane:
         limits = [t for t in (task.timeout_ms / 1000 if task.timeout_ms else None, per_call) if t]
         return min(limits) if limits else 0.0
 
-    def _run(self, task: P.TaskMsg) -> None:
+    def _run(self, task: P.TaskMsg | StepCall) -> None:
+        if isinstance(task, StepCall):
+            try:
+                reply = self.partitions.step(task.run, task.ctl)
+            except ProtocolError as exc:
+                self._bad.warning("lane %d: dropped malformed W_STEP: %s", self.args.index, exc)
+                return
+            if self.sock is not None:
+                send_frames(self.sock, reply)
+            return
         timeout = self._timeout(task)
         write_slot(self.slot, RUNNING, task.tid, timeout)
         if timeout:

@@ -1,0 +1,348 @@
+"""Iterations (``Master.iterate``, PROTOCOL.md §5.7): the broker's routing and barrier, the lane's
+partitions and the master's decisions without sockets; then end to end — answers bit-identical to
+one process, a lane killed mid-run, a master killed mid-run, and every kind of bad step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from ndpipe import protocol as P
+from ndpipe import rounds as R
+from ndpipe.broker.iterate import Runs
+from ndpipe.broker.state import BrokerState
+from ndpipe.codec import Limits, encode
+from ndpipe.errors import EncodeError, IterationLost, ProtocolError, ServiceUnavailable, TaskFailed
+from ndpipe.examples import heat, pagerank
+from ndpipe.examples.exchange import ring_local, ring_states, ring_step
+from ndpipe.master.iterate import make_run
+from ndpipe.worker.partitions import Partitions
+from tests.conftest import STEADY, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+RID = b"r" * 16
+
+
+# ---- the broker: placement, routing, barrier (socket-free) -----------------------------------------
+def broker(lanes: int = 2) -> tuple[BrokerState, Runs]:
+    s = BrokerState()
+    host = s.worker_ready(b"d", ["step"], 1, 0.0, lanes=lanes, name="w")
+    for i in range(lanes):
+        s.lane_ready(b"l%d" % i, host.key, i, 0.0, pid=100 + i)
+    return s, Runs(s)
+
+
+def place_all(runs: Runs, parts: int, epoch: int = 1) -> dict[int, bytes]:
+    where = {}
+    for part in range(parts):
+        [(to_worker, wid, frames)] = runs.place(b"m", RID, {"service": "step", "parts": parts, "part": part,
+                                                            "epoch": epoch, "round": 0, "state": 1}, [b"s"])
+        assert to_worker and frames[1] == P.W_PLACE
+        where[part] = wid
+    return where
+
+
+def control(frames: list[Any]) -> dict[str, Any]:
+    return msgpack.unpackb(frames[3], strict_map_key=False)
+
+
+def test_partitions_are_spread_over_the_lanes_and_each_round_goes_to_the_lanes_holding_them() -> None:
+    _, runs = broker(lanes=2)
+    where = place_all(runs, 5)
+    assert sorted(where.values()).count(b"l0") == 3 and sorted(where.values()).count(b"l1") == 2
+    steps = runs.round(b"m", RID, {"epoch": 1, "round": 0})
+    assert {wid: control(f)["parts"] for _, wid, f in steps} == {b"l0": [0, 2, 4], b"l1": [1, 3]}
+
+
+def stepped(parts: list[int], out: list[list[int]], frames: list[Any], rnd: int = 0, epoch: int = 1) -> dict[str, Any]:
+    return {"epoch": epoch, "round": rnd, "parts": [{"part": p, "metric": 0.5 * p, "bytes": 8} for p in parts],
+            "out": out}
+
+
+def test_messages_go_lane_to_lane_at_once_and_the_barrier_reports_every_partition() -> None:
+    _, runs = broker(lanes=2)
+    place_all(runs, 4)  # l0: 0, 2; l1: 1, 3
+    runs.round(b"m", RID, {"epoch": 1, "round": 0})
+    sends = runs.stepped(b"l0", RID, stepped([0, 2], [[0, 1, 1], [2, 3, 2]], []), [b"a", b"b1", b"b2"])
+    [(to_worker, wid, inbox)] = sends  # one W_INBOX for l1 with both messages; no IT_DONE yet
+    assert to_worker and wid == b"l1" and inbox[1] == P.W_INBOX and inbox[4:] == [b"a", b"b1", b"b2"]
+    assert control(inbox)["msgs"] == [[0, 1, 1], [2, 3, 2]] and control(inbox)["round"] == 1
+    [(to_worker, master, done)] = runs.stepped(b"l1", RID, stepped([1, 3], [], []), [])
+    assert not to_worker and master == b"m" and done[1] == P.IT_DONE
+    assert control(done)["parts"] == {0: [0.0, 8], 1: [0.5, 8], 2: [1.0, 8], 3: [1.5, 8]}
+    nxt = {wid: control(f) for _, wid, f in runs.round(b"m", RID, {"epoch": 1, "round": 1})}
+    assert nxt[b"l1"]["expect"] == {1: 1, 3: 1} and nxt[b"l0"]["expect"] == {0: 0, 2: 0}
+
+
+def test_a_lane_that_lies_about_what_it_holds_is_refused_and_late_epochs_are_dropped() -> None:
+    _, runs = broker(lanes=2)
+    place_all(runs, 2)
+    runs.round(b"m", RID, {"epoch": 1, "round": 0})
+    with pytest.raises(ProtocolError, match="does not hold"):
+        runs.stepped(b"l0", RID, stepped([1], [], []), [])
+    with pytest.raises(ProtocolError, match="names 1 frames, 0 came"):
+        runs.stepped(b"l0", RID, stepped([0], [[0, 1, 1]], []), [])
+    assert runs.stepped(b"l0", RID, stepped([0], [], [], epoch=7), []) == []  # not this epoch: dropped
+    assert runs.stepped(b"zz", RID, stepped([0], [], []), []) == []  # not a lane of the run
+
+
+def test_a_lost_lane_fails_the_epoch_with_lost_and_the_other_lanes_drop_it() -> None:
+    s, runs = broker(lanes=2)
+    place_all(runs, 2)
+    runs.round(b"m", RID, {"epoch": 1, "round": 0})
+    s.lane_gone(b"l1", 0.0)
+    sends = runs.check()
+    kinds = [(to_worker, ident, f[1]) for to_worker, ident, f in sends]
+    assert kinds == [(True, b"l0", P.W_END), (False, b"m", P.IT_FAIL)]
+    assert control(sends[1][2])["code"] == P.LOST and control(sends[1][2])["parts"] == [1]
+    assert runs.runs == {} and runs.resident == {}
+
+
+def test_placement_without_a_lane_for_the_service_says_which_services_exist() -> None:
+    _, runs = broker()
+    [(_, _, fail)] = runs.place(b"m", RID, {"service": "nosuch", "parts": 1, "part": 0, "epoch": 1, "round": 0,
+                                            "state": 1}, [b"s"])
+    assert fail[1] == P.IT_FAIL and control(fail)["code"] == P.UNAVAILABLE
+    assert "no live worker serves 'nosuch' (services offered: step)" in control(fail)["message"]
+
+
+def test_a_master_that_leaves_frees_its_partitions_on_every_lane() -> None:
+    _, runs = broker(lanes=2)
+    place_all(runs, 3)
+    assert sorted((wid, f[1]) for _, wid, f in runs.master_gone(b"m")) == [(b"l0", P.W_END), (b"l1", P.W_END)]
+    assert runs.snapshot() == []
+
+
+# ---- the lane's partitions (socket-free) ---------------------------------------------------------
+def lane_with(handler: Any, states: list[dict[str, Any]], parts: int | None = None) -> Partitions:
+    lane = Partitions({"step": handler})
+    for part, state in enumerate(states):
+        frames = encode(state)
+        lane.place(RID, {"service": "step", "parts": parts or len(states), "part": part, "epoch": 1, "round": 0,
+                         "state": len(frames)}, frames)
+    return lane
+
+
+def test_messages_between_partitions_of_one_lane_stay_in_it() -> None:
+    lane = lane_with(ring_step, ring_states(3))
+    reply = lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}})
+    ctl = control(reply)
+    assert ctl["out"] == [] and len(reply) == 4 and [p["part"] for p in ctl["parts"]] == [0, 1, 2]
+    reply = lane.step(RID, {"epoch": 1, "round": 1, "parts": [0, 1, 2], "expect": {}})
+    assert all(p["metric"] > 0 for p in control(reply)["parts"])
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("raise", r"partition 1, round 2: the step raised ValueError: bad data in round 2"),
+    ("shape", r"partition 1, round 2: a step returns \(state: dict, messages: dict\[int, object\], metric: float\), "
+              r"got a tuple of 2"),
+    ("dest", r"partition 1, round 2: a message for partition 99, but partitions are 0..1"),
+    ("metric", r"partition 1, round 2: the metric must be a number, got str"),
+    ("message", r"partition 1, round 2: the message for partition 0 cannot be sent"),
+])
+def test_a_bad_step_is_an_error_naming_the_partition_and_round(how: str, message: str) -> None:
+    from ndpipe.chaos.handlers import bad_step
+
+    lane = lane_with(bad_step, [{"i": i, "at": 2, "how": how} for i in range(2)])
+    for rnd in range(2):
+        assert "error" not in str(control(lane.step(RID, {"epoch": 1, "round": rnd, "parts": [0, 1], "expect": {}})))
+    ctl = control(lane.step(RID, {"epoch": 1, "round": 2, "parts": [0, 1], "expect": {}}))
+    [entry] = [p for p in ctl["parts"] if "error" in p]
+    assert entry["part"] == 1 and entry["code"] == P.HANDLER_ERROR
+    import re
+    assert re.search(message, entry["error"]["message"]), entry["error"]["message"]
+    if how == "raise":
+        assert "bad data in round 2" in entry["error"]["traceback"] and "handlers.py" in entry["error"]["traceback"]
+
+
+def test_a_round_with_messages_missing_is_lost_not_run() -> None:
+    lane = lane_with(ring_step, ring_states(2), parts=3)
+    lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}})
+    ctl = control(lane.step(RID, {"epoch": 1, "round": 1, "parts": [0, 1], "expect": {0: 1}}))
+    assert ctl["parts"][0]["code"] == P.LOST and "0 messages from other lanes, 1 were sent" in \
+        ctl["parts"][0]["error"]["message"]
+
+
+# ---- the master's decisions (socket-free) -------------------------------------------------------
+def master_run(parts: int = 2, **kw: Any) -> Any:
+    args = {"max_rounds": 5, "tol": 0.0, "reduce": "max", "checkpoint": 2, "round_timeout": None,
+            "max_recoveries": 2, **kw}
+    return make_run("step", [{"i": i} for i in range(parts)], args.pop("max_rounds"), args.pop("tol"),
+                    args.pop("reduce"), args.pop("checkpoint"), args.pop("round_timeout"), args.pop("max_recoveries"),
+                    Limits())
+
+
+def done(run: Any, metrics: list[float], now: float = 0.0) -> list[Any]:
+    ctl = {"epoch": run.epoch, "round": run.round, "parts": {p: [m, 10] for p, m in enumerate(metrics)}}
+    return run.on_message(P.IT_DONE, ctl, [], now)
+
+
+def test_the_master_stops_at_tol_or_max_rounds_and_reports_each_round_once() -> None:
+    run = master_run(max_rounds=3)
+    start = run.start(0.0)
+    assert [f[1] for f in start] == [P.IT_PLACE, P.IT_PLACE, P.IT_ROUND]
+    assert [control(done(run, [1.0, 3.0])[0])["round"] for _ in range(1)] == [1]
+    assert control(done(run, [0.5, 0.2])[0])["checkpoint"] is True  # round 2: every 2nd round
+    assert done(run, [0.1, 0.1])[0][1] == P.IT_END  # round 2 was the last of 3
+    infos = [run.infos.get_nowait() for _ in range(3)]
+    assert [(i.round, i.metric, i.bytes) for i in infos] == [(0, 3.0, 20), (1, 0.5, 20), (2, 0.1, 20)]
+    converged = master_run(tol=0.25, reduce="sum")
+    converged.start(0.0)
+    done(converged, [1.0, 1.0])
+    assert done(converged, [0.1, 0.1])[0][1] == P.IT_END and converged.converged
+
+
+def test_a_lost_epoch_replays_from_the_last_whole_checkpoint_then_gives_up() -> None:
+    run = master_run(max_rounds=10, checkpoint=2)
+    run.start(0.0)
+    done(run, [1.0, 1.0])  # round 0
+    done(run, [1.0, 1.0])  # round 1
+    assert run.round == 2
+    for part in range(2):  # round 2 is a checkpoint round: the lanes send state and inbox before IT_DONE
+        run.on_message(P.IT_STATE, {"epoch": 1, "round": 2, "part": part, "kind": "checkpoint", "state": 1,
+                                    "inbox": [[1 - part, 1]]}, [b"state%d" % part, b"msg"], 0.0)
+    done(run, [1.0, 1.0])  # round 2 done: its checkpoint is whole
+    assert run.checkpoint.round == 2 and run.checkpoint.states == [[b"state0"], [b"state1"]]
+    replay = run.on_message(P.IT_FAIL, {"epoch": 1, "code": P.LOST, "message": "lane gone"}, [], 1.0)
+    assert run.epoch == 2 and [f[1] for f in replay] == [P.IT_PLACE, P.IT_PLACE, P.IT_ROUND]
+    assert control(replay[0])["round"] == 2 and replay[0][4:] == [b"state0", b"msg"]
+    assert control(replay[-1])["checkpoint"] is False  # it has that one already
+    assert run.on_message(P.IT_DONE, {"epoch": 1, "round": 2, "parts": {}}, [], 1.0) == []  # the old epoch's
+    done(run, [1.0, 1.0])  # round 2 again: not reported twice
+    assert [run.infos.get_nowait().round for _ in range(3)] == [0, 1, 2] and run.infos.empty()
+    run.recover(2.0, "again")
+    run.recover(3.0, "and again")
+    with pytest.raises(IterationLost, match="lost partitions 3 times .* the last time: and again"):
+        run.future.result(0)
+
+
+def test_a_round_past_its_timeout_counts_as_lost() -> None:
+    run = master_run(round_timeout=5.0)
+    run.start(0.0)
+    assert run.tick(4.0) == [] and run.deadline == 5.0
+    assert [f[1] for f in run.tick(5.0)][-1] == P.IT_ROUND and run.epoch == 2 and run.recoveries == 1
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
+    with pytest.raises(ValueError, match="max_rounds must be a positive int, got 0"):
+        master_run(max_rounds=0)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        master_run(reduce="mean")
+    with pytest.raises(TypeError, match="partition 1: a state must be a dict, got list"):
+        make_run("step", [{}, [1]], 5, 0.0, "max", 1, None, 1, Limits())
+    with pytest.raises(EncodeError, match="partition 0: its state cannot be sent"):
+        make_run("step", [{"s": {1, 2}}], 5, 0.0, "max", 1, None, 1, Limits())
+    with pytest.raises(ProtocolError, match="run id is 16 octets"):
+        R.parse([P.MASTER, P.IT_DONE, b"short", b"\x80"], P.MASTER)
+
+
+# ---- end to end -------------------------------------------------------------------------------------
+@pytest.fixture
+def iterating(make_cluster):  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=STEADY, services={
+        "ring": "ndpipe.examples.exchange:ring_step", "slow_ring": "ndpipe.chaos.handlers:slow_ring_step",
+        "bad": "ndpipe.chaos.handlers:bad_step", "pagerank": "ndpipe.examples.pagerank:step",
+        "heat": "ndpipe.examples.heat:step"})
+    c.start_broker()
+    c.workers = [c.start_worker(processes=2), c.start_worker(processes=2)]
+    with c.master() as m:
+        c.wait_slots(m, 4, service="ring")
+    return c
+
+
+def same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    return all(x["x"].dtype == y["x"].dtype and x["x"].tobytes() == y["x"].tobytes() for x, y in zip(a, b, strict=True))
+
+
+def test_ring_pagerank_and_heat_match_one_process(iterating) -> None:  # type: ignore[no-untyped-def]
+    with iterating.master() as m:
+        run = m.iterate("ring", ring_states(7), max_rounds=500, tol=1e-13, checkpoint=25)
+        infos = list(run)
+        assert same(run.result(30), ring_local(ring_states(7), 500, 1e-13)) and run.converged
+        assert [i.round for i in infos] == list(range(len(infos))) and infos[-1].metric <= 1e-13
+        assert all(i.bytes > 0 for i in infos)
+        nodes, src_dst = 20_000, pagerank.graph(20_000, 200_000, seed=3)
+        run = m.iterate("pagerank", pagerank.partition(*src_dst, nodes, 6), max_rounds=200, tol=1e-13)
+        rounds = len(list(run))
+        got, want = pagerank.ranks(run.result(60)), pagerank.reference(*src_dst, nodes, rounds - 1)
+        assert np.max(np.abs(got - want)) <= 1e-10 and abs(got.sum() - 1.0) < 1e-9
+        grid = heat.plate(60, 40, seed=2)
+        run = m.iterate("heat", heat.strips(grid, 5), max_rounds=41)
+        assert len(list(run)) == 41  # round 0 sends the first halos; rounds 1..40 sweep
+        assert np.array_equal(np.vstack([s["u"] for s in run.result(30)]), heat.reference(grid, 40))
+        assert m.status()["iterations"] == []  # ended runs are forgotten everywhere
+
+
+def test_a_lane_killed_mid_run_rolls_back_and_ends_bit_identical(iterating) -> None:  # type: ignore[no-untyped-def]
+    states = [{**s, "delay": 0.02} for s in ring_states(6)]
+    with iterating.master() as m:
+        run = m.iterate("slow_ring", states, max_rounds=60, tol=0.0, checkpoint=5)
+        for info in run:
+            if info.round == 12:
+                lanes = m.status()["iterations"][0]["lanes"]
+                assert sum(len(parts) for parts in lanes.values()) == 6 and len(lanes) == 4  # spread over 4 lanes
+                os.kill(iterating.lane_pids(iterating.workers[1])[0], signal.SIGKILL)
+        final = run.result(60)
+        assert run.recoveries >= 1
+    assert same(final, ring_local([{**s, "delay": 0.02} for s in ring_states(6)], 60, 0.0))
+
+
+@pytest.mark.parametrize("how", ["raise", "shape", "dest", "metric", "message", "state"])
+def test_a_bad_step_fails_the_run_with_a_clear_error_and_the_cluster_serves_on(iterating, how: str) -> None:  # type: ignore[no-untyped-def]
+    with iterating.master() as m:
+        run = m.iterate("bad", [{"i": i, "at": 1, "how": how} for i in range(3)], max_rounds=2, checkpoint=1)
+        with pytest.raises(TaskFailed, match="partition 1" if how == "state" else "partition 1, round 1") as err:
+            run.result(30)
+        if how == "raise":
+            assert "ValueError: bad data in round 1" in err.value.remote_traceback
+        with pytest.raises(TaskFailed):
+            list(run)
+        assert same(m.iterate("ring", ring_states(3), max_rounds=5).result(30), ring_local(ring_states(3), 5, 0.0))
+
+
+def test_an_unknown_service_fails_the_run_naming_it(iterating) -> None:  # type: ignore[no-untyped-def]
+    with iterating.master() as m, pytest.raises(ServiceUnavailable, match="no live worker serves 'nosuch'"):
+        m.iterate("nosuch", [{}], max_rounds=3).result(30)
+
+
+MASTER_SCRIPT = """
+import sys, time
+from ndpipe.config import MasterConfig
+from ndpipe.master import Master
+from ndpipe.examples.exchange import ring_states
+m = Master(sys.argv[1], config=MasterConfig(heartbeat_interval=0.5, liveness=6))
+run = m.iterate("slow_ring", [{**s, "delay": 0.05} for s in ring_states(4)], max_rounds=100000)
+for info in run:
+    print(info.round, flush=True)
+"""
+
+
+def test_a_master_killed_mid_run_frees_its_partitions(iterating, tmp_short: Path) -> None:  # type: ignore[no-untyped-def]
+    script = tmp_short / "iter_master.py"
+    script.write_text(MASTER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), iterating.frontend], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "0"
+        shown = subprocess.run([sys.executable, "-m", "ndpipe.cli", "status", "--config", str(iterating.config_path)],
+                               capture_output=True, text=True, timeout=60)
+        lines = shown.stdout.splitlines()
+        row = lines[next(i for i, line in enumerate(lines) if line.startswith("iteration")) + 1]  # run, round, where
+        assert "slow_ring" in row
+        assert shown.returncode == 0 and row.count("/") == 4, shown.stdout  # 4 partitions, one per lane
+        with iterating.master() as m:
+            assert len(m.status()["iterations"]) == 1
+            proc.kill()
+            wait_until(lambda: m.status()["iterations"] == [], 15, "the broker to free the dead master's run")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
