@@ -22,6 +22,7 @@ BENCHES = {
     "dispatch": "broker CPU per dispatched task with 10 .. 4,000 workers: the O(log n) index against a scan",
     "refs": "arrays sent once (Master.put): bytes through the broker and time, against the array in every task",
     "stages": "a 4-stage pipeline routed by the broker against four round trips (ndpipe and raw)",
+    "iterate": "iterations: per-round overhead, PageRank against one process and Ray",
 }
 
 

@@ -32,6 +32,7 @@ LANE = "worker/lane.py"
 T_STATE, T_FAIL, T_MASTER = "tests/test_broker_state.py", "tests/test_failures.py", "tests/test_master.py"
 T_MSTATE = "tests/test_master_state.py"
 T_STAGES = "tests/test_stages.py"
+T_ITER = "tests/test_iterate.py"
 CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
 
 
@@ -259,6 +260,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            service = min(self._dirty)\n",
         (f"{T_STAGES}::test_a_free_lane_serves_a_pipelines_later_stage_before_new_pipelines[names0]",
          f"{T_STAGES}::test_services_sharing_lanes_take_turns")),
+    # ---- issue 11: iterations ----
+    Mutation(
+        "inbox-in-arrival-order", "A step's inbox is sorted by source: its sums are the same wherever partitions sit",
+        "the lane hands the step its inbox in arrival order (local messages first, then remote ones)",
+        "worker/partitions.py", "            inbox = sorted(p.inboxes.pop(rnd, []), key=lambda m: m[0])\n",
+        "            inbox = p.inboxes.pop(rnd, [])\n",
+        (f"{T_ITER}::test_ring_pagerank_and_heat_match_one_process",)),
+    Mutation(
+        "checkpoint-labelled-a-round-late", "A rollback replays exactly the rounds after the checkpoint",
+        "the master files a checkpoint under the round after the one it was taken at", "master/iterate.py",
+        "            self.checkpoint = Checkpoint(self.round, [self.pending[p][0] for p in order],\n",
+        "            self.checkpoint = Checkpoint(self.round + 1, [self.pending[p][0] for p in order],\n",
+        (f"{T_ITER}::test_a_lost_epoch_replays_from_the_last_whole_checkpoint_then_gives_up",
+         f"{T_ITER}::test_a_lane_killed_mid_run_rolls_back_and_ends_bit_identical",
+         f"{CHAOS}[iterate_lane_killed]")),
+    Mutation(
+        "lost-lane-unreported", "A run whose partitions died with their lane rolls back instead of waiting",
+        "the broker never tells a master that a lane holding its partitions is gone", "broker/iterate.py",
+        "            if not run.failed:\n                out += self._lost_lanes(run)\n",
+        "            if False:\n                out += self._lost_lanes(run)\n",
+        (f"{T_ITER}::test_a_lost_lane_fails_the_epoch_with_lost_and_the_other_lanes_drop_it",)),
 )
 
 

@@ -24,6 +24,7 @@ EXPECTED = {
     "refs": ["ndpipe put", "ndpipe inline", "raw inline"],
     "stages": ["ndpipe pipeline", "ndpipe 4 master round trips", "raw 4 round trips", "slowest-stage bound",
                "ndpipe stream", "ndpipe call returning the list"],
+    "iterate": ["per-round overhead", "one process, looping", "ndpipe, 8 resident partitions", "routed"],
 }
 
 

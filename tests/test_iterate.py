@@ -274,6 +274,8 @@ def test_ring_pagerank_and_heat_match_one_process(iterating) -> None:  # type: i
         rounds = len(list(run))
         got, want = pagerank.ranks(run.result(60)), pagerank.reference(*src_dst, nodes, rounds - 1)
         assert np.max(np.abs(got - want)) <= 1e-10 and abs(got.sum() - 1.0) < 1e-9
+        local, local_rounds = pagerank.local(pagerank.partition(*src_dst, nodes, 6), 200, 1e-13)
+        assert local_rounds == rounds and got.tobytes() == pagerank.ranks(local).tobytes()  # the same bits
         grid = heat.plate(60, 40, seed=2)
         run = m.iterate("heat", heat.strips(grid, 5), max_rounds=41)
         assert len(list(run)) == 41  # round 0 sends the first halos; rounds 1..40 sweep
