@@ -145,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level or "WARNING")
     return run_demo(workers=args.workers, processes=args.processes, rows=args.rows, shards=args.shards,
-                    lm_batches=args.lm_batches)
+                    lm_batches=args.lm_batches, pagerank_edges=args.pagerank_edges)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=16384)
     p.add_argument("--shards", type=int, default=64)
     p.add_argument("--lm-batches", type=int, default=16, help="batches through the LM's stage pipeline (0: skip)")
+    p.add_argument("--pagerank-edges", type=int, default=1_000_000,
+                   help="edges of the PageRank graph iterated over 8 resident partitions (0: skip)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", parents=[common], help="check or show the effective configuration")

@@ -99,11 +99,13 @@ def test_master_runs_a_job_function(cluster) -> None:  # type: ignore[no-untyped
 
 
 def test_demo_runs_and_checks_its_result() -> None:
-    done = ndpipe("demo", "--rows", "2048", "--shards", "8", "--lm-batches", "4", timeout=110)
+    done = ndpipe("demo", "--rows", "2048", "--shards", "8", "--lm-batches", "4", "--pagerank-edges", "100000",
+                  timeout=110)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "result matches the single-process forward pass" in done.stdout
     assert "logits and greedy tokens match the single-process model" in done.stdout
     assert "the same tokens as the single-process model" in done.stdout
+    assert "ranks bit-identical to the same steps in one process" in done.stdout
 
 
 def test_broker_reports_an_endpoint_in_use() -> None:
