@@ -107,8 +107,10 @@ class Runs:
         run.waiting = set(by_lane)
         expect, run.expect = run.expect, {}
         self.counters["rounds"] += 1
+        timeout_ms = R.num(ctl, "timeout_ms", 0, 1 << 32) if "timeout_ms" in ctl else 0
+        checkpoint = bool(ctl.get("checkpoint"))
         return [(True, wid, R.frames(P.WORKER, P.W_STEP, rid, {
-            "epoch": epoch, "round": rnd, "parts": parts, "checkpoint": bool(ctl.get("checkpoint")),
+            "epoch": epoch, "round": rnd, "parts": parts, "checkpoint": checkpoint, "timeout_ms": timeout_ms,
             "expect": {p: expect.get(p, 0) for p in parts}})) for wid, parts in by_lane.items()]
 
     def end(self, master: bytes, rid: bytes, ctl: dict[str, Any]) -> list[Send]:
@@ -221,6 +223,16 @@ class Runs:
         if not run.gathering:
             self._forget(run)
         return sends
+
+    def malformed(self, sender: bytes, rid: bytes, why: str) -> list[Send]:
+        """A lane holding partitions of the run sent something malformed for it: the round could never
+        finish, so the run fails (BAD_REQUEST naming the problem) instead of waiting for ever."""
+        for run in list(self.runs.values()):
+            if run.rid == rid and any(lane.wid == sender for lane in run.placed.values()):
+                address = next(lane.address for lane in run.placed.values() if lane.wid == sender)
+                return self._fail(run, P.BAD_REQUEST, {"message": f"lane {address} sent a malformed message for "
+                                                                  f"this run: {why}"})
+        return []
 
     # ---- time and lanes ---------------------------------------------------------------------------
     def check(self) -> list[Send]:

@@ -288,10 +288,7 @@ class Broker:
             self._on_fetch(rid, msg, now)
             return
         if command in (P.W_STEPPED, P.W_STATE):
-            run, ctl, payload = R.parse(msg, P.WORKER)
-            self.state.lane_seen(rid)
-            sends = self.runs.stepped if command == P.W_STEPPED else self.runs.state_of
-            self._send(sends(rid, run, ctl, payload))
+            self._on_stepped(rid, command, msg)
             return
         if command == P.W_PART:
             tid, seq, payload = P.parse_part(msg, P.WORKER)
@@ -304,6 +301,17 @@ class Broker:
         known = self._on_daemon(rid, command, msg, now)
         if not known:  # it lost us or we lost it: tell it to register again
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])
+
+    def _on_stepped(self, rid: bytes, command: bytes, msg: list[Any]) -> None:
+        """W_STEPPED or W_STATE from a lane (§5.7)."""
+        run, ctl, payload = R.parse(msg, P.WORKER)
+        self.state.lane_seen(rid)
+        handle = self.runs.stepped if command == P.W_STEPPED else self.runs.state_of
+        try:
+            self._send(handle(rid, run, ctl, payload))
+        except ProtocolError as exc:  # logged as malformed; the run, if the sender holds part of it, fails
+            self._send(self.runs.malformed(rid, run, str(exc)))
+            raise
 
     def _on_daemon(self, rid: bytes, command: bytes, msg: list[Any], now: float) -> bool:
         """HEARTBEAT, DRAIN, LANE_GONE, DISCONNECT: a daemon's own commands (a lane's DISCONNECT too).

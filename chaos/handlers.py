@@ -241,6 +241,8 @@ def bad_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) ->
         how = state.get("how")
         if how == "raise":
             raise ValueError(f"bad data in round {round}")
+        if how == "hang":
+            time.sleep(3600)
         if how == "shape":
             return state, {}
         if how == "dest":

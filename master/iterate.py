@@ -111,7 +111,9 @@ class IterRun:
     def _round(self, now: float) -> R.Frames:
         self.started = now
         ckpt = self.every > 0 and self.round % self.every == 0 and self.round != self.checkpoint.round
-        return R.frames(P.MASTER, P.IT_ROUND, self.rid, {"epoch": self.epoch, "round": self.round, "checkpoint": ckpt})
+        timeout_ms = int(self.round_timeout * 1000) if self.round_timeout else 0  # the lanes enforce it too
+        return R.frames(P.MASTER, P.IT_ROUND, self.rid, {"epoch": self.epoch, "round": self.round, "checkpoint": ckpt,
+                                                         "timeout_ms": timeout_ms})
 
     def on_message(self, command: bytes, ctl: dict[str, Any], payload: list[Any], now: float) -> list[R.Frames]:
         """IT_DONE, IT_STATE, IT_FAIL of this run (another epoch's are dropped)."""

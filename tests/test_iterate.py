@@ -106,6 +106,17 @@ def test_a_lost_lane_fails_the_epoch_with_lost_and_the_other_lanes_drop_it() -> 
     assert runs.runs == {} and runs.resident == {}
 
 
+def test_a_malformed_message_from_a_lane_of_the_run_fails_it_instead_of_stalling_the_round() -> None:
+    _, runs = broker(lanes=2)
+    place_all(runs, 2)
+    runs.round(b"m", RID, {"epoch": 1, "round": 0})
+    assert runs.malformed(b"zz", RID, "junk") == []  # not a lane of the run: only logged
+    sends = runs.malformed(b"l0", RID, "the control map names 3 frames, 1 came")
+    fail = control(sends[-1][2])
+    assert sends[-1][2][1] == P.IT_FAIL and fail["code"] == P.BAD_REQUEST
+    assert "lane w/0 sent a malformed message for this run: the control map names 3 frames" in fail["message"]
+
+
 def test_placement_without_a_lane_for_the_service_says_which_services_exist() -> None:
     _, runs = broker()
     [(_, _, fail)] = runs.place(b"m", RID, {"service": "nosuch", "parts": 1, "part": 0, "epoch": 1, "round": 0,
@@ -308,6 +319,16 @@ def test_a_bad_step_fails_the_run_with_a_clear_error_and_the_cluster_serves_on(i
         with pytest.raises(TaskFailed):
             list(run)
         assert same(m.iterate("ring", ring_states(3), max_rounds=5).result(30), ring_local(ring_states(3), 5, 0.0))
+
+
+def test_a_step_that_hangs_is_stopped_at_round_timeout_and_the_run_fails_after_max_recoveries(iterating) -> None:  # type: ignore[no-untyped-def]
+    with iterating.master() as m:
+        run = m.iterate("bad", [{"i": i, "at": 1, "how": "hang"} for i in range(3)], max_rounds=3,
+                        round_timeout=1.0, max_recoveries=1)
+        with pytest.raises(IterationLost, match="lost partitions 2 times"):
+            run.result(30)
+        assert run.recoveries == 2
+        assert same(m.iterate("ring", ring_states(4), max_rounds=5).result(30), ring_local(ring_states(4), 5, 0.0))
 
 
 def test_an_unknown_service_fails_the_run_naming_it(iterating) -> None:  # type: ignore[no-untyped-def]

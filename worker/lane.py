@@ -302,13 +302,7 @@ class Lane:
 
     def _run(self, task: P.TaskMsg | StepCall) -> None:
         if isinstance(task, StepCall):
-            try:
-                reply = self.partitions.step(task.run, task.ctl)
-            except ProtocolError as exc:
-                self._bad.warning("lane %d: dropped malformed W_STEP: %s", self.args.index, exc)
-                return
-            if self.sock is not None:
-                send_frames(self.sock, reply)
+            self._step(task)
             return
         timeout = self._timeout(task)
         write_slot(self.slot, RUNNING, task.tid, timeout)
@@ -331,6 +325,27 @@ class Lane:
         write_slot(self.slot, IDLE)
         if self.sock is not None and reply:
             send_frames(self.sock, [P.WORKER, *reply])
+
+    def _step(self, call: StepCall) -> None:
+        """One round of this lane's partitions of a run, under the run's round_timeout (the kernel's
+        timer, as for a task: a step that holds the GIL is still stopped; the broker then says LOST)."""
+        timeout = call.ctl.get("timeout_ms", 0)
+        timeout = timeout / 1000 if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout > 0 else 0.0
+        write_slot(self.slot, RUNNING, call.run, timeout)
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            reply = self.partitions.step(call.run, call.ctl)
+        except ProtocolError as exc:
+            self._bad.warning("lane %d: dropped malformed W_STEP: %s", self.args.index, exc)
+            reply = []
+        except MemoryError:
+            os._exit(P.EXIT_OUT_OF_MEMORY)
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        write_slot(self.slot, IDLE)
+        if self.sock is not None and reply:
+            send_frames(self.sock, reply)
 
     # ---- streams ----------------------------------------------------------------------------------
     def _stream(self, task: P.TaskMsg) -> list[Any]:
