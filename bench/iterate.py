@@ -87,7 +87,7 @@ def ray_row(states: list[dict[str, Any]], rounds: int, want: list[dict[str, Any]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
         actor = ray.remote(_PartitionActor)
-        actors = [actor.remote(s) for s in states]
+        actors: list[Any] = [actor.remote(s) for s in states]
         inboxes: list[list[tuple[int, Any]]] = [[] for _ in states]
         t0 = time.perf_counter()
         for rnd in range(rounds):
