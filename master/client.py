@@ -281,7 +281,7 @@ class Master:
     # ---- iterations: resident partitions exchanging messages round by round --------------------------
     def iterate(self, service: str, states: Sequence[dict[str, Any]], *, max_rounds: int = 100, tol: float = 0.0,
                 reduce: str = "max", checkpoint: int = 10, round_timeout: float | None = None,
-                max_recoveries: int = 10) -> Iteration:
+                max_recoveries: int = 10, combine: str | None = None) -> Iteration:
         """Run ``service`` — ``step(state, inbox, round) -> (state, {destination: message}, metric)`` —
         over ``states`` (one dict per partition) round by round until the metric reduced over the
         partitions (``reduce``: "max" or "sum") is <= ``tol``, or for ``max_rounds`` rounds. Each
@@ -292,9 +292,12 @@ class Master:
         lane (or broker) rolls the run back to the last checkpoint and replays it, so a deterministic
         step gives the same bits as a run without faults. A round longer than ``round_timeout`` counts
         as lost; more than ``max_recoveries`` losses fail the run. A step that raises (or returns the
-        wrong shape) fails it with the remote traceback, naming the partition and round."""
+        wrong shape) fails it with the remote traceback, naming the partition and round. ``combine``
+        ("sum", "min", "max") folds the messages a compute process's partitions send to one destination
+        into one before they travel (an inbox then holds one message per sending process); min and max
+        are exact, a float sum may differ in its last bits with the placement (docs/iterate.md)."""
         run = make_run(service, states, max_rounds, tol, reduce, checkpoint, round_timeout, max_recoveries,
-                       Limits(max_frames=self.cfg.max_frames))
+                       Limits(max_frames=self.cfg.max_frames), combine)
         with self._lock:
             self._check_open()
             self._post(IterStart(run))

@@ -73,6 +73,7 @@ class IterRun:
     round_timeout: float | None = None
     max_recoveries: int = 10
     limits: Limits = field(default_factory=Limits)
+    combine: str | None = None  # "sum", "min", "max": each lane folds its partitions' messages per destination
     future: Future[list[Any]] = field(default_factory=Future)
     infos: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     epoch: int = 0
@@ -104,7 +105,8 @@ class IterRun:
         out = []
         for part, (state, inbox) in enumerate(zip(self.checkpoint.states, self.checkpoint.inboxes, strict=True)):
             ctl = {"service": self.service, "parts": self.parts, "part": part, "epoch": self.epoch,
-                   "round": self.round, "state": len(state), "inbox": [[src, len(f)] for src, f in inbox]}
+                   "round": self.round, "state": len(state), "inbox": [[src, len(f)] for src, f in inbox],
+                   "combine": self.combine}
             out.append(R.frames(P.MASTER, P.IT_PLACE, self.rid, ctl, state + [f for _, fs in inbox for f in fs]))
         return out + [self._round(now)]
 
@@ -205,8 +207,11 @@ class IterRun:
         return [R.frames(P.MASTER, P.IT_END, self.rid, {"epoch": self.epoch, "gather": False})]
 
 
+COMBINE = (None, "sum", "min", "max")
+
+
 def make_run(service: str, states: Sequence[Any], max_rounds: int, tol: float, reduce: str, checkpoint: int,
-             round_timeout: float | None, max_recoveries: int, limits: Limits) -> IterRun:
+             round_timeout: float | None, max_recoveries: int, limits: Limits, combine: str | None = None) -> IterRun:
     """Check the arguments and encode the states (each error names what is wrong, and the partition)."""
     if not isinstance(service, str) or not 0 < len(service.encode()) <= P.MAX_SERVICE:
         raise ValueError(f"service must be a name of 1..{P.MAX_SERVICE} bytes, got {service!r:.80}")
@@ -218,6 +223,8 @@ def make_run(service: str, states: Sequence[Any], max_rounds: int, tol: float, r
         raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
     if reduce not in REDUCERS:
         raise ValueError(f"reduce must be one of {sorted(REDUCERS)}, got {reduce!r}")
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be None, 'sum', 'min' or 'max', got {combine!r}")
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
         raise ValueError(f"checkpoint must be an int >= 0 (rounds between checkpoints; 0: none), got {checkpoint!r}")
     if round_timeout is not None and not 0 < round_timeout <= 86400:
@@ -226,7 +233,7 @@ def make_run(service: str, states: Sequence[Any], max_rounds: int, tol: float, r
         raise ValueError(f"max_recoveries must be an int >= 0, got {max_recoveries!r}")
     encoded = [_encoded_state(part, state, limits) for part, state in enumerate(states)]
     return IterRun(os.urandom(P.RUN_ID_BYTES), service, Checkpoint(0, encoded, [[] for _ in encoded]), max_rounds,
-                   float(tol), reduce, checkpoint, round_timeout, max_recoveries, limits)
+                   float(tol), reduce, checkpoint, round_timeout, max_recoveries, limits, combine=combine)
 
 
 def _encoded_state(part: int, state: Any, limits: Limits) -> list[Any]:

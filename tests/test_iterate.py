@@ -151,6 +151,39 @@ def test_messages_between_partitions_of_one_lane_stay_in_it() -> None:
     assert all(p["metric"] > 0 for p in control(reply)["parts"])
 
 
+def send_all(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
+    return state, {d: np.full(2, float(state["i"] + 1)) if state.get("kind") != "dict" else {"a": 1}
+                   for d in range(state["n"]) if d != state["i"]}, 0.0
+
+
+def test_combine_folds_one_lanes_messages_per_destination_before_they_travel() -> None:
+    lane = Partitions({"step": send_all})
+    for part in range(3):  # of 4: partition 3 lives elsewhere
+        frames = encode({"i": part, "n": 4})
+        lane.place(RID, {"service": "step", "parts": 4, "part": part, "epoch": 1, "round": 0, "state": len(frames),
+                         "combine": "sum"}, frames)
+    reply = lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}})
+    ctl = control(reply)
+    assert ctl["out"] == [[0, 3, 1]]  # one message for partition 3: 1 + 2 + 3, labelled with source 0
+    from ndpipe.codec import decode
+    np.testing.assert_array_equal(decode(reply[4:]), [6.0, 6.0])
+    assert [(src, decode(f).tolist()) for src, f in lane.held[(RID, 0)].inboxes[1]] == [(1, [5.0, 5.0])]  # 2 + 3
+    assert sum(p["bytes"] for p in ctl["parts"]) > 0
+    with pytest.raises(ProtocolError, match="combine must be one of"):
+        lane.place(RID, {"service": "step", "parts": 4, "part": 3, "epoch": 1, "round": 0, "state": 1,
+                         "combine": "mean"}, [b"x"])
+
+
+def test_combine_on_messages_it_cannot_fold_names_the_partition() -> None:
+    lane = Partitions({"step": send_all})
+    for part in range(2):
+        frames = encode({"i": part, "n": 3, "kind": "dict"})
+        lane.place(RID, {"service": "step", "parts": 3, "part": part, "epoch": 1, "round": 0, "state": len(frames),
+                         "combine": "max"}, frames)
+    [entry] = control(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}}))["parts"]
+    assert entry["part"] == 0 and "combine='max' cannot fold the messages for partition 2" in entry["error"]["message"]
+
+
 @pytest.mark.parametrize(("how", "message"), [
     ("raise", r"partition 1, round 2: the step raised ValueError: bad data in round 2"),
     ("shape", r"partition 1, round 2: a step returns \(state: dict, messages: dict\[int, object\], metric: float\), "
@@ -281,12 +314,19 @@ def test_ring_pagerank_and_heat_match_one_process(iterating) -> None:  # type: i
         assert [i.round for i in infos] == list(range(len(infos))) and infos[-1].metric <= 1e-13
         assert all(i.bytes > 0 for i in infos)
         nodes, src_dst = 20_000, pagerank.graph(20_000, 200_000, seed=3)
+        before = m.status()["counters"]["iter_routed_bytes"]
         run = m.iterate("pagerank", pagerank.partition(*src_dst, nodes, 6), max_rounds=200, tol=1e-13)
         rounds = len(list(run))
         got, want = pagerank.ranks(run.result(60)), pagerank.reference(*src_dst, nodes, rounds - 1)
+        plain = m.status()["counters"]["iter_routed_bytes"] - before
         assert np.max(np.abs(got - want)) <= 1e-10 and abs(got.sum() - 1.0) < 1e-9
         local, local_rounds = pagerank.local(pagerank.partition(*src_dst, nodes, 6), 200, 1e-13)
         assert local_rounds == rounds and got.tobytes() == pagerank.ranks(local).tobytes()  # the same bits
+        before += plain
+        run = m.iterate("pagerank", pagerank.partition(*src_dst, nodes, 6), max_rounds=rounds, tol=-1.0, combine="sum")
+        combined = pagerank.ranks(run.result(60))  # each lane sums its partitions' contributions per destination
+        folded = m.status()["counters"]["iter_routed_bytes"] - before
+        assert np.max(np.abs(combined - got)) <= 1e-15 and folded < plain / 1.4, (folded, plain)
         grid = heat.plate(60, 40, seed=2)
         run = m.iterate("heat", heat.strips(grid, 5), max_rounds=41)
         assert len(list(run)) == 41  # round 0 sends the first halos; rounds 1..40 sweep

@@ -28,6 +28,7 @@ from ndpipe.errors import EncodeError, ProtocolError
 from ndpipe.worker.compute import Handler, error_details
 
 Inbox = list[tuple[int, list[Any]]]  # (source, encoded message frames)
+COMBINERS = {"sum": np.add, "min": np.minimum, "max": np.maximum}  # Master.iterate(combine=...)
 
 
 @dataclass(slots=True, eq=False)
@@ -39,11 +40,16 @@ class Partition:
     service: str
     state: Any
     placed_round: int  # the round it was placed for: its inbox came whole with it
+    combine: str | None = None  # "sum", "min", "max": this lane folds its partitions' messages per destination
     inboxes: dict[int, Inbox] = field(default_factory=dict)  # round -> messages for it so far
 
 
 class StepError(Exception):
-    """What a step did wrong; carries the partition and round in its message."""
+    """What a step did wrong; carries the partition and round in its message, and the partition."""
+
+    def __init__(self, message: str, part: int = -1) -> None:
+        super().__init__(message)
+        self.part = part
 
 
 def _frames_copy(frames: list[Any]) -> list[Any]:
@@ -66,6 +72,9 @@ class Partitions:
         parts = R.num(ctl, "parts", 1, P.MAX_PARTITIONS)
         part, epoch = R.part_of(ctl, parts), R.num(ctl, "epoch", 1, 1 << 31)
         rnd, service = R.num(ctl, "round", 0, 1 << 31), str(ctl.get("service", ""))
+        combine = ctl.get("combine")
+        if combine is not None and combine not in COMBINERS:
+            raise ProtocolError(f"W_PLACE combine must be one of {sorted(COMBINERS)}, got {combine!r:.40}")
         inbox_idx = R.index(ctl, "inbox", 2, parts)
         chunks = R.split(payload, [R.num(ctl, "state", 1, P.MAX_FRAMES + 1), *(n for _, n in inbox_idx)])
         self._drop_older(run, epoch)
@@ -74,7 +83,7 @@ class Partitions:
         except Exception as exc:  # DecodeError: the master encoded it, so this is a bug or hostile input
             return [self._failed(run, epoch, rnd, part, P.BAD_REQUEST, exc, f"partition {part}'s state")]
         inbox = [(src, _frames_copy(c)) for (src, _), c in zip(inbox_idx, chunks[1:], strict=True)]
-        self.held[(run, part)] = Partition(run, epoch, part, parts, service, state, rnd, {rnd: inbox})
+        self.held[(run, part)] = Partition(run, epoch, part, parts, service, state, rnd, combine, {rnd: inbox})
         return []
 
     def inbox(self, run: bytes, ctl: dict[str, Any], payload: list[Any]) -> None:
@@ -124,8 +133,8 @@ class Partitions:
             return self._stepped(run, epoch, rnd, [{"part": missing[0], "code": P.LOST, "error": {
                 "message": f"partitions {missing} are not held by this lane (it was restarted?)"}}], [], [], [])
         results: list[dict[str, Any]] = []
-        out_idx: list[list[int]] = []
-        out_frames: list[Any] = []
+        sends: list[tuple[int, int, list[Any]]] = []  # (source, destination, encoded message)
+        folded: dict[int, list[tuple[int, Any]]] = {}  # combine: destination -> [(source, value)]
         ckpts: list[tuple[dict[str, Any], list[Any]]] = []
         for p in mine:
             assert p is not None
@@ -146,24 +155,67 @@ class Partitions:
                 ckpts.append((body, state_frames + [f for _, fs in inbox for f in fs]))
             try:
                 metric, sent = self._run_one(p, inbox, rnd)
+                for dst, value in sent:
+                    if p.combine:
+                        folded.setdefault(dst, []).append((p.part, value))
+                    else:
+                        where = f"partition {p.part}, round {rnd}"
+                        sends.append((p.part, dst, self._encode_message(where, dst, value)))
             except StepError as exc:
                 return self._stepped(run, epoch, rnd, [self._error(p.part, rnd, exc.__cause__ or exc, str(exc))],
                                      [], [], [])
-            nbytes = 0
-            for dst, frames in sent:
-                nbytes += sum(len(f) for f in frames)
-                target = self.held.get((run, dst))
-                if target is not None and target.epoch == epoch:
-                    target.inboxes.setdefault(rnd + 1, []).append((p.part, frames))
-                else:
-                    out_idx.append([p.part, dst, len(frames)])
-                    out_frames += frames
-            results.append({"part": p.part, "metric": metric, "bytes": nbytes})
+            results.append({"part": p.part, "metric": metric, "bytes": 0})
+        if folded:
+            try:
+                sends += self._fold(folded, mine[0].combine or "", rnd)
+            except StepError as exc:
+                return self._stepped(run, epoch, rnd, [self._error(exc.part, rnd, exc.__cause__ or exc, str(exc))],
+                                     [], [], [])
+        return self._route(run, epoch, rnd, results, sends, ckpts)
+
+    def _fold(self, folded: dict[int, list[tuple[int, Any]]], how: str, rnd: int) -> list[tuple[int, int, list[Any]]]:
+        """One message per destination from this lane: its partitions' messages folded in source order
+        (``combine``), labelled with the lowest source."""
+        out = []
+        for dst in sorted(folded):
+            messages = folded[dst]
+            where = f"partition {messages[0][0]}, round {rnd}"
+            acc = messages[0][1]
+            try:
+                for _src, value in messages[1:]:
+                    acc = COMBINERS[how](acc, value)
+            except Exception as exc:
+                raise StepError(f"{where}: combine={how!r} cannot fold the messages for partition {dst} "
+                                f"(numbers or numeric arrays of one shape): {exc}", messages[0][0]) from exc
+            try:
+                out.append((messages[0][0], dst, self._encode_message(where, dst, acc)))
+            except StepError as exc:
+                exc.part = messages[0][0]
+                raise
+        return out
+
+    def _route(self, run: bytes, epoch: int, rnd: int, results: list[dict[str, Any]],
+               sends: list[tuple[int, int, list[Any]]], ckpts: list[tuple[dict[str, Any], list[Any]]]) -> R.Frames:
+        """Messages to partitions held here go to their inbox for the next round; the others into the
+        W_STEPPED, for the broker to route. Each partition's ``bytes`` counts the messages it sent."""
+        out_idx: list[list[int]] = []
+        out_frames: list[Any] = []
+        sizes: dict[int, int] = {}
+        for src, dst, frames in sends:
+            sizes[src] = sizes.get(src, 0) + sum(len(f) for f in frames)
+            target = self.held.get((run, dst))
+            if target is not None and target.epoch == epoch:
+                target.inboxes.setdefault(rnd + 1, []).append((src, frames))
+            else:
+                out_idx.append([src, dst, len(frames)])
+                out_frames += frames
+        for entry in results:
+            entry["bytes"] = sizes.get(entry["part"], 0)
         return self._stepped(run, epoch, rnd, results, out_idx, out_frames, ckpts)
 
     # ---- one partition's step -------------------------------------------------------------------
-    def _run_one(self, p: Partition, inbox: Inbox, rnd: int) -> tuple[float, list[tuple[int, list[Any]]]]:
-        """Call the step; (metric, [(destination, encoded message)]) or StepError saying what went wrong."""
+    def _run_one(self, p: Partition, inbox: Inbox, rnd: int) -> tuple[float, list[tuple[int, Any]]]:
+        """Call the step; (metric, [(destination, message)]) or StepError saying what went wrong."""
         where = f"partition {p.part}, round {rnd}"
         handler = self.handlers.get(p.service)
         if handler is None:
@@ -179,12 +231,11 @@ class Partitions:
         except Exception as exc:
             raise StepError(f"{where}: the step raised {type(exc).__name__}: {exc}") from exc
         state, out, metric = _checked(where, returned)
-        sent = [(dst, self._encode_message(where, dst, out[key], p.parts))
-                for dst, key in _destinations(where, out, p.parts)]
+        sent = [(dst, out[key]) for dst, key in _destinations(where, out, p.parts)]
         p.state = state
         return float(metric), sent
 
-    def _encode_message(self, where: str, dst: int, value: Any, parts: int) -> list[Any]:
+    def _encode_message(self, where: str, dst: int, value: Any) -> list[Any]:
         try:
             frames = _frames_copy(encode(value))
         except EncodeError as exc:
