@@ -167,7 +167,7 @@ class Partitions:
             results.append({"part": p.part, "metric": metric, "bytes": 0})
         if folded:
             try:
-                sends += self._fold(folded, mine[0].combine or "", rnd)
+                sends += self._fold(folded, next(p.combine for p in mine if p is not None and p.combine), rnd)
             except StepError as exc:
                 return self._stepped(run, epoch, rnd, [self._error(exc.part, rnd, exc.__cause__ or exc, str(exc))],
                                      [], [], [])
