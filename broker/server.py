@@ -305,7 +305,9 @@ class Broker:
     def _on_stepped(self, rid: bytes, command: bytes, msg: list[Any]) -> None:
         """W_STEPPED or W_STATE from a lane (§5.7)."""
         run, ctl, payload = R.parse(msg, P.WORKER)
-        self.state.lane_seen(rid)
+        if not self.state.lane_seen(rid):  # a lane the broker forgot (its worker expired): it starts over,
+            self._to_worker(rid, [P.WORKER, P.DISCONNECT])  # and so drops the partitions it still holds
+            return
         handle = self.runs.stepped if command == P.W_STEPPED else self.runs.state_of
         try:
             self._send(handle(rid, run, ctl, payload))

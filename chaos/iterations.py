@@ -46,8 +46,11 @@ def _judge(report: Report, got: list[dict[str, Any]] | None, want: list[dict[str
 
 
 def _run_under(p: Params, name: str, injected: str, fault: Callable[[Cluster, list[Any], Any], None],
-               recovery: str, bound: float, rounds: int, parts: int, delay: float,
+               recovery: str, bound: float, rounds: int, parts: int, delay: float, at: set[int],
                after: Callable[[Cluster, list[Any]], None] | None = None) -> Report:
+    """Run ``rounds`` rounds of the slow ring, calling ``fault`` when the rounds in ``at`` are reported.
+    Recovery per fault: until the run reports a round past the fault's (after a rollback) — the
+    time the fault cost the run."""
     report = Report(name, injected, recovery={recovery: []}, bounds={recovery: bound + slack(p)}, planned=parts)
     want = ring_local(_states(parts, delay), rounds, -1.0)
     with Cluster(SERVICES, broker=HB) as c:
@@ -58,16 +61,16 @@ def _run_under(p: Params, name: str, injected: str, fault: Callable[[Cluster, li
             t0 = time.monotonic()
             run = m.iterate("slow_ring", _states(parts, delay), max_rounds=rounds, tol=-1.0, checkpoint=5,
                             max_recoveries=20)
-            faults: list[tuple[float, int]] = []  # (when, the round reported last before it)
+            faults: list[tuple[float, int, int]] = []  # (when, the last round reported, rollbacks so far)
             resumed: list[float] = []
             last = -1
             try:
                 for info in run:
                     last = info.round
-                    while faults and len(resumed) < len(faults) and info.round > faults[len(resumed)][1]:
-                        resumed.append(time.monotonic() - faults[len(resumed)][0])
-                    if len(faults) < 64 and info.round in _fault_rounds(p, rounds):
-                        faults.append((time.monotonic(), last))
+                    while len(resumed) < len(faults) and info.recoveries > faults[len(resumed)][2]:
+                        resumed.append(time.monotonic() - faults[len(resumed)][0])  # rolled back, and past it
+                    if info.round in at and len(faults) < len(at):
+                        faults.append((time.monotonic(), last, run.recoveries))
                         fault(c, workers, m)
                 got: list[dict[str, Any]] | None = run.result(p.wait(300))
             except TaskError as exc:
@@ -75,9 +78,8 @@ def _run_under(p: Params, name: str, injected: str, fault: Callable[[Cluster, li
                 report.errors[type(exc).__name__] += 1
             report.seconds = time.monotonic() - t0
             report.recovery[recovery] = resumed
-            planned = len(_fault_rounds(p, rounds))
-            report.checks[f"{planned} faults injected"] = len(faults) == planned
-            report.checks["the run rolled back at least once per fault"] = run.recoveries >= len(faults) > 0
+            report.checks[f"{len(at)} faults injected"] = len(faults) == len(at)
+            report.checks["the run rolled back once per fault"] = run.recoveries >= len(faults) > 0
             report.notes.append(f"{rounds} rounds of {parts} partitions (64 floats, {delay * 1000:.0f} ms per step), "
                                 f"checkpoint every 5 rounds; {run.recoveries} rollbacks; last round {last}")
         if after is not None:
@@ -86,10 +88,10 @@ def _run_under(p: Params, name: str, injected: str, fault: Callable[[Cluster, li
     return report
 
 
-def _fault_rounds(p: Params, rounds: int) -> set[int]:
+def _fault_rounds(p: Params, rounds: int, picks: int, spacing: int) -> set[int]:
+    """``picks`` rounds at random, at least ``spacing`` apart, none in the first or last 8."""
     rng = random.Random(p.seed)
-    picks = 2 if p.short else 5
-    return set(sorted(rng.sample(range(8, rounds - 8, 7), picks)))
+    return set(rng.sample(range(8, rounds - 8, spacing), picks))
 
 
 def iterate_lane_killed(p: Params) -> Report:
@@ -108,35 +110,38 @@ def iterate_lane_killed(p: Params) -> Report:
     faults = 2 if p.short else 5
     return _run_under(p, "iterate_lane_killed", f"kill -9 of a random lane holding partitions at {faults} random "
                       f"rounds of a {rounds}-round run, 8 partitions on 2 daemons × 2 lanes", kill,
-                      "round reached again s", 3.0, rounds, 8, 0.005)
+                      "rolled back and past the fault s", 3.0, rounds, 8, 0.005, _fault_rounds(p, rounds, faults, 7))
 
 
 def iterate_worker_frozen(p: Params) -> Report:
-    """SIGSTOP of a whole worker (daemon and lanes) mid-run; SIGCONT after it was declared dead."""
-    rounds = 60 if p.short else 150
+    """SIGSTOP of a worker daemon mid-run (its lanes run on); SIGCONT at the next fault."""
 
     frozen: list[Any] = []
 
     def freeze(c: Cluster, workers: list[Any], m: Any) -> None:
-        """Freeze the worker holding most of the run's partitions (thawing the one frozen before)."""
+        """Freeze the daemon of the worker holding most of the run's partitions (thawing the one frozen
+        before). Its lanes run on, but the broker declares the worker dead and its lanes with it."""
         for w in frozen:
-            c.signal_worker(w, signal.SIGCONT)
+            os.kill(w.pid, signal.SIGCONT)
         held = {w.pid: 0 for w in workers}
         for address, parts in m.status()["iterations"][0]["lanes"].items():
             pid = int(address.split("/")[0].rsplit(":", 1)[1])
             held[pid] = held.get(pid, 0) + len(parts)
         victim = max(workers, key=lambda w: held.get(w.pid, 0))
         frozen[:] = [victim]
-        c.signal_worker(victim, signal.SIGSTOP)
+        os.kill(victim.pid, signal.SIGSTOP)
 
     def thaw(c: Cluster, workers: list[Any]) -> None:
         for w in frozen:
-            c.signal_worker(w, signal.SIGCONT)
+            os.kill(w.pid, signal.SIGCONT)
 
     bound = HB["heartbeat_interval"] * HB["liveness"] + 1.5  # declared dead, then the replay
-    return _run_under(p, "iterate_worker_frozen", "SIGSTOP of one worker (daemon and lanes) at random rounds "
-                      f"of a {rounds}-round run, thawed just before the next fault and at the end; 8 partitions on "
-                      "2 daemons × 2 lanes", freeze, "round reached again s", bound, rounds, 8, 0.005, after=thaw)
+    faults = 2 if p.short else 3
+    rounds = 70 * faults + 30  # a round takes ~40 ms: 70 rounds (~2.8 s) outlast the liveness bound (2 s)
+    return _run_under(p, "iterate_worker_frozen", f"SIGSTOP of the worker daemon holding most partitions at {faults} "
+                      f"random rounds of a {rounds}-round run (its lanes run on), thawed at the next fault and at the "
+                      "end; 8 partitions on 2 daemons × 2 lanes", freeze, "rolled back and past the fault s", bound,
+                      rounds, 8, 0.02, _fault_rounds(p, rounds, faults, 70), after=thaw)
 
 
 MASTER = """

@@ -159,6 +159,7 @@ class Lane:
         """(Re)join the broker on a fresh connection; what the old one brought is the broker's again."""
         self._close_link()
         self.queue.clear()
+        self.partitions.held.clear()  # a new connection: the broker forgot this lane and what it held
         sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.args.max_frame_bytes)
         sock.connect(self.args.broker)
         self.sock, self.watch = sock, LinkWatch(sock)
