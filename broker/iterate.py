@@ -136,7 +136,8 @@ class Runs:
     # ---- from lanes -----------------------------------------------------------------------------
     def stepped(self, sender: bytes, rid: bytes, ctl: dict[str, Any], payload: list[Any]) -> list[Send]:
         """W_STEPPED from a lane: forward its messages to the lanes of their destinations now (grouped per
-        lane), its checkpoint parts to the master, and report the round when the last lane has."""
+        lane), its checkpoint parts to the master, and report the round when the last lane has. A
+        W_STEPPED cut in pieces (``more``) completes the lane's round with its last piece."""
         run = self._run_at(sender, rid, ctl)
         if run is None or run.round != ctl.get("round") or sender not in run.waiting:
             return []
@@ -148,7 +149,8 @@ class Runs:
         ckpt_counts = [(c, R.num(c, "state", 1, P.MAX_FRAMES + 1), R.index(c, "inbox", 2, run.parts)) for c in ckpt]
         chunks = R.split(payload, [n for *_, n in out_idx]
                          + [s + sum(n for _, n in inbox) for _, s, inbox in ckpt_counts])
-        failed = self._results(run, ctl.get("parts"), mine)
+        more = bool(ctl.get("more"))  # a piece of a W_STEPPED cut at max_frames: its metrics come with the last
+        failed = [] if more else self._results(run, ctl.get("parts"), mine)
         if failed:
             return failed
         sends: list[Send] = []
@@ -160,6 +162,8 @@ class Runs:
             body = {"epoch": run.epoch, "round": run.round, "part": R.part_of(c, run.parts), "kind": "checkpoint",
                     "state": s, "inbox": [list(e) for e in inbox]}
             sends.append((False, run.master, R.frames(P.MASTER, P.IT_STATE, rid, body, chunk)))
+        if more:
+            return sends
         run.waiting.discard(sender)
         if not run.waiting:
             if len(run.done) != run.parts:

@@ -142,12 +142,18 @@ def lane_with(handler: Any, states: list[dict[str, Any]], parts: int | None = No
     return lane
 
 
+def one(replies: list[list[Any]]) -> list[Any]:
+    """The W_STEPPED of a round that fits one message."""
+    [reply] = replies
+    return reply
+
+
 def test_messages_between_partitions_of_one_lane_stay_in_it() -> None:
     lane = lane_with(ring_step, ring_states(3))
-    reply = lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}})
+    reply = one(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}}))
     ctl = control(reply)
     assert ctl["out"] == [] and len(reply) == 4 and [p["part"] for p in ctl["parts"]] == [0, 1, 2]
-    reply = lane.step(RID, {"epoch": 1, "round": 1, "parts": [0, 1, 2], "expect": {}})
+    reply = one(lane.step(RID, {"epoch": 1, "round": 1, "parts": [0, 1, 2], "expect": {}}))
     assert all(p["metric"] > 0 for p in control(reply)["parts"])
 
 
@@ -162,7 +168,7 @@ def test_combine_folds_one_lanes_messages_per_destination_before_they_travel() -
         frames = encode({"i": part, "n": 4})
         lane.place(RID, {"service": "step", "parts": 4, "part": part, "epoch": 1, "round": 0, "state": len(frames),
                          "combine": "sum"}, frames)
-    reply = lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}})
+    reply = one(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}}))
     ctl = control(reply)
     assert ctl["out"] == [[0, 3, 1]]  # one message for partition 3: 1 + 2 + 3, labelled with source 0
     from ndpipe.codec import decode
@@ -180,7 +186,7 @@ def test_combine_on_messages_it_cannot_fold_names_the_partition() -> None:
         frames = encode({"i": part, "n": 3, "kind": "dict"})
         lane.place(RID, {"service": "step", "parts": 3, "part": part, "epoch": 1, "round": 0, "state": len(frames),
                          "combine": "max"}, frames)
-    [entry] = control(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}}))["parts"]
+    [entry] = control(one(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}})))["parts"]
     assert entry["part"] == 0 and "combine='max' cannot fold the messages for partition 2" in entry["error"]["message"]
 
 
@@ -197,8 +203,9 @@ def test_a_bad_step_is_an_error_naming_the_partition_and_round(how: str, message
 
     lane = lane_with(bad_step, [{"i": i, "at": 2, "how": how} for i in range(2)])
     for rnd in range(2):
-        assert "error" not in str(control(lane.step(RID, {"epoch": 1, "round": rnd, "parts": [0, 1], "expect": {}})))
-    ctl = control(lane.step(RID, {"epoch": 1, "round": 2, "parts": [0, 1], "expect": {}}))
+        ctl = control(one(lane.step(RID, {"epoch": 1, "round": rnd, "parts": [0, 1], "expect": {}})))
+        assert "error" not in str(ctl)
+    ctl = control(one(lane.step(RID, {"epoch": 1, "round": 2, "parts": [0, 1], "expect": {}})))
     [entry] = [p for p in ctl["parts"] if "error" in p]
     assert entry["part"] == 1 and entry["code"] == P.HANDLER_ERROR
     import re
@@ -207,10 +214,42 @@ def test_a_bad_step_is_an_error_naming_the_partition_and_round(how: str, message
         assert "bad data in round 2" in entry["error"]["traceback"] and "handlers.py" in entry["error"]["traceback"]
 
 
+def fan_out(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
+    """Each partition sends an array (one buffer frame each: 2 frames a message) to every other one."""
+    return state, {d: np.arange(8000.0) + state["i"] for d in range(state["n"]) if d != state["i"]}, 0.0
+
+
+def test_a_round_with_more_messages_than_max_frames_goes_in_pieces_and_the_broker_routes_them_all() -> None:
+    lane = Partitions({"step": fan_out}, max_frames=16)
+    for part in range(3):  # of 12: each sends 9 messages of 2 frames to partitions elsewhere
+        frames = encode({"i": part, "n": 12})
+        lane.place(RID, {"service": "step", "parts": 12, "part": part, "epoch": 1, "round": 0,
+                         "state": len(frames)}, frames)
+    replies = lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1, 2], "expect": {}})
+    assert len(replies) > 1 and all(len(r) - 4 <= 16 for r in replies)
+    assert all(control(r).get("more") for r in replies[:-1]) and "parts" in control(replies[-1])
+    s, runs = broker(lanes=4)
+    for part in range(12):  # l0 holds 0, 4, 8: the lane above stands in for it with 0, 1, 2
+        runs.place(b"m", RID, {"service": "step", "parts": 12, "part": part, "epoch": 1, "round": 0, "state": 1},
+                   [b"s"])
+    runs.round(b"m", RID, {"epoch": 1, "round": 0})
+    lane0 = Partitions({"step": fan_out}, max_frames=16)
+    for part in (0, 4, 8):
+        frames = encode({"i": part, "n": 12})
+        lane0.place(RID, {"service": "step", "parts": 12, "part": part, "epoch": 1, "round": 0,
+                          "state": len(frames)}, frames)
+    routed = 0
+    for reply in lane0.step(RID, {"epoch": 1, "round": 0, "parts": [0, 4, 8], "expect": {}}):
+        sends = runs.stepped(b"l0", RID, control(reply), reply[4:])
+        routed += sum(len(control(f)["msgs"]) for _, _, f in sends if f[1] == P.W_INBOX)
+    assert routed == 3 * 9  # every message to the 9 partitions on other lanes, none lost in the cut
+    assert runs.runs[(b"m", RID)].waiting == {b"l1", b"l2", b"l3"}  # l0's round complete, once
+
+
 def test_a_round_with_messages_missing_is_lost_not_run() -> None:
     lane = lane_with(ring_step, ring_states(2), parts=3)
-    lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}})
-    ctl = control(lane.step(RID, {"epoch": 1, "round": 1, "parts": [0, 1], "expect": {0: 1}}))
+    one(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}}))
+    ctl = control(one(lane.step(RID, {"epoch": 1, "round": 1, "parts": [0, 1], "expect": {0: 1}})))
     assert ctl["parts"][0]["code"] == P.LOST and "0 messages from other lanes, 1 were sent" in \
         ctl["parts"][0]["error"]["message"]
 

@@ -336,17 +336,18 @@ class Lane:
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            reply = self.partitions.step(call.run, call.ctl)
+            replies = self.partitions.step(call.run, call.ctl)
         except ProtocolError as exc:
             self._bad.warning("lane %d: dropped malformed W_STEP: %s", self.args.index, exc)
-            reply = []
+            replies = []
         except MemoryError:
             os._exit(P.EXIT_OUT_OF_MEMORY)
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
         write_slot(self.slot, IDLE)
-        if self.sock is not None and reply:
-            send_frames(self.sock, reply)
+        for reply in replies:
+            if self.sock is not None:
+                send_frames(self.sock, reply)
 
     # ---- streams ----------------------------------------------------------------------------------
     def _stream(self, task: P.TaskMsg) -> list[Any]:

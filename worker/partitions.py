@@ -28,6 +28,7 @@ from ndpipe.errors import EncodeError, ProtocolError
 from ndpipe.worker.compute import Handler, error_details
 
 Inbox = list[tuple[int, list[Any]]]  # (source, encoded message frames)
+Sent = tuple[int, int, list[Any]]  # (source, destination, encoded message)
 COMBINERS = {"sum": np.add, "min": np.minimum, "max": np.maximum}  # Master.iterate(combine=...)
 
 
@@ -47,9 +48,9 @@ class Partition:
 class StepError(Exception):
     """What a step did wrong; carries the partition and round in its message, and the partition."""
 
-    def __init__(self, message: str, part: int = -1) -> None:
+    def __init__(self, message: str, part: int = -1, code: str = P.HANDLER_ERROR) -> None:
         super().__init__(message)
-        self.part = part
+        self.part, self.code = part, code
 
 
 def _frames_copy(frames: list[Any]) -> list[Any]:
@@ -81,7 +82,7 @@ class Partitions:
         try:
             state = decode(chunks[0], self.limits)
         except Exception as exc:  # DecodeError: the master encoded it, so this is a bug or hostile input
-            return [self._failed(run, epoch, rnd, part, P.BAD_REQUEST, exc, f"partition {part}'s state")]
+            return self._failed(run, epoch, rnd, part, P.BAD_REQUEST, exc, f"partition {part}'s state")
         inbox = [(src, _frames_copy(c)) for (src, _), c in zip(inbox_idx, chunks[1:], strict=True)]
         self.held[(run, part)] = Partition(run, epoch, part, parts, service, state, rnd, combine, {rnd: inbox})
         return []
@@ -120,58 +121,66 @@ class Partitions:
                                 frames))
         return out
 
-    def step(self, run: bytes, ctl: dict[str, Any]) -> R.Frames:
-        """W_STEP: run round ``ctl.round`` of this lane's partitions of the run; the W_STEPPED to send."""
+    def step(self, run: bytes, ctl: dict[str, Any]) -> list[R.Frames]:
+        """W_STEP: run round ``ctl.round`` of this lane's partitions of the run; the W_STEPPED to send
+        (an error entry instead, naming the partition, if anything went wrong)."""
         epoch, rnd = R.num(ctl, "epoch", 1, 1 << 31), R.num(ctl, "round", 0, 1 << 31)
         wanted = ctl.get("parts")
         expect = ctl.get("expect", {})
         if not isinstance(wanted, list) or not isinstance(expect, dict):
             raise ProtocolError("W_STEP needs parts (list) and expect (map)")
+        try:
+            return self._round(run, epoch, rnd, wanted, expect, bool(ctl.get("checkpoint")))
+        except StepError as exc:
+            return self._stepped(run, epoch, rnd, [self._error(exc, rnd)], [], [], [])
+
+    def _round(self, run: bytes, epoch: int, rnd: int, wanted: list[Any], expect: dict[Any, Any],
+               checkpoint: bool) -> list[R.Frames]:
         mine = [self.held.get((run, p)) for p in wanted]
-        if any(p is None or p.epoch != epoch for p in mine):
+        held = [p for p in mine if p is not None and p.epoch == epoch]
+        if len(held) != len(wanted):
             missing = [w for w, p in zip(wanted, mine, strict=True) if p is None or p.epoch != epoch]
-            return self._stepped(run, epoch, rnd, [{"part": missing[0], "code": P.LOST, "error": {
-                "message": f"partitions {missing} are not held by this lane (it was restarted?)"}}], [], [], [])
+            raise StepError(f"partitions {missing} are not held by this lane (it was restarted?)", missing[0], P.LOST)
         results: list[dict[str, Any]] = []
         sends: list[tuple[int, int, list[Any]]] = []  # (source, destination, encoded message)
         folded: dict[int, list[tuple[int, Any]]] = {}  # combine: destination -> [(source, value)]
         ckpts: list[tuple[dict[str, Any], list[Any]]] = []
-        for p in mine:
-            assert p is not None
+        for p in held:
             inbox = sorted(p.inboxes.pop(rnd, []), key=lambda m: m[0])
-            remote = len(inbox) - sum(1 for src, _ in inbox if self._local(run, src))
+            remote = sum(1 for src, _ in inbox if not self._local(run, src))
             if rnd != p.placed_round and remote != expect.get(p.part, 0):
-                got = len([m for m in inbox if not self._local(run, m[0])])
-                return self._stepped(run, epoch, rnd, [{"part": p.part, "code": P.LOST, "error": {
-                    "message": f"round {rnd}: partition {p.part} has {got} messages from other lanes, "
-                               f"{expect.get(p.part, 0)} were sent"}}], [], [], [])
-            if ctl.get("checkpoint"):
-                try:
-                    state_frames = _frames_copy(encode(p.state))
-                except Exception as exc:
-                    why = "its state cannot be encoded for a checkpoint"
-                    return self._stepped(run, epoch, rnd, [self._error(p.part, rnd, exc, why)], [], [], [])
-                body = {"part": p.part, "state": len(state_frames), "inbox": [[src, len(f)] for src, f in inbox]}
-                ckpts.append((body, state_frames + [f for _, fs in inbox for f in fs]))
+                raise StepError(f"round {rnd}: partition {p.part} has {remote} messages from other lanes, "
+                                f"{expect.get(p.part, 0)} were sent", p.part, P.LOST)
+            if checkpoint:
+                ckpts.append(self._checkpoint(p, inbox, rnd))
             try:
                 metric, sent = self._run_one(p, inbox, rnd)
-                for dst, value in sent:
-                    if p.combine:
-                        folded.setdefault(dst, []).append((p.part, value))
-                    else:
-                        where = f"partition {p.part}, round {rnd}"
-                        sends.append((p.part, dst, self._encode_message(where, dst, value)))
             except StepError as exc:
-                return self._stepped(run, epoch, rnd, [self._error(p.part, rnd, exc.__cause__ or exc, str(exc))],
-                                     [], [], [])
+                exc.part = p.part
+                raise
+            for dst, value in sent:
+                if p.combine:
+                    folded.setdefault(dst, []).append((p.part, value))
+                else:
+                    sends.append((p.part, dst, self._encode_message(f"partition {p.part}, round {rnd}", p.part, dst,
+                                                                    value)))
             results.append({"part": p.part, "metric": metric, "bytes": 0})
         if folded:
-            try:
-                sends += self._fold(folded, next(p.combine for p in mine if p is not None and p.combine), rnd)
-            except StepError as exc:
-                return self._stepped(run, epoch, rnd, [self._error(exc.part, rnd, exc.__cause__ or exc, str(exc))],
-                                     [], [], [])
+            sends += self._fold(folded, next(p.combine for p in held if p.combine), rnd)
         return self._route(run, epoch, rnd, results, sends, ckpts)
+
+    def _checkpoint(self, p: Partition, inbox: Inbox, rnd: int) -> tuple[dict[str, Any], list[Any]]:
+        """The partition's state and inbox as they are at the start of the round (§5.7 rule 5)."""
+        try:
+            state = _frames_copy(encode(p.state))
+        except Exception as exc:
+            raise StepError(f"partition {p.part}, round {rnd}: its state cannot be encoded for a checkpoint: {exc}",
+                            p.part) from exc
+        frames = state + [f for _, fs in inbox for f in fs]
+        if len(frames) > self.limits.max_frames:
+            raise StepError(f"partition {p.part}, round {rnd}: its checkpoint (state and inbox) has {len(frames)} "
+                            f"frames, over max_frames {self.limits.max_frames}: send fewer, larger arrays", p.part)
+        return {"part": p.part, "state": len(state), "inbox": [[src, len(f)] for src, f in inbox]}, frames
 
     def _fold(self, folded: dict[int, list[tuple[int, Any]]], how: str, rnd: int) -> list[tuple[int, int, list[Any]]]:
         """One message per destination from this lane: its partitions' messages folded in source order
@@ -187,15 +196,11 @@ class Partitions:
             except Exception as exc:
                 raise StepError(f"{where}: combine={how!r} cannot fold the messages for partition {dst} "
                                 f"(numbers or numeric arrays of one shape): {exc}", messages[0][0]) from exc
-            try:
-                out.append((messages[0][0], dst, self._encode_message(where, dst, acc)))
-            except StepError as exc:
-                exc.part = messages[0][0]
-                raise
+            out.append((messages[0][0], dst, self._encode_message(where, messages[0][0], dst, acc)))
         return out
 
-    def _route(self, run: bytes, epoch: int, rnd: int, results: list[dict[str, Any]],
-               sends: list[tuple[int, int, list[Any]]], ckpts: list[tuple[dict[str, Any], list[Any]]]) -> R.Frames:
+    def _route(self, run: bytes, epoch: int, rnd: int, results: list[dict[str, Any]], sends: list[Sent],
+               ckpts: list[tuple[dict[str, Any], list[Any]]]) -> list[R.Frames]:
         """Messages to partitions held here go to their inbox for the next round; the others into the
         W_STEPPED, for the broker to route. Each partition's ``bytes`` counts the messages it sent."""
         out_idx: list[list[int]] = []
@@ -235,14 +240,14 @@ class Partitions:
         p.state = state
         return float(metric), sent
 
-    def _encode_message(self, where: str, dst: int, value: Any) -> list[Any]:
+    def _encode_message(self, where: str, part: int, dst: int, value: Any) -> list[Any]:
         try:
             frames = _frames_copy(encode(value))
         except EncodeError as exc:
-            raise StepError(f"{where}: the message for partition {dst} cannot be sent: {exc}") from exc
-        if len(frames) - 1 > self.limits.max_frames:
+            raise StepError(f"{where}: the message for partition {dst} cannot be sent: {exc}", part) from exc
+        if len(frames) > self.limits.max_frames:
             raise StepError(f"{where}: the message for partition {dst} has {len(frames) - 1} arrays "
-                            f"(max_frames {self.limits.max_frames})")
+                            f"(at most max_frames - 1 = {self.limits.max_frames - 1})", part)
         return frames
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -254,19 +259,50 @@ class Partitions:
             del self.held[key]
 
     @staticmethod
-    def _error(part: int, rnd: int, exc: BaseException, message: str) -> dict[str, Any]:
-        details = error_details(exc)
-        details["message"] = message if message.startswith("partition") else f"partition {part}, round {rnd}: {message}"
-        return {"part": part, "code": P.HANDLER_ERROR, "error": details}
+    def _error(exc: StepError, rnd: int) -> dict[str, Any]:
+        """The W_STEPPED entry for what went wrong: the message names the partition and round; the
+        traceback is the step's own where it raised."""
+        details = error_details(exc.__cause__ or exc, exc.code == P.HANDLER_ERROR)
+        message = str(exc)
+        details["message"] = message if message.startswith(("partition", "round")) else \
+            f"partition {exc.part}, round {rnd}: {message}"
+        return {"part": exc.part, "code": exc.code, "error": details}
 
-    @staticmethod
-    def _stepped(run: bytes, epoch: int, rnd: int, results: list[dict[str, Any]], out_idx: list[list[int]],
-                 out_frames: list[Any], ckpts: list[tuple[dict[str, Any], list[Any]]]) -> R.Frames:
-        ctl = {"epoch": epoch, "round": rnd, "parts": results, "out": out_idx, "ckpt": [c for c, _ in ckpts]}
-        return R.frames(P.WORKER, P.W_STEPPED, run, ctl, out_frames + [f for _, fs in ckpts for f in fs])
+    def _stepped(self, run: bytes, epoch: int, rnd: int, results: list[dict[str, Any]], out_idx: list[list[int]],
+                 out_frames: list[Any], ckpts: list[tuple[dict[str, Any], list[Any]]]) -> list[R.Frames]:
+        """The round's W_STEPPED, cut into messages of at most ``max_frames`` payload frames (what every
+        receiver reads of one message): all but the last say ``more``; the last carries the metrics, which
+        is what the broker counts for the barrier. A message or checkpoint always fits one piece whole."""
+        budget = self.limits.max_frames
+        pieces: list[R.Frames] = []
+        idx: list[list[int]] = []
+        ck: list[dict[str, Any]] = []
+        frames: list[Any] = []
+
+        def cut() -> None:
+            nonlocal idx, ck, frames
+            ctl = {"epoch": epoch, "round": rnd, "out": idx, "ckpt": ck, "more": True}
+            pieces.append(R.frames(P.WORKER, P.W_STEPPED, run, ctl, frames))
+            idx, ck, frames = [], [], []
+
+        at = 0
+        for entry in out_idx:
+            n = entry[2]
+            if frames and len(frames) + n > budget:
+                cut()
+            idx.append(entry)
+            frames += out_frames[at:at + n]
+            at += n
+        for body, fs in ckpts:
+            if frames and len(frames) + len(fs) > budget:
+                cut()
+            ck.append(body)
+            frames += fs
+        ctl = {"epoch": epoch, "round": rnd, "parts": results, "out": idx, "ckpt": ck}
+        return [*pieces, R.frames(P.WORKER, P.W_STEPPED, run, ctl, frames)]
 
     def _failed(self, run: bytes, epoch: int, rnd: int, part: int, code: str, exc: BaseException,
-                what: str) -> R.Frames:
+                what: str) -> list[R.Frames]:
         details = error_details(exc, False)
         details["message"] = f"{what} cannot be handled: {exc}"
         return self._stepped(run, epoch, rnd, [{"part": part, "code": code, "error": details}], [], [], [])
