@@ -244,9 +244,9 @@ def _encoded_state(part: int, state: Any, limits: Limits) -> list[Any]:
         frames = encode(state)
     except EncodeError as exc:
         raise EncodeError(f"partition {part}: its state cannot be sent: {exc}") from exc
-    if len(frames) - 1 > limits.max_frames:
-        raise EncodeError(f"partition {part}: its state has {len(frames) - 1} arrays (max_frames "
-                          f"{limits.max_frames}); put them in fewer, larger arrays")
+    if len(frames) > limits.max_frames:
+        raise EncodeError(f"partition {part}: its state has {len(frames) - 1} arrays (at most max_frames - 1 = "
+                          f"{limits.max_frames - 1}); put them in fewer, larger arrays")
     return [f if isinstance(f, bytes) else bytes(f) for f in frames]
 
 
@@ -302,3 +302,12 @@ class Iteration(Iterator[RoundInfo]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        """Dropped while it runs (``break`` out of the loop): the run stops; the master's loop sees the
+        cancelled future at its next tick and frees the partitions (nothing here may take a lock)."""
+        try:
+            if self._run.future.cancel():
+                self._run.infos.put(_END)
+        except Exception:
+            pass

@@ -287,7 +287,8 @@ class MasterState:
         everything outstanding with BrokerUnreachable."""
         out = Tick(self._expire(now))
         for rid, run in list(self.runs.items()):
-            out.send += run.tick(now)
+            # cancelled: its Iteration was dropped (leaving the loop early); the partitions are freed
+            out.send += run.cancel() if run.future.cancelled() else run.tick(now)
             if run.future.done():
                 del self.runs[rid]
         if not self.link.beat_due(now):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +409,20 @@ def test_a_step_that_hangs_is_stopped_at_round_timeout_and_the_run_fails_after_m
             run.result(30)
         assert run.recoveries == 2
         assert same(m.iterate("ring", ring_states(4), max_rounds=5).result(30), ring_local(ring_states(4), 5, 0.0))
+
+
+def test_leaving_the_loop_early_or_closing_stops_the_run_and_frees_its_partitions(iterating) -> None:  # type: ignore[no-untyped-def]
+    states = [{**s, "delay": 0.01} for s in ring_states(4)]
+    with iterating.master() as m:
+        for info in m.iterate("slow_ring", states, max_rounds=10**6):
+            if info.round == 3:
+                break  # the Iteration is dropped here
+        wait_until(lambda: m.status()["iterations"] == [], 15, "the abandoned run freed")
+        with m.iterate("slow_ring", states, max_rounds=10**6) as run:
+            next(run)
+        wait_until(lambda: m.status()["iterations"] == [], 15, "the closed run freed")
+        with pytest.raises(CancelledError):
+            run.result(1)
 
 
 def test_an_unknown_service_fails_the_run_naming_it(iterating) -> None:  # type: ignore[no-untyped-def]

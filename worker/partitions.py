@@ -112,6 +112,9 @@ class Partitions:
                 continue
             try:
                 frames = encode(p.state)
+                if len(frames) > self.limits.max_frames:
+                    raise EncodeError(f"it has {len(frames) - 1} arrays, over max_frames - 1 = "
+                                      f"{self.limits.max_frames - 1} (use fewer, larger arrays)")
             except Exception as exc:  # the master is told which partition's state could not travel
                 details = error_details(exc, False)
                 details["message"] = f"partition {p.part}: its final state cannot be sent: {exc}"
