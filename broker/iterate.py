@@ -44,7 +44,9 @@ class Run:
     done: dict[int, list[Any]] = field(default_factory=dict)  # partition -> [metric, bytes] this round
     expect: dict[int, int] = field(default_factory=dict)  # partition -> messages it gets next round from other lanes
     gathering: set[int] = field(default_factory=set)  # partitions whose final state is still to come
-    failed: bool = False  # an IT_FAIL went out for this epoch: nothing more until the master acts
+    unplaced: list[tuple[int, dict[str, Any], list[Any]]] = field(default_factory=list)  # waiting for a lane
+    unplaced_since: float | None = None  # since when a partition has waited (UNAVAILABLE after unroutable_timeout)
+    held_round: dict[str, Any] | None = None  # an IT_ROUND that came while partitions waited for a lane
 
     def lanes(self) -> dict[bytes, list[int]]:
         """Routing id -> the partitions that lane holds, in partition order."""
@@ -64,13 +66,20 @@ class Runs:
         self.counters = {"rounds": 0, "routed_bytes": 0, "placed": 0, "lost": 0}
 
     # ---- from masters ---------------------------------------------------------------------------
-    def place(self, master: bytes, rid: bytes, ctl: dict[str, Any], payload: list[Any]) -> list[Send]:
-        """IT_PLACE: choose a lane for the partition (a new epoch drops the old one's placement)."""
+    def place(self, master: bytes, rid: bytes, ctl: dict[str, Any], payload: list[Any], now: float) -> list[Send]:
+        """IT_PLACE: choose a lane for the partition (a new epoch drops the old one's placement). With no
+        live lane for the service it waits, as a task does, up to ``unroutable_timeout`` (the lanes may
+        be respawning: a rollback right after a lane died, a broker restart)."""
         service = ctl.get("service")
         if not isinstance(service, str) or not 0 < len(service.encode()) <= P.MAX_SERVICE:
             raise ProtocolError(f"IT_PLACE needs service (str), got {service!r:.80}")
         parts = R.num(ctl, "parts", 1, P.MAX_PARTITIONS)
         part, epoch = R.part_of(ctl, parts), R.num(ctl, "epoch", 1, 1 << 31)
+        if ctl.get("combine") not in (None, "sum", "min", "max"):
+            raise ProtocolError(f"IT_PLACE combine must be sum, min or max, got {ctl.get('combine')!r:.40}")
+        R.split(payload, [R.num(ctl, "state", 1, P.MAX_FRAMES), *(n for _, n in R.index(ctl, "inbox", 2, parts))])
+        if any(key[1] == rid and key[0] != master for key in self.runs):  # lanes know a run by its id alone
+            raise ProtocolError("IT_PLACE: that run id is another master's")
         run = self.runs.get((master, rid))
         out: list[Send] = []
         if run is not None and run.epoch > epoch:
@@ -79,24 +88,42 @@ class Runs:
             if run is not None:
                 out += self._drop(run)
             run = self.runs[(master, rid)] = Run(master, rid, service, parts, epoch)
-        if run.failed:
-            return out
-        lane = self._choose(run)
-        if lane is None:
-            return out + self._fail(run, P.UNAVAILABLE, self._unavailable(service))
-        run.placed[part] = lane
-        self.resident[lane.wid] = self.resident.get(lane.wid, 0) + 1
-        self.counters["placed"] += 1
-        body = {**ctl, "master": master.hex()}
-        return out + [(True, lane.wid, R.frames(P.WORKER, P.W_PLACE, rid, body, payload))]
+        if part in run.placed or any(p == part for p, _, _ in run.unplaced):
+            raise ProtocolError(f"IT_PLACE: partition {part} of epoch {epoch} was placed already")
+        run.unplaced.append((part, ctl, payload))
+        return out + self._place_waiting(run, now)
+
+    def _place_waiting(self, run: Run, now: float) -> list[Send]:
+        """Put the run's waiting partitions on lanes; then the round that waited for them starts."""
+        out: list[Send] = []
+        while run.unplaced:
+            lane = self._choose(run)
+            if lane is None:
+                if run.unplaced_since is None:
+                    run.unplaced_since = now
+                return out
+            part, ctl, payload = run.unplaced.pop(0)
+            run.placed[part] = lane
+            self.resident[lane.wid] = self.resident.get(lane.wid, 0) + 1
+            self.counters["placed"] += 1
+            body = {**ctl, "master": run.master.hex()}
+            out.append((True, lane.wid, R.frames(P.WORKER, P.W_PLACE, run.rid, body, payload)))
+        run.unplaced_since = None
+        if run.held_round is not None:
+            held, run.held_round = run.held_round, None
+            out += self.round(run.master, run.rid, held)
+        return out
 
     def round(self, master: bytes, rid: bytes, ctl: dict[str, Any]) -> list[Send]:
         """IT_ROUND: every lane holding partitions runs the round (each W_STEP says how many messages
         from other lanes each of its partitions must have: they were sent before it, on the same pipe)."""
         run = self.runs.get((master, rid))
         epoch, rnd = R.num(ctl, "epoch", 1, 1 << 31), R.num(ctl, "round", 0, 1 << 31)
-        if run is None or run.epoch != epoch or run.failed:
+        if run is None or run.epoch != epoch:
             return [] if run is not None and run.epoch > epoch else self._lost_unknown(master, rid, epoch)
+        if run.unplaced:  # partitions wait for a lane: the round starts when they have one
+            run.held_round = ctl
+            return []
         if len(run.placed) != run.parts:
             return self._fail(run, P.BAD_REQUEST, {"message": f"round {rnd} before all {run.parts} partitions "
                                                               f"were placed ({len(run.placed)} are)"})
@@ -118,7 +145,7 @@ class Runs:
         run = self.runs.get((master, rid))
         if run is None:
             return self._lost_unknown(master, rid, R.num(ctl, "epoch", 1, 1 << 31)) if ctl.get("gather") else []
-        if not ctl.get("gather") or run.failed:
+        if not ctl.get("gather"):
             return self._drop(run)
         if (lost := self._lost_lanes(run)):
             return lost
@@ -139,9 +166,13 @@ class Runs:
         lane), its checkpoint parts to the master, and report the round when the last lane has. A
         W_STEPPED cut in pieces (``more``) completes the lane's round with its last piece."""
         run = self._run_at(sender, rid, ctl)
-        if run is None or run.round != ctl.get("round") or sender not in run.waiting:
+        if run is None:
             return []
         mine = {p for p, lane in run.placed.items() if lane.wid == sender}
+        if run.round != ctl.get("round") or sender not in run.waiting:
+            # outside the round, only an error counts (a placement the lane could not take): the run fails
+            errors = [e for e in ctl.get("parts") or [] if isinstance(e, dict) and "error" in e]
+            return self._results(run, errors[:1], mine) if errors else []
         out_idx = R.index(ctl, "out", 3, run.parts)
         ckpt = ctl.get("ckpt", [])
         if not isinstance(ckpt, list) or not all(isinstance(c, dict) for c in ckpt):
@@ -239,12 +270,16 @@ class Runs:
         return []
 
     # ---- time and lanes ---------------------------------------------------------------------------
-    def check(self) -> list[Send]:
-        """Runs with a partition on a lane that is gone: LOST to their master (who rolls back)."""
+    def check(self, now: float) -> list[Send]:
+        """Runs with a partition on a lane that is gone: LOST to their master (who rolls back). Partitions
+        waiting for a lane get one if one joined, or fail UNAVAILABLE after ``unroutable_timeout``."""
         out: list[Send] = []
         for run in list(self.runs.values()):
-            if not run.failed:
-                out += self._lost_lanes(run)
+            out += self._lost_lanes(run)
+            if run.unplaced and self.runs.get((run.master, run.rid)) is run:
+                out += self._place_waiting(run, now)
+                if run.unplaced_since is not None and now - run.unplaced_since >= self.state.unroutable_timeout:
+                    out += self._fail(run, P.UNAVAILABLE, self._unavailable(run.service))
         return out
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -259,8 +294,7 @@ class Runs:
         """The run a lane's message belongs to, if it is of the current epoch (else a late one: dropped)."""
         epoch = R.num(ctl, "epoch", 1, 1 << 31)
         for run in self.runs.values():
-            if run.rid == rid and run.epoch == epoch and not run.failed and \
-                    any(lane.wid == sender for lane in run.placed.values()):
+            if run.rid == rid and run.epoch == epoch and any(lane.wid == sender for lane in run.placed.values()):
                 return run
         return None
 

@@ -189,14 +189,20 @@ class Broker:
             raise ProtocolError(f"unknown master command {command!r}")
 
     def _on_iteration(self, ident: bytes, command: bytes, msg: list[Any]) -> None:
-        """IT_PLACE, IT_ROUND, IT_END (PROTOCOL.md §5.7): the master decides, the broker routes."""
+        """IT_PLACE, IT_ROUND, IT_END (PROTOCOL.md §5.7): the master decides, the broker routes. One
+        that cannot be used fails its run with BAD_REQUEST (the master would otherwise wait)."""
         run, ctl, payload = R.parse(msg, P.MASTER)
-        if command == P.IT_PLACE:
-            self._send(self.runs.place(ident, run, ctl, payload))
-        elif command == P.IT_ROUND:
-            self._send(self.runs.round(ident, run, ctl))
-        else:
-            self._send(self.runs.end(ident, run, ctl))
+        try:
+            if command == P.IT_PLACE:
+                self._send(self.runs.place(ident, run, ctl, payload, time.monotonic()))
+            elif command == P.IT_ROUND:
+                self._send(self.runs.round(ident, run, ctl))
+            else:
+                self._send(self.runs.end(ident, run, ctl))
+        except ProtocolError as exc:
+            body = {"epoch": ctl.get("epoch"), "code": P.BAD_REQUEST, "message": f"{_name(command)}: {exc}"}
+            self._to_master(ident, R.frames(P.MASTER, P.IT_FAIL, run, body))
+            raise
 
     def _on_submit(self, ident: bytes, msg: list[Any], now: float) -> None:
         try:
@@ -304,12 +310,13 @@ class Broker:
 
     def _on_stepped(self, rid: bytes, command: bytes, msg: list[Any]) -> None:
         """W_STEPPED or W_STATE from a lane (§5.7)."""
-        run, ctl, payload = R.parse(msg, P.WORKER)
         if not self.state.lane_seen(rid):  # a lane the broker forgot (its worker expired): it starts over,
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])  # and so drops the partitions it still holds
             return
+        run = frame_bytes(msg[2]) if len(msg) > 2 else b""
         handle = self.runs.stepped if command == P.W_STEPPED else self.runs.state_of
         try:
+            run, ctl, payload = R.parse(msg, P.WORKER)
             self._send(handle(rid, run, ctl, payload))
         except ProtocolError as exc:  # logged as malformed; the run, if the sender holds part of it, fails
             self._send(self.runs.malformed(rid, run, str(exc)))
@@ -327,6 +334,7 @@ class Broker:
                 log.info("worker %s disconnected; %d tasks handed back", rid.hex(), len(handed))
             elif rid in self.state.lanes:  # a lane leaving (its daemon drains): its prefetched tasks go back
                 self.state.lane_gone(rid, now, penalize=False)
+                self._send(self.runs.check(now))  # and the partitions it held are lost
             return True  # never answered: it is leaving
         if command == P.DRAIN and known:
             self.state.worker_drain(rid)
@@ -336,7 +344,7 @@ class Broker:
             back = self.state.lane_ended(rid, index, pid, now) if known else None
             if back is not None:
                 log.info("worker %s lane %d (pid %d) ended; %d tasks handed back", rid.hex(), index, pid, len(back))
-                self._send(self.runs.check())  # its iterations' partitions are lost: their masters roll back
+                self._send(self.runs.check(now))  # its iterations' partitions are lost: their masters roll back
         elif command not in (P.HEARTBEAT, P.DRAIN):
             raise ProtocolError(f"unknown worker command {command!r}")
         return known
@@ -388,6 +396,7 @@ class Broker:
                         ", ".join(sorted(lane.broken)))
         else:
             log.debug("lane %s joined (pid %d)", lane.address, info.pid)
+        self._send(self.runs.check(now))  # partitions waiting for a lane; or on the lane this one replaced
 
     def _on_fetch(self, rid: bytes, msg: list[Any], now: float) -> None:
         """A worker needs an array ref's bytes: ask the task's master, or answer at once why not."""
@@ -452,7 +461,7 @@ class Broker:
         for master in gone:
             log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
             self._send(self.runs.master_gone(master))
-        self._send(self.runs.check())  # iterations with a partition on a lane that is gone
+        self._send(self.runs.check(now))  # iterations with a partition on a lane that is gone, or waiting for one
 
     def _heartbeat(self, now: float) -> None:
         self.state.prune()
@@ -481,3 +490,8 @@ def serve(config: BrokerConfig, stop: StopSignal | None = None) -> None:
         finally:
             broker.close()
 
+
+
+def _name(command: bytes) -> str:
+    """IT_PLACE, IT_ROUND or IT_END, for an error message."""
+    return {P.IT_PLACE: "IT_PLACE", P.IT_ROUND: "IT_ROUND", P.IT_END: "IT_END"}.get(command, repr(command))

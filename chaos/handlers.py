@@ -243,6 +243,10 @@ def bad_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) ->
             raise ValueError(f"bad data in round {round}")
         if how == "hang":
             time.sleep(3600)
+        if how == "huge":
+            return state, {}, 10**400
+        if how == "long":
+            raise ValueError("x" * 2_000_000)
         if how == "shape":
             return state, {}
         if how == "dest":

@@ -24,7 +24,7 @@ import math
 import os
 import queue
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from ndpipe.errors import EncodeError, IterationLost, NdpipeError, ProtocolError
 
 log = logging.getLogger("ndpipe.master")
 REDUCERS: dict[str, Callable[[list[float]], float]] = {"max": max, "sum": math.fsum}
+TIMEOUT_GRACE = 1.0  # seconds past round_timeout before the master itself calls a round lost
 _END = object()
 
 
@@ -92,9 +93,11 @@ class IterRun:
 
     @property
     def deadline(self) -> float | None:
+        """When the round (or the gather) under way counts as lost: ``round_timeout`` and a grace, so the
+        lane's own timer on a hung step (which starts when the step does) usually says so first."""
         if self.round_timeout is None or self.future.done():
             return None
-        return self.started + self.round_timeout
+        return self.started + self.round_timeout + TIMEOUT_GRACE
 
     # ---- decisions --------------------------------------------------------------------------------
     def start(self, now: float) -> list[R.Frames]:
@@ -138,8 +141,7 @@ class IterRun:
         parts = ctl.get("parts")
         if not isinstance(parts, dict) or sorted(parts) != list(range(self.parts)):
             raise ProtocolError(f"IT_DONE must report every partition 0..{self.parts - 1}")
-        metrics = [float(m[0]) for m in parts.values()]
-        metric = float(REDUCERS[self.reduce](metrics))
+        metric = self._reduce([parts[p][0] for p in range(self.parts)])
         if len(self.pending) == self.parts:  # this round's checkpoint is whole: it replaces the last one
             order = range(self.parts)
             self.checkpoint = Checkpoint(self.round, [self.pending[p][0] for p in order],
@@ -149,12 +151,26 @@ class IterRun:
             self.reported = self.round
             self.infos.put(RoundInfo(self.round, metric, int(sum(int(m[1]) for m in parts.values())),
                                      now - self.started, self.recoveries))
-        self.converged = metric <= self.tol
+        self.converged = metric <= self.tol  # never with a NaN
         if self.converged or self.round + 1 >= self.max_rounds:
-            self.gathering = True
+            self.gathering, self.started = True, now  # the gather gets a round's time of its own
             return [R.frames(P.MASTER, P.IT_END, self.rid, {"epoch": self.epoch, "gather": True})]
         self.round += 1
         return [self._round(now)]
+
+    def _reduce(self, metrics: list[Any]) -> float:
+        """The round's metric, in partition order: NaN if any partition's is NaN (never converged), inf
+        where a sum overflows."""
+        try:
+            values = [float(m) for m in metrics]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"IT_DONE: a metric is not a number: {exc}") from exc
+        if any(math.isnan(v) for v in values):
+            return math.nan
+        try:
+            return float(REDUCERS[self.reduce](values))
+        except (OverflowError, ValueError):  # fsum of huge values, or of inf and -inf
+            return math.inf if self.reduce == "sum" and not (math.inf in values and -math.inf in values) else math.nan
 
     def _state(self, ctl: dict[str, Any], payload: list[Any]) -> None:
         part = R.part_of(ctl, self.parts)
@@ -173,7 +189,7 @@ class IterRun:
                 "message": f"partition {part}: its final state cannot be decoded: {exc}", "part": part}))
             return
         if len(self.final) == self.parts:
-            self.future.set_result([self.final[p] for p in range(self.parts)])
+            resolve(self.future, value=[self.final[p] for p in range(self.parts)])
             self.infos.put(_END)
 
     def recover(self, now: float, why: str) -> list[R.Frames]:
@@ -197,7 +213,7 @@ class IterRun:
 
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
-            self.future.set_exception(error)
+            resolve(self.future, error=error)
             self.infos.put(_END)
 
     def cancel(self) -> list[R.Frames]:
@@ -248,6 +264,17 @@ def _encoded_state(part: int, state: Any, limits: Limits) -> list[Any]:
         raise EncodeError(f"partition {part}: its state has {len(frames) - 1} arrays (at most max_frames - 1 = "
                           f"{limits.max_frames - 1}); put them in fewer, larger arrays")
     return [f if isinstance(f, bytes) else bytes(f) for f in frames]
+
+
+def resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+    """Settle ``future`` unless the user cancelled it meanwhile (dropping an Iteration cancels it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
 
 
 class Iteration(Iterator[RoundInfo]):

@@ -30,7 +30,7 @@ from ndpipe import protocol as P
 from ndpipe import rounds as R
 from ndpipe.codec import Limits, decode, decode_outcomes
 from ndpipe.config import MasterConfig
-from ndpipe.errors import BrokerUnreachable, DecodeError, ProtocolError, error_from_code
+from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
 from ndpipe.link import BrokerLink
 from ndpipe.master.iterate import IterRun
 from ndpipe.refs import raw_bytes
@@ -108,7 +108,12 @@ class MasterState:
         run = self.runs.get(rid)
         if run is None:
             return []
-        out = run.on_message(command, ctl, payload, now)
+        try:
+            out = run.on_message(command, ctl, payload, now)
+        except Exception as exc:  # a run that cannot go on must end with an error, never wait for ever
+            log.warning("iteration %s: %s", rid.hex()[:8], exc)
+            run.fail(NdpipeError(f"iteration {rid.hex()}: cannot go on: {exc}"))
+            out = [R.frames(P.MASTER, P.IT_END, rid, {"epoch": run.epoch, "gather": False})]
         if run.future.done():
             del self.runs[rid]
         return out

@@ -4,6 +4,7 @@ one process, a lane killed mid-run, a master killed mid-run, and every kind of b
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from ndpipe import rounds as R
 from ndpipe.broker.iterate import Runs
 from ndpipe.broker.state import BrokerState
 from ndpipe.codec import Limits, encode
-from ndpipe.errors import EncodeError, IterationLost, ProtocolError, ServiceUnavailable, TaskFailed
+from ndpipe.errors import EncodeError, IterationLost, NdpipeError, ProtocolError, ServiceUnavailable, TaskFailed
 from ndpipe.examples import heat, pagerank
 from ndpipe.examples.exchange import ring_local, ring_states, ring_step
 from ndpipe.master.iterate import make_run
@@ -45,7 +46,7 @@ def place_all(runs: Runs, parts: int, epoch: int = 1) -> dict[int, bytes]:
     where = {}
     for part in range(parts):
         [(to_worker, wid, frames)] = runs.place(b"m", RID, {"service": "step", "parts": parts, "part": part,
-                                                            "epoch": epoch, "round": 0, "state": 1}, [b"s"])
+                                                            "epoch": epoch, "round": 0, "state": 1}, [b"s"], 0.0)
         assert to_worker and frames[1] == P.W_PLACE
         where[part] = wid
     return where
@@ -100,7 +101,7 @@ def test_a_lost_lane_fails_the_epoch_with_lost_and_the_other_lanes_drop_it() -> 
     place_all(runs, 2)
     runs.round(b"m", RID, {"epoch": 1, "round": 0})
     s.lane_gone(b"l1", 0.0)
-    sends = runs.check()
+    sends = runs.check(0.0)
     kinds = [(to_worker, ident, f[1]) for to_worker, ident, f in sends]
     assert kinds == [(True, b"l0", P.W_END), (False, b"m", P.IT_FAIL)]
     assert control(sends[1][2])["code"] == P.LOST and control(sends[1][2])["parts"] == [1]
@@ -118,12 +119,44 @@ def test_a_malformed_message_from_a_lane_of_the_run_fails_it_instead_of_stalling
     assert "lane w/0 sent a malformed message for this run: the control map names 3 frames" in fail["message"]
 
 
-def test_placement_without_a_lane_for_the_service_says_which_services_exist() -> None:
+def test_placement_waits_for_a_lane_like_a_task_then_fails_naming_the_services_that_exist() -> None:
+    s, runs = broker()
+    place = {"service": "later", "parts": 2, "part": 0, "epoch": 1, "round": 0, "state": 1}
+    assert runs.place(b"m", RID, place, [b"s"], 0.0) == []  # nobody serves it yet: it waits
+    assert runs.place(b"m", RID, {**place, "part": 1}, [b"s"], 0.0) == []
+    assert runs.round(b"m", RID, {"epoch": 1, "round": 0}) == []  # and so does the round
+    host = s.worker_ready(b"d2", ["later"], 1, 1.0, lanes=1, name="v")
+    s.lane_ready(b"v0", host.key, 0, 1.0, pid=7)
+    sent = [(wid, f[1]) for _, wid, f in runs.check(1.0)]  # a lane joined: placed, then the held round
+    assert sent == [(b"v0", P.W_PLACE), (b"v0", P.W_PLACE), (b"v0", P.W_STEP)]
     _, runs = broker()
-    [(_, _, fail)] = runs.place(b"m", RID, {"service": "nosuch", "parts": 1, "part": 0, "epoch": 1, "round": 0,
-                                            "state": 1}, [b"s"])
+    assert runs.place(b"m", RID, {**place, "service": "nosuch"}, [b"s"], 0.0) == []
+    assert runs.check(s.unroutable_timeout - 0.1) == []
+    [(_, _, fail)] = runs.check(s.unroutable_timeout)
     assert fail[1] == P.IT_FAIL and control(fail)["code"] == P.UNAVAILABLE
     assert "no live worker serves 'nosuch' (services offered: step)" in control(fail)["message"]
+
+
+def test_bad_placements_are_refused() -> None:
+    _, runs = broker()
+    place = {"service": "step", "parts": 2, "part": 0, "epoch": 1, "round": 0, "state": 1}
+    runs.place(b"m", RID, place, [b"s"], 0.0)
+    with pytest.raises(ProtocolError, match="partition 0 of epoch 1 was placed already"):
+        runs.place(b"m", RID, place, [b"s"], 0.0)
+    with pytest.raises(ProtocolError, match="another master's"):
+        runs.place(b"other", RID, place, [b"s"], 0.0)
+    with pytest.raises(ProtocolError, match="names 2 frames, 1 came"):
+        runs.place(b"m", b"x" * 16, {**place, "inbox": [[1, 1]]}, [b"s"], 0.0)
+    with pytest.raises(ProtocolError, match="combine"):
+        runs.place(b"m", b"y" * 16, {**place, "combine": "mean"}, [b"s"], 0.0)
+
+
+def test_an_error_a_lane_reports_outside_a_round_fails_the_run() -> None:
+    _, runs = broker(lanes=2)
+    place_all(runs, 2)  # placed; no round yet: the lane could not take its partition
+    bad = {"epoch": 1, "round": 0, "parts": [{"part": 0, "code": P.BAD_REQUEST, "error": {"message": "bad state"}}]}
+    sends = runs.stepped(b"l0", RID, bad, [])
+    assert sends[-1][2][1] == P.IT_FAIL and control(sends[-1][2])["code"] == P.BAD_REQUEST
 
 
 def test_a_master_that_leaves_frees_its_partitions_on_every_lane() -> None:
@@ -181,6 +214,28 @@ def test_combine_folds_one_lanes_messages_per_destination_before_they_travel() -
                          "combine": "mean"}, [b"x"])
 
 
+class Reuser:
+    """A resident step that sends the same buffer every time (and changes it for the next partition)."""
+
+    def __init__(self) -> None:
+        self.buf = np.zeros(2)
+
+    def __call__(self, state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
+        self.buf[:] = state["i"] + 10
+        return state, {2: self.buf}, 0.0
+
+
+def test_combine_folds_what_each_step_sent_even_if_it_reuses_its_buffer() -> None:
+    lane = Partitions({"step": Reuser()})
+    for part in range(2):
+        frames = encode({"i": part})
+        lane.place(RID, {"service": "step", "parts": 3, "part": part, "epoch": 1, "round": 0, "state": len(frames),
+                         "combine": "sum"}, frames)
+    reply = one(lane.step(RID, {"epoch": 1, "round": 0, "parts": [0, 1], "expect": {}}))
+    from ndpipe.codec import decode
+    np.testing.assert_array_equal(decode(reply[4:]), [21.0, 21.0])  # 10 + 11, not 11 + 11
+
+
 def test_combine_on_messages_it_cannot_fold_names_the_partition() -> None:
     lane = Partitions({"step": send_all})
     for part in range(2):
@@ -198,6 +253,8 @@ def test_combine_on_messages_it_cannot_fold_names_the_partition() -> None:
     ("dest", r"partition 1, round 2: a message for partition 99, but partitions are 0..1"),
     ("metric", r"partition 1, round 2: the metric must be a number, got str"),
     ("message", r"partition 1, round 2: the message for partition 0 cannot be sent"),
+    ("huge", r"partition 1, round 2: the metric 1000000000000000000000000000000000000000 is not a float"),
+    ("long", r"partition 1, round 2: the step raised ValueError: xxxx"),
 ])
 def test_a_bad_step_is_an_error_naming_the_partition_and_round(how: str, message: str) -> None:
     from ndpipe.chaos.handlers import bad_step
@@ -213,6 +270,7 @@ def test_a_bad_step_is_an_error_naming_the_partition_and_round(how: str, message
     assert re.search(message, entry["error"]["message"]), entry["error"]["message"]
     if how == "raise":
         assert "bad data in round 2" in entry["error"]["traceback"] and "handlers.py" in entry["error"]["traceback"]
+    assert len(entry["error"]["message"]) <= 2000 and len(entry["error"]["traceback"]) <= 16_000  # a control map
 
 
 def fan_out(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
@@ -232,7 +290,7 @@ def test_a_round_with_more_messages_than_max_frames_goes_in_pieces_and_the_broke
     s, runs = broker(lanes=4)
     for part in range(12):  # l0 holds 0, 4, 8: the lane above stands in for it with 0, 1, 2
         runs.place(b"m", RID, {"service": "step", "parts": 12, "part": part, "epoch": 1, "round": 0, "state": 1},
-                   [b"s"])
+                   [b"s"], 0.0)
     runs.round(b"m", RID, {"epoch": 1, "round": 0})
     lane0 = Partitions({"step": fan_out}, max_frames=16)
     for part in (0, 4, 8):
@@ -309,10 +367,43 @@ def test_a_lost_epoch_replays_from_the_last_whole_checkpoint_then_gives_up() -> 
 
 
 def test_a_round_past_its_timeout_counts_as_lost() -> None:
-    run = master_run(round_timeout=5.0)
+    run = master_run(round_timeout=5.0, max_rounds=2)
     run.start(0.0)
-    assert run.tick(4.0) == [] and run.deadline == 5.0
-    assert [f[1] for f in run.tick(5.0)][-1] == P.IT_ROUND and run.epoch == 2 and run.recoveries == 1
+    assert control(run.start(0.0)[-1])["timeout_ms"] == 5000  # the lanes stop a hung step at 5 s
+    assert run.tick(5.5) == [] and run.deadline == 6.0  # the master waits 1 s more: the lane's kill says LOST
+    assert [f[1] for f in run.tick(6.0)][-1] == P.IT_ROUND and run.epoch == 3 and run.recoveries == 1
+    done(run, [1.0, 1.0], now=7.0)
+    assert done(run, [1.0, 1.0], now=11.0)[0][1] == P.IT_END  # the gather gets its own 5 s from here
+    assert run.deadline == 17.0
+
+
+def test_the_metric_is_reduced_in_partition_order_and_a_nan_never_converges() -> None:
+    for metrics in ([math.nan, 1e-9], [1e-9, math.nan]):
+        run = master_run(tol=1e-3)
+        run.start(0.0)
+        assert control(done(run, metrics)[0])["round"] == 1 and not run.converged
+        assert math.isnan(run.infos.get_nowait().metric)
+    run = master_run(reduce="sum", tol=1e-3)
+    run.start(0.0)
+    done(run, [1e308, 1e308])  # the sum overflows: not converged, not a crash
+    assert run.infos.get_nowait().metric == math.inf and not run.future.done()
+
+
+def test_a_run_that_cannot_go_on_fails_instead_of_waiting() -> None:
+    from concurrent.futures import Future
+
+    from ndpipe.config import MasterConfig
+    from ndpipe.master.state import MasterState
+
+    state = MasterState(MasterConfig(), "ipc://x", 0.0)
+    run = master_run()
+    state.iter_start(run, 0.0)
+    bad = R.frames(P.MASTER, P.IT_DONE, run.rid, {"epoch": 1, "round": 0, "parts": {0: [1.0, 0]}})  # a part short
+    [end] = state.on_message(bad, 0.0)
+    assert end[1] == P.IT_END and run.rid not in state.runs
+    with pytest.raises(NdpipeError, match="cannot go on: IT_DONE must report every partition"):
+        run.future.result(0)
+    assert isinstance(run.future, Future)
 
 
 def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
@@ -331,7 +422,7 @@ def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
 # ---- end to end -------------------------------------------------------------------------------------
 @pytest.fixture
 def iterating(make_cluster):  # type: ignore[no-untyped-def]
-    c = make_cluster(broker=STEADY, services={
+    c = make_cluster(broker={**STEADY, "unroutable_timeout": 1.0}, services={
         "ring": "ndpipe.examples.exchange:ring_step", "slow_ring": "ndpipe.chaos.handlers:slow_ring_step",
         "bad": "ndpipe.chaos.handlers:bad_step", "pagerank": "ndpipe.examples.pagerank:step",
         "heat": "ndpipe.examples.heat:step"})
@@ -386,6 +477,22 @@ def test_a_lane_killed_mid_run_rolls_back_and_ends_bit_identical(iterating) -> N
         final = run.result(60)
         assert run.recoveries >= 1
     assert same(final, ring_local([{**s, "delay": 0.02} for s in ring_states(6)], 60, 0.0))
+
+
+def test_the_only_lane_killed_mid_run_the_run_waits_for_its_replacement(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(broker=STEADY, services={"slow_ring": "ndpipe.chaos.handlers:slow_ring_step"})
+    c.start_broker()
+    worker = c.start_worker(processes=1)
+    states = [{**s, "delay": 0.01} for s in ring_states(3)]
+    with c.master() as m:
+        c.wait_slots(m, 1, service="slow_ring")
+        run = m.iterate("slow_ring", states, max_rounds=30, tol=-1.0, checkpoint=5)
+        for info in run:
+            if info.round == 7:
+                os.kill(c.lane_pids(worker)[0], signal.SIGKILL)  # no other lane: the rollback waits for the new one
+        final = run.result(60)
+        assert run.recoveries == 1
+    assert same(final, ring_local([{**s, "delay": 0.01} for s in ring_states(3)], 30, -1.0))
 
 
 @pytest.mark.parametrize("how", ["raise", "shape", "dest", "metric", "message", "state"])

@@ -25,10 +25,11 @@ from ndpipe import protocol as P
 from ndpipe import rounds as R
 from ndpipe.codec import Limits, decode, encode
 from ndpipe.errors import EncodeError, ProtocolError
-from ndpipe.worker.compute import Handler, error_details
+from ndpipe.worker.compute import MAX_TRACEBACK, Handler, error_details
 
 Inbox = list[tuple[int, list[Any]]]  # (source, encoded message frames)
 Sent = tuple[int, int, list[Any]]  # (source, destination, encoded message)
+MAX_MESSAGE = 2000  # characters of an error message in W_STEPPED (its traceback: compute.MAX_TRACEBACK)
 COMBINERS = {"sum": np.add, "min": np.minimum, "max": np.maximum}  # Master.iterate(combine=...)
 
 
@@ -136,6 +137,13 @@ class Partitions:
             return self._round(run, epoch, rnd, wanted, expect, bool(ctl.get("checkpoint")))
         except StepError as exc:
             return self._stepped(run, epoch, rnd, [self._error(exc, rnd)], [], [], [])
+        except (MemoryError, ProtocolError):
+            raise
+        except Exception as exc:  # a bug here must fail the run, not the lane (and not leave the round hanging)
+            part = wanted[0] if wanted and isinstance(wanted[0], int) else -1
+            error = StepError(f"partition {part}, round {rnd}: internal error running the round: {exc!r}", part)
+            error.__cause__ = exc
+            return self._stepped(run, epoch, rnd, [self._error(error, rnd)], [], [], [])
 
     def _round(self, run: bytes, epoch: int, rnd: int, wanted: list[Any], expect: dict[Any, Any],
                checkpoint: bool) -> list[R.Frames]:
@@ -161,12 +169,12 @@ class Partitions:
             except StepError as exc:
                 exc.part = p.part
                 raise
-            for dst, value in sent:
+            for dst, value in sent:  # encoded now: the step may change its arrays afterwards
+                frames = self._encode_message(f"partition {p.part}, round {rnd}", p.part, dst, value)
                 if p.combine:
-                    folded.setdefault(dst, []).append((p.part, value))
+                    folded.setdefault(dst, []).append((p.part, frames))
                 else:
-                    sends.append((p.part, dst, self._encode_message(f"partition {p.part}, round {rnd}", p.part, dst,
-                                                                    value)))
+                    sends.append((p.part, dst, frames))
             results.append({"part": p.part, "metric": metric, "bytes": 0})
         if folded:
             sends += self._fold(folded, next(p.combine for p in held if p.combine), rnd)
@@ -185,16 +193,23 @@ class Partitions:
                             f"frames, over max_frames {self.limits.max_frames}: send fewer, larger arrays", p.part)
         return {"part": p.part, "state": len(state), "inbox": [[src, len(f)] for src, f in inbox]}, frames
 
-    def _fold(self, folded: dict[int, list[tuple[int, Any]]], how: str, rnd: int) -> list[tuple[int, int, list[Any]]]:
-        """One message per destination from this lane: its partitions' messages folded in source order
-        (``combine``), labelled with the lowest source."""
+    def _fold(self, folded: dict[int, list[tuple[int, list[Any]]]], how: str, rnd: int) -> list[Sent]:
+        """One message per destination from this lane: its partitions' messages (as the codec delivers
+        them) folded in source order (``combine``), labelled with the lowest source."""
         out = []
         for dst in sorted(folded):
             messages = folded[dst]
+            if len(messages) == 1:
+                out.append((messages[0][0], dst, messages[0][1]))
+                continue
             where = f"partition {messages[0][0]}, round {rnd}"
-            acc = messages[0][1]
             try:
-                for _src, value in messages[1:]:
+                values = [decode(frames, self.limits) for _, frames in messages]
+                shapes = {np.shape(v) for v in values}
+                if len(shapes) != 1:
+                    raise ValueError(f"shapes {sorted(shapes)} differ")
+                acc = values[0]
+                for value in values[1:]:
                     acc = COMBINERS[how](acc, value)
             except Exception as exc:
                 raise StepError(f"{where}: combine={how!r} cannot fold the messages for partition {dst} "
@@ -267,8 +282,11 @@ class Partitions:
         traceback is the step's own where it raised."""
         details = error_details(exc.__cause__ or exc, exc.code == P.HANDLER_ERROR)
         message = str(exc)
-        details["message"] = message if message.startswith(("partition", "round")) else \
-            f"partition {exc.part}, round {rnd}: {message}"
+        if not message.startswith(("partition", "round")):
+            message = f"partition {exc.part}, round {rnd}: {message}"
+        # the tails, as for a constructor's error: W_STEPPED is a control message, whatever the step raised
+        details["message"] = message[:MAX_MESSAGE]
+        details["traceback"] = details.get("traceback", "")[-MAX_TRACEBACK:]
         return {"part": exc.part, "code": exc.code, "error": details}
 
     def _stepped(self, run: bytes, epoch: int, rnd: int, results: list[dict[str, Any]], out_idx: list[list[int]],
@@ -324,6 +342,10 @@ def _checked(where: str, returned: Any) -> tuple[dict[Any, Any], dict[Any, Any],
                         f"got {type(out).__name__}")
     if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
         raise StepError(f"{where}: the metric must be a number, got {type(metric).__name__}")
+    try:
+        metric = float(metric)
+    except (OverflowError, ValueError) as exc:
+        raise StepError(f"{where}: the metric {str(metric)[:40]} is not a float: {exc}") from exc
     return state, out, metric
 
 
