@@ -28,7 +28,7 @@ import zmq
 from ndpipe.bench._raw import STALL_TIMEOUT_MS, RawBaseline, send_parts
 from ndpipe.codec import decode_batch, decode_outcomes, encode, encode_batch
 from ndpipe.examples.handlers import echo
-from ndpipe.master.client import MAX_CHUNK
+from ndpipe.master.mapping import MAX_CHUNK
 
 BATCH_ECHO = "ndpipe.bench._rawbatch:batch_echo"
 _INDEX = struct.Struct("<I")
@@ -38,7 +38,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 def map_plan(n: int, slots: int, window: int) -> tuple[int, int]:
     """(calls per batch, batches in flight) that ``Master.map`` picks for ``n`` items of known count.
 
-    As ``Master._auto_chunksize`` / ``_map_batched``: about four batches per slot, at most
+    As ``Mapper.auto_chunksize`` / ``Mapper.batched`` (master/mapping.py): about four batches per slot, at most
     ``MAX_CHUNK`` calls; it submits ahead until ``max(window, 2 × size × slots)`` calls are
     outstanding, and the Master's window caps the tasks (batches) in flight.
     """

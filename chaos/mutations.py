@@ -278,8 +278,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "lost-lane-unreported", "A run whose partitions died with their lane rolls back instead of waiting",
         "the broker never tells a master that a lane holding its partitions is gone", "broker/iterate.py",
-        "            if not run.failed:\n                out += self._lost_lanes(run)\n",
-        "            if False:\n                out += self._lost_lanes(run)\n",
+        "            out += self._lost_lanes(run)\n", "            pass\n",
         (f"{T_ITER}::test_a_lost_lane_fails_the_epoch_with_lost_and_the_other_lanes_drop_it",)),
 )
 

@@ -21,32 +21,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from itertools import islice
 from typing import Any
 
 import numpy as np
 
 from ndpipe import protocol as P
-from ndpipe.codec import Limits, encode_batch, encode_call
+from ndpipe.codec import Limits, encode_call
 from ndpipe.config import MAX_TIMEOUT, MasterConfig
 from ndpipe.errors import (
     BrokerUnreachable,
-    DecodeError,
     EncodeError,
     NdpipeError,
-    TaskCrashed,
-    TaskFailed,
-    TaskTimeout,
-    error_from_code,
 )
 from ndpipe.master.ioloop import (
     Ack,
@@ -64,19 +56,12 @@ from ndpipe.master.ioloop import (
     Submit,
 )
 from ndpipe.master.iterate import Iteration, make_run
+from ndpipe.master.mapping import Mapper
 from ndpipe.master.state import Pending
 from ndpipe.master.stream import Stream
 from ndpipe.refs import Ref, make_ref
 
 log = logging.getLogger("ndpipe.master")
-MAX_CHUNK = 1024  # calls per batch chosen automatically by map()
-CHUNK_BYTES = 8 << 20  # a batch larger than this when encoded is split (memory and latency per message)
-SLOTS_TTL = 1.0  # seconds map() reuses a service's slot count from STATUS
-AHEAD_BYTES = 256 << 20  # map(): encoded calls submitted and not yet yielded, at most
-
-
-def _nbytes(frames: list[Any]) -> int:
-    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
 
 
 class LoopFuture(Future[Any]):
@@ -128,7 +113,7 @@ class Master:
         # no getrandom() syscall per task (~25 µs each on a VM: a tenth of a submit's cost).
         self._tid_prefix = os.urandom(8)
         self._tid_counter = itertools.count()
-        self._slots_cache: dict[str, tuple[float, int]] = {}
+        self._mapper = Mapper(self)  # map()'s batching
         self._ident = b"M" + os.urandom(15)
         self._channel = Channel()
         self._closed = False
@@ -233,34 +218,7 @@ class Master:
         """
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
-        return self._map(service, iterables, timeout, chunksize)
-
-    def _map(self, service: str, iterables: tuple[Iterable[Any], ...], timeout: float | None,
-             chunksize: int | None) -> Iterator[Any]:
-        size = chunksize or self._auto_chunksize(service, iterables)  # lazily: at the first next()
-        calls = zip(*iterables, strict=False)
-        if size == 1:
-            yield from self._map_single(service, calls, timeout)
-        else:
-            yield from self._map_batched(service, calls, timeout, size)
-
-    def _map_single(self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None) -> Iterator[Any]:
-        return self._in_order(lambda args: self.call(service, args, timeout=timeout), calls)
-
-    def _in_order(self, start: Callable[[Any], Future[Any]], items: Iterable[Any]) -> Iterator[Any]:
-        """Start one task per item, at most ``window`` ahead of the consumer; results in item order.
-        The first error raises; the tasks not yet answered are then cancelled."""
-        futures: deque[Future[Any]] = deque()
-        try:
-            for item in items:
-                futures.append(start(item))
-                while futures and (futures[0].done() or len(futures) >= self.window):
-                    yield futures.popleft().result()
-            while futures:
-                yield futures.popleft().result()
-        finally:
-            for future in futures:
-                future.cancel()
+        return self._mapper.run(service, iterables, timeout, chunksize)
 
     # ---- streams: a generator's parts as they are made ------------------------------------------------
     def stream(self, service: str, /, *args: Any, **kwargs: Any) -> Stream:
@@ -336,7 +294,7 @@ class Master:
         work on different items at once; results in input order, like :meth:`map`. The first error
         raises and the pipelines not yet answered are cancelled."""
         names = self._check_stages(stages)
-        return self._in_order(lambda x: self.pipeline(names, x, timeout=timeout), items)
+        return self._mapper.in_order(lambda x: self.pipeline(names, x, timeout=timeout), items)
 
     @staticmethod
     def _check_stages(stages: Sequence[str]) -> tuple[str, ...]:
@@ -347,101 +305,6 @@ class Master:
             if not isinstance(name, str) or not 0 < len(name.encode()) <= P.MAX_SERVICE:
                 raise ValueError(f"a stage is a service name of 1..{P.MAX_SERVICE} octets, got {name!r:.80}")
         return names
-
-    def _map_batched(
-        self, service: str, calls: Iterator[tuple[Any, ...]], timeout: float | None, size: int
-    ) -> Iterator[Any]:
-        # (future, calls, index of its first call, encoded bytes) per batch submitted, in order
-        batches: deque[tuple[Future[Any], list[tuple[Any, ...]], int, int]] = deque()
-        # Calls submitted and not yet yielded: the window, or enough batches to fill every slot twice
-        # (a batch is one task), and at most AHEAD_BYTES encoded so large calls cannot pile up.
-        ahead = max(self.window, 2 * size * max(1, self._slots_cache.get(service, (0.0, 1))[1]))
-        outstanding = submitted = ahead_bytes = 0
-        try:
-            for chunk in iter(lambda: list(islice(calls, size)), []):
-                for part, payload in self._split_to_fit(chunk):
-                    nbytes = _nbytes(payload)
-                    batches.append((self._submit_part(service, part, payload, timeout), part, submitted, nbytes))
-                    outstanding, submitted = outstanding + len(part), submitted + len(part)
-                    ahead_bytes += nbytes
-                while batches and (outstanding >= ahead or ahead_bytes > AHEAD_BYTES or batches[0][0].done()):
-                    future, part, first, nbytes = batches.popleft()
-                    outstanding, ahead_bytes = outstanding - len(part), ahead_bytes - nbytes
-                    yield from self._part_results(service, future, part, first, timeout)
-            while batches:
-                future, part, first, _nb = batches.popleft()
-                yield from self._part_results(service, future, part, first, timeout)
-        finally:
-            for future, _part, _first, _nb in batches:
-                future.cancel()
-
-    def _auto_chunksize(self, service: str, iterables: tuple[Iterable[Any], ...]) -> int:
-        """About four batches per slot (like Pool.map), bounded by the window and MAX_CHUNK."""
-        n = min((operator.length_hint(it, -1) for it in iterables), default=-1)
-        if n <= 1:
-            return 1
-        slots = max(1, self._service_slots(service))
-        return max(1, min(-(-n // (4 * slots)), MAX_CHUNK))
-
-    def _service_slots(self, service: str) -> int:
-        """The service's slot count from STATUS, cached for SLOTS_TTL so map() in a loop stays cheap."""
-        now = time.monotonic()
-        cached = self._slots_cache.get(service)
-        if cached is not None and now - cached[0] < SLOTS_TTL:
-            return cached[1]
-        try:
-            slots = int(self.status(timeout=2.0)["services"].get(service, {}).get("slots", 0))
-        except NdpipeError:
-            return 0
-        self._slots_cache[service] = (now, slots)
-        return slots
-
-    def _split_to_fit(self, chunk: list[tuple[Any, ...]]) -> list[tuple[list[tuple[Any, ...]], list[Any]]]:
-        """(calls, encoded payload) parts: a batch over CHUNK_BYTES or the frame limits is cut into
-        parts sized from its average call, each encoded once more (twice only if still too big)."""
-        if len(chunk) == 1:
-            return [(chunk, encode_call(list(chunk[0]), {}))]
-        payload = encode_batch(chunk)
-        sizes = [_nbytes([f]) for f in payload]
-        total, frames = sum(sizes), len(payload) - 1
-        if total <= CHUNK_BYTES and frames <= self.cfg.max_frames and max(sizes) <= self.cfg.max_frame_bytes:
-            return [(chunk, payload)]
-        parts = max(2, -(-total // CHUNK_BYTES), -(-frames // max(1, self.cfg.max_frames)))
-        step = -(-len(chunk) // parts)
-        return [piece for i in range(0, len(chunk), step) for piece in self._split_to_fit(chunk[i:i + step])]
-
-    def _submit_part(
-        self, service: str, part: list[tuple[Any, ...]], payload: list[Any], timeout: float | None
-    ) -> Future[Any]:
-        """A plain task for one call, a FLAG_BATCH task (timeout × its size) for several."""
-        timeout = self.timeout if timeout is None else timeout
-        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
-            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
-        self._check_open()
-        if len(part) == 1:
-            return self._enqueue(service, payload, timeout, self.cfg.max_attempts)
-        total = min(MAX_TIMEOUT, timeout * len(part)) if timeout else None
-        return self._enqueue(service, payload, total, self.cfg.max_attempts, P.FLAG_BATCH, len(part))
-
-    def _part_results(
-        self, service: str, future: Future[Any], part: list[tuple[Any, ...]], first: int, timeout: float | None
-    ) -> Iterator[Any]:
-        if len(part) == 1:
-            yield future.result()
-            return
-        try:
-            values, errors = future.result()
-        except (TaskTimeout, TaskCrashed, TaskFailed, DecodeError) as exc:
-            log.info("batch of %d calls to %r failed as a whole (%s): resubmitting them one by one",
-                     len(part), service, type(exc).__name__)
-            yield from self._map_single(service, iter(part), timeout)
-            return
-        if errors:
-            bad = min(errors)
-            yield from values[:bad]
-            code, details = errors[bad]
-            raise error_from_code(code, f"map item {first + bad}", details)
-        yield from values
 
     def scatter(
         self,

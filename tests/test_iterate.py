@@ -479,6 +479,18 @@ def test_a_lane_killed_mid_run_rolls_back_and_ends_bit_identical(iterating) -> N
     assert same(final, ring_local([{**s, "delay": 0.02} for s in ring_states(6)], 60, 0.0))
 
 
+def test_a_whole_worker_killed_mid_run_rolls_back_onto_the_other(iterating) -> None:  # type: ignore[no-untyped-def]
+    states = [{**s, "delay": 0.01} for s in ring_states(6)]
+    with iterating.master() as m:
+        run = m.iterate("slow_ring", states, max_rounds=40, tol=-1.0, checkpoint=5)
+        for info in run:
+            if info.round == 9:
+                os.kill(iterating.workers[0].pid, signal.SIGKILL)  # the daemon; its lanes die with it
+        final = run.result(60)
+        assert run.recoveries >= 1
+    assert same(final, ring_local([{**s, "delay": 0.01} for s in ring_states(6)], 40, -1.0))
+
+
 def test_the_only_lane_killed_mid_run_the_run_waits_for_its_replacement(make_cluster) -> None:  # type: ignore[no-untyped-def]
     c = make_cluster(broker=STEADY, services={"slow_ring": "ndpipe.chaos.handlers:slow_ring_step"})
     c.start_broker()
