@@ -47,13 +47,13 @@ def _judge(report: Report, got: list[dict[str, Any]] | None, want: list[dict[str
 
 def _run_under(p: Params, name: str, injected: str, fault: Callable[[Cluster, list[Any], Any], None],
                recovery: str, bound: float, rounds: int, parts: int, delay: float, at: set[int],
-               after: Callable[[Cluster, list[Any]], None] | None = None) -> Report:
+               after: Callable[[Cluster, list[Any]], None] | None = None, hb: dict[str, float] = HB) -> Report:
     """Run ``rounds`` rounds of the slow ring, calling ``fault`` when the rounds in ``at`` are reported.
     Recovery per fault: until the run reports a round past the fault's (after a rollback) — the
     time the fault cost the run."""
     report = Report(name, injected, recovery={recovery: []}, bounds={recovery: bound + slack(p)}, planned=parts)
     want = ring_local(_states(parts, delay), rounds, -1.0)
-    with Cluster(SERVICES, broker=HB) as c:
+    with Cluster(SERVICES, broker=hb) as c:
         c.start_broker()
         workers = [c.start_worker(2), c.start_worker(2)]
         with c.master() as m:
@@ -135,13 +135,15 @@ def iterate_worker_frozen(p: Params) -> Report:
         for w in frozen:
             os.kill(w.pid, signal.SIGCONT)
 
-    bound = HB["heartbeat_interval"] * HB["liveness"] + 1.5  # declared dead, then the replay
+    hb = {"heartbeat_interval": 0.25, "liveness": 4} if p.short else HB  # CI: a shorter liveness, same story
+    bound = hb["heartbeat_interval"] * hb["liveness"] + 1.5  # declared dead, then the replay
     faults = 2 if p.short else 3
-    rounds = 70 * faults + 30  # a round takes ~40 ms: 70 rounds (~2.8 s) outlast the liveness bound (2 s)
+    spacing = int(hb["heartbeat_interval"] * hb["liveness"] / 0.04 * 1.4)  # rounds of ~40 ms outlasting liveness
+    rounds = spacing * faults + 30
     return _run_under(p, "iterate_worker_frozen", f"SIGSTOP of the worker daemon holding most partitions at {faults} "
                       f"random rounds of a {rounds}-round run (its lanes run on), thawed at the next fault and at the "
                       "end; 8 partitions on 2 daemons × 2 lanes", freeze, "rolled back and past the fault s", bound,
-                      rounds, 8, 0.02, _fault_rounds(p, rounds, faults, 70), after=thaw)
+                      rounds, 8, 0.02, _fault_rounds(p, rounds, faults, spacing), after=thaw, hb=hb)
 
 
 MASTER = """

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-Step = tuple[dict[str, Any], dict[int, Any], float]  # (new state, {destination: message}, metric)
+from ndpipe.examples.rounds import Step, run_local
 
 
 def ring_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Step:
@@ -34,16 +34,4 @@ def ring_states(n: int, size: int = 4, seed: int = 0) -> list[dict[str, Any]]:
 
 def ring_local(states: list[dict[str, Any]], max_rounds: int, tol: float) -> list[dict[str, Any]]:
     """The same rounds in one process (the reference)."""
-    inboxes: list[list[tuple[int, Any]]] = [[] for _ in states]
-    for rnd in range(max_rounds):
-        nxt: list[list[tuple[int, Any]]] = [[] for _ in states]
-        metrics = []
-        for i, state in enumerate(states):
-            states[i], out, metric = ring_step(state, inboxes[i], rnd)
-            metrics.append(metric)
-            for j, message in out.items():
-                nxt[j].append((i, message))
-        inboxes = nxt
-        if max(metrics) <= tol:
-            break
-    return states
+    return run_local(ring_step, states, max_rounds, tol)[0]

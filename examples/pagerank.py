@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-Step = tuple[dict[str, Any], dict[int, Any], float]  # (new state, {destination: message}, metric)
+from ndpipe.examples.rounds import Step, run_local
 
 DAMPING = 0.85
 
@@ -83,16 +83,4 @@ def ranks(states: list[dict[str, Any]]) -> np.ndarray:
 def local(states: list[dict[str, Any]], max_rounds: int, tol: float) -> tuple[list[dict[str, Any]], int]:
     """The same steps in one process, looping over the partitions (the single-process baseline):
     (final states, rounds run)."""
-    inboxes: list[list[tuple[int, Any]]] = [[] for _ in states]
-    for rnd in range(max_rounds):
-        nxt: list[list[tuple[int, Any]]] = [[] for _ in states]
-        metrics = []
-        for i, state in enumerate(states):
-            states[i], out, metric = step(state, inboxes[i], rnd)
-            metrics.append(metric)
-            for j, message in out.items():
-                nxt[j].append((i, message))
-        inboxes = nxt
-        if max(metrics) <= tol:
-            return states, rnd + 1
-    return states, max_rounds
+    return run_local(step, states, max_rounds, tol)

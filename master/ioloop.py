@@ -34,8 +34,8 @@ import zmq
 from ndpipe import protocol as P
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError, ProtocolError
-from ndpipe.master.iterate import IterRun
-from ndpipe.master.state import Frames, MasterState, Pending, resolve
+from ndpipe.master.iterate import IterRun, resolve
+from ndpipe.master.state import Frames, MasterState, Pending
 from ndpipe.runtime import drain_pipe, ring_pipe
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames
 

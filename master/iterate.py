@@ -267,7 +267,7 @@ def _encoded_state(part: int, state: Any, limits: Limits) -> list[Any]:
 
 
 def resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    """Settle ``future`` unless the user cancelled it meanwhile (dropping an Iteration cancels it)."""
+    """Set a future's outcome unless the user cancelled it meanwhile (a Future, or a dropped Iteration)."""
     try:
         if error is not None:
             future.set_exception(error)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from ndpipe.codec import Limits, decode, decode_outcomes
 from ndpipe.config import MasterConfig
 from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolError, error_from_code
 from ndpipe.link import BrokerLink
-from ndpipe.master.iterate import IterRun
+from ndpipe.master.iterate import IterRun, resolve
 from ndpipe.refs import raw_bytes
 from ndpipe.transport import unpack_map
 
@@ -350,14 +350,3 @@ class MasterState:
             _t, attempts, flags = P.OPTIONS.unpack(options)
             options = P.OPTIONS.pack(max(1, int((p.deadline - now) * 1000)), attempts, flags)
         return [P.MASTER, P.SUBMIT, p.service, p.tid, options, *p.payload]
-
-
-def resolve(future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    """Set a future's outcome unless the user cancelled it meanwhile."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except InvalidStateError:
-        pass
