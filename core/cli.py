@@ -158,6 +158,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from ndpipe.keys import generate, load
+
+    if args.action == "generate":
+        public_file, secret_file = generate(args.name, args.dir)
+        print(f"{public_file} (public, 0644)\n{secret_file} (secret, 0600: keep it on this host, readable only "
+              "by the program's user)")
+        print(load(public_file)[0].decode())
+    else:
+        print(load(args.file)[0].decode())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ndpipe", description="ZeroMQ task pipeline for numpy work.")
     parser.add_argument("--version", action="version", version=f"ndpipe {__version__}")
@@ -207,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pagerank-edges", type=int, default=1_000_000,
                    help="edges of the PageRank graph iterated over 8 resident partitions (0: skip)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keys", help="CurveZMQ key pairs: generate one, or show a file's public key")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("generate", help="write NAME.key (public, 0644) and NAME.key_secret (0600) in DIR; "
+                                         "never overwrites")
+    k.add_argument("name", metavar="NAME", help="the pair's name: letters, digits, '.', '_', '-'")
+    k.add_argument("--dir", required=True, help="directory for the two files (created if missing)")
+    k = keys.add_parser("show", help="print the public key of a .key or .key_secret file")
+    k.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("config", parents=[common], help="check or show the effective configuration")
     p.add_argument("action", choices=["check", "show"])
