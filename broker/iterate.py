@@ -57,11 +57,11 @@ class Run:
 
 
 class Runs:
-    """Every iteration the broker routes, keyed by (master, run id): run ids are the master's own."""
+    """Every iteration the broker routes, by run id (each id belongs to the master that placed it)."""
 
     def __init__(self, state: BrokerState) -> None:
         self.state = state
-        self.runs: dict[tuple[bytes, bytes], Run] = {}
+        self.runs: dict[bytes, Run] = {}  # by run id: lanes know a run by its id alone, so one master owns each
         self.resident: dict[bytes, int] = {}  # lane routing id -> partitions it holds (all runs): placement load
         self.counters = {"rounds": 0, "routed_bytes": 0, "placed": 0, "lost": 0}
 
@@ -78,16 +78,16 @@ class Runs:
         if ctl.get("combine") not in (None, "sum", "min", "max"):
             raise ProtocolError(f"IT_PLACE combine must be sum, min or max, got {ctl.get('combine')!r:.40}")
         R.split(payload, [R.num(ctl, "state", 1, P.MAX_FRAMES), *(n for _, n in R.index(ctl, "inbox", 2, parts))])
-        if any(key[1] == rid and key[0] != master for key in self.runs):  # lanes know a run by its id alone
+        run = self.runs.get(rid)
+        if run is not None and run.master != master:
             raise ProtocolError("IT_PLACE: that run id is another master's")
-        run = self.runs.get((master, rid))
         out: list[Send] = []
         if run is not None and run.epoch > epoch:
             return []  # a late placement of an epoch the master already left behind
         if run is None or run.epoch < epoch:
             if run is not None:
                 out += self._drop(run)
-            run = self.runs[(master, rid)] = Run(master, rid, service, parts, epoch)
+            run = self.runs[rid] = Run(master, rid, service, parts, epoch)
         if part in run.placed or any(p == part for p, _, _ in run.unplaced):
             raise ProtocolError(f"IT_PLACE: partition {part} of epoch {epoch} was placed already")
         run.unplaced.append((part, ctl, payload))
@@ -117,7 +117,7 @@ class Runs:
     def round(self, master: bytes, rid: bytes, ctl: dict[str, Any]) -> list[Send]:
         """IT_ROUND: every lane holding partitions runs the round (each W_STEP says how many messages
         from other lanes each of its partitions must have: they were sent before it, on the same pipe)."""
-        run = self.runs.get((master, rid))
+        run = self._owned(master, rid)
         epoch, rnd = R.num(ctl, "epoch", 1, 1 << 31), R.num(ctl, "round", 0, 1 << 31)
         if run is None or run.epoch != epoch:
             return [] if run is not None and run.epoch > epoch else self._lost_unknown(master, rid, epoch)
@@ -142,7 +142,7 @@ class Runs:
 
     def end(self, master: bytes, rid: bytes, ctl: dict[str, Any]) -> list[Send]:
         """IT_END: the lanes send their partitions' final states (``gather``) and drop the run."""
-        run = self.runs.get((master, rid))
+        run = self._owned(master, rid)
         if run is None:
             return self._lost_unknown(master, rid, R.num(ctl, "epoch", 1, 1 << 31)) if ctl.get("gather") else []
         if not ctl.get("gather"):
@@ -156,8 +156,8 @@ class Runs:
     def master_gone(self, master: bytes) -> list[Send]:
         """A master left or expired: its runs' partitions are freed on every lane."""
         out: list[Send] = []
-        for key in [k for k in self.runs if k[0] == master]:
-            out += self._drop(self.runs[key])
+        for run in [r for r in self.runs.values() if r.master == master]:
+            out += self._drop(run)
         return out
 
     # ---- from lanes -----------------------------------------------------------------------------
@@ -262,12 +262,12 @@ class Runs:
     def malformed(self, sender: bytes, rid: bytes, why: str) -> list[Send]:
         """A lane holding partitions of the run sent something malformed for it: the round could never
         finish, so the run fails (BAD_REQUEST naming the problem) instead of waiting for ever."""
-        for run in list(self.runs.values()):
-            if run.rid == rid and any(lane.wid == sender for lane in run.placed.values()):
-                address = next(lane.address for lane in run.placed.values() if lane.wid == sender)
-                return self._fail(run, P.BAD_REQUEST, {"message": f"lane {address} sent a malformed message for "
-                                                                  f"this run: {why}"})
-        return []
+        run = self.runs.get(rid)
+        lane = next((lane for lane in run.placed.values() if lane.wid == sender), None) if run else None
+        if run is None or lane is None:
+            return []
+        return self._fail(run, P.BAD_REQUEST, {"message": f"lane {lane.address} sent a malformed message for "
+                                                          f"this run: {why}"})
 
     # ---- time and lanes ---------------------------------------------------------------------------
     def check(self, now: float) -> list[Send]:
@@ -276,7 +276,7 @@ class Runs:
         out: list[Send] = []
         for run in list(self.runs.values()):
             out += self._lost_lanes(run)
-            if run.unplaced and self.runs.get((run.master, run.rid)) is run:
+            if run.unplaced and self.runs.get(run.rid) is run:
                 out += self._place_waiting(run, now)
                 if run.unplaced_since is not None and now - run.unplaced_since >= self.state.unroutable_timeout:
                     out += self._fail(run, P.UNAVAILABLE, self._unavailable(run.service))
@@ -290,13 +290,18 @@ class Runs:
                 for run in self.runs.values()]
 
     # ---- helpers --------------------------------------------------------------------------------
+    def _owned(self, master: bytes, rid: bytes) -> Run | None:
+        """The run ``rid`` if it is ``master``'s (another master's id names nothing of this one's)."""
+        run = self.runs.get(rid)
+        return run if run is not None and run.master == master else None
+
     def _run_at(self, sender: bytes, rid: bytes, ctl: dict[str, Any]) -> Run | None:
         """The run a lane's message belongs to, if it is of the current epoch (else a late one: dropped)."""
         epoch = R.num(ctl, "epoch", 1, 1 << 31)
-        for run in self.runs.values():
-            if run.rid == rid and run.epoch == epoch and any(lane.wid == sender for lane in run.placed.values()):
-                return run
-        return None
+        run = self.runs.get(rid)
+        if run is None or run.epoch != epoch or not any(lane.wid == sender for lane in run.placed.values()):
+            return None
+        return run
 
     def _choose(self, run: Run) -> LaneRecord | None:
         """The lane for the next partition: fewest of this run's partitions, then fewest partitions of
@@ -351,8 +356,8 @@ class Runs:
             else:
                 self.resident.pop(lane.wid, None)
         run.placed = {}
-        if self.runs.get((run.master, run.rid)) is run:
-            del self.runs[(run.master, run.rid)]
+        if self.runs.get(run.rid) is run:
+            del self.runs[run.rid]
 
     @staticmethod
     def _by_address(run: Run) -> dict[LaneRecord, list[int]]:

@@ -302,7 +302,7 @@ def test_a_round_with_more_messages_than_max_frames_goes_in_pieces_and_the_broke
         sends = runs.stepped(b"l0", RID, control(reply), reply[4:])
         routed += sum(len(control(f)["msgs"]) for _, _, f in sends if f[1] == P.W_INBOX)
     assert routed == 3 * 9  # every message to the 9 partitions on other lanes, none lost in the cut
-    assert runs.runs[(b"m", RID)].waiting == {b"l1", b"l2", b"l3"}  # l0's round complete, once
+    assert runs.runs[RID].waiting == {b"l1", b"l2", b"l3"}  # l0's round complete, once
 
 
 def test_a_round_with_messages_missing_is_lost_not_run() -> None:

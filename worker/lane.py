@@ -25,6 +25,7 @@ starts a fresh lane, which joins again.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -32,6 +33,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -301,50 +303,49 @@ class Lane:
         limits = [t for t in (task.timeout_ms / 1000 if task.timeout_ms else None, per_call) if t]
         return min(limits) if limits else 0.0
 
-    def _run(self, task: P.TaskMsg | StepCall) -> None:
-        if isinstance(task, StepCall):
-            self._step(task)
-            return
-        timeout = self._timeout(task)
-        write_slot(self.slot, RUNNING, task.tid, timeout)
+    @contextlib.contextmanager
+    def _running(self, tid: bytes, timeout: float) -> Iterator[None]:
+        """The slot says what runs and until when; the kernel's timer ends the process at the deadline
+        (SIGALRM's default action: a handler that holds the GIL is still stopped)."""
+        write_slot(self.slot, RUNNING, tid, timeout)
         if timeout:
-            signal.setitimer(signal.ITIMER_REAL, timeout)  # SIGALRM's default action ends the process
+            signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            self.tid = task.tid
-            if task.flags & P.FLAG_STREAM:
-                reply = self._stream(task)
-            else:
-                reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
-                                         task.flags, self._ref)
+            yield
         except MemoryError:
             # Exhausted memory leaves a process in no state to go on: exit with a status the daemon
             # turns into a CRASHED report that says why (retried, then MAX_ATTEMPTS).
             os._exit(P.EXIT_OUT_OF_MEMORY)
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        self.slot.done += 1
         write_slot(self.slot, IDLE)
+
+    def _run(self, task: P.TaskMsg | StepCall) -> None:
+        if isinstance(task, StepCall):
+            self._step(task)
+            return
+        with self._running(task.tid, self._timeout(task)):
+            self.tid = task.tid
+            if task.flags & P.FLAG_STREAM:
+                reply = self._stream(task)
+            else:
+                reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
+                                         task.flags, self._ref)
+            self.slot.done += 1
         if self.sock is not None and reply:
             send_frames(self.sock, [P.WORKER, *reply])
 
     def _step(self, call: StepCall) -> None:
-        """One round of this lane's partitions of a run, under the run's round_timeout (the kernel's
-        timer, as for a task: a step that holds the GIL is still stopped; the broker then says LOST)."""
+        """One round of this lane's partitions of a run, under the run's round_timeout (a hung step ends
+        the process, as a task's timeout does; the broker then says LOST)."""
         timeout = call.ctl.get("timeout_ms", 0)
         timeout = timeout / 1000 if isinstance(timeout, int) and not isinstance(timeout, bool) and timeout > 0 else 0.0
-        write_slot(self.slot, RUNNING, call.run, timeout)
-        if timeout:
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            replies = self.partitions.step(call.run, call.ctl)
-        except ProtocolError as exc:
-            self._bad.warning("lane %d: dropped malformed W_STEP: %s", self.args.index, exc)
-            replies = []
-        except MemoryError:
-            os._exit(P.EXIT_OUT_OF_MEMORY)
-        if timeout:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        write_slot(self.slot, IDLE)
+        with self._running(call.run, timeout):
+            try:
+                replies = self.partitions.step(call.run, call.ctl)
+            except ProtocolError as exc:
+                self._bad.warning("lane %d: dropped malformed W_STEP: %s", self.args.index, exc)
+                replies = []
         for reply in replies:
             if self.sock is not None:
                 send_frames(self.sock, reply)
