@@ -23,6 +23,7 @@ BENCHES = {
     "refs": "arrays sent once (Master.put): bytes through the broker and time, against the array in every task",
     "stages": "a 4-stage pipeline routed by the broker against four round trips (ndpipe and raw)",
     "iterate": "iterations: per-round overhead, PageRank against one process and Ray",
+    "curve": "CurveZMQ on against off: W1, W2, W3 in the same run (and raw pyzmq's own CURVE cost)",
 }
 
 

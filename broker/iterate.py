@@ -24,6 +24,7 @@ from ndpipe import rounds as R
 from ndpipe.broker.records import LaneRecord
 from ndpipe.broker.state import BrokerState
 from ndpipe.errors import ProtocolError
+from ndpipe.security import tag
 
 log = logging.getLogger("ndpipe.broker")
 Send = tuple[bool, bytes, R.Frames]  # (to a worker?, routing id, frames)
@@ -106,7 +107,7 @@ class Runs:
             run.placed[part] = lane
             self.resident[lane.wid] = self.resident.get(lane.wid, 0) + 1
             self.counters["placed"] += 1
-            body = {**ctl, "master": run.master.hex()}
+            body = {**ctl, "master": tag(run.master)}
             out.append((True, lane.wid, R.frames(P.WORKER, P.W_PLACE, run.rid, body, payload)))
         run.unplaced_since = None
         if run.held_round is not None:
@@ -284,7 +285,7 @@ class Runs:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """For STATUS: each run's round and where its partitions sit."""
-        return [{"master": run.master.hex(), "run": run.rid.hex(), "service": run.service, "epoch": run.epoch,
+        return [{"master": tag(run.master), "run": run.rid.hex(), "service": run.service, "epoch": run.epoch,
                  "round": run.round, "partitions": run.parts,
                  "lanes": {lane.address: parts for lane, parts in self._by_address(run).items()}}
                 for run in self.runs.values()]

@@ -6,6 +6,7 @@ Plain data with the few rules that belong to each (a lane's free credit, the que
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ DONE = "done"
 class Task:
     """One submission as the broker holds it."""
 
-    tid: bytes
+    tid: bytes  # the broker's id for it (task_key): what lanes see and answer to
     service: str
     master: bytes
     payload: list[Any]
@@ -33,6 +34,15 @@ class Task:
     stages: tuple[str, ...] = ()  # a pipeline's services; ``service`` is stages[stage]
     stage: int = 0
     parts: int = 0  # FLAG_STREAM: parts forwarded to the master so far
+    master_tid: bytes = b""  # the id its master gave it: what the master's replies carry
+    nbytes: int = 0  # payload bytes counted in the broker's byte budget (ndpipe.broker.budget)
+
+
+def task_key(master: bytes, tid: bytes) -> bytes:
+    """The broker's id for a master's task id: scoped by the master (PROTOCOL.md §5 rule 6), so one
+    master's id can never name, answer or shadow another master's task. 16 bytes, whatever the id's
+    length, so it fits a TASK's id frame."""
+    return hashlib.blake2b(len(master).to_bytes(1, "big") + master + tid, digest_size=16).digest()
 
 
 @dataclass(slots=True, eq=False)

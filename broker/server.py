@@ -9,6 +9,7 @@ it does not wait for nothing. Nothing a peer sends can stop the loop.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -18,11 +19,15 @@ import zmq
 
 from ndpipe import protocol as P
 from ndpipe import rounds as R
+from ndpipe import security
+from ndpipe.broker.budget import ByteBudget
+from ndpipe.broker.guard import Guard
 from ndpipe.broker.iterate import Runs, Send
 from ndpipe.broker.state import BrokerState, Task
-from ndpipe.config import BrokerConfig
+from ndpipe.config import BrokerConfig, SecurityConfig
 from ndpipe.errors import ConfigError, ProtocolError
 from ndpipe.runtime import StopSignal, limit_malloc_arenas, trim_heap
+from ndpipe.security import tag
 from ndpipe.transport import (
     ZERO_COPY_MIN,
     Throttle,
@@ -31,6 +36,7 @@ from ndpipe.transport import (
     frame_bytes,
     readable,
     recv_bounded,
+    recv_keyed,
     send_frames,
     unpack_map,
 )
@@ -43,24 +49,33 @@ EXPIRY_TICKS = 4  # expiry checks per heartbeat interval
 class Broker:
     """Bind both sockets, then :meth:`run` until :meth:`stop` (or a signal) asks it to end."""
 
-    def __init__(self, config: BrokerConfig | None = None, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, config: BrokerConfig | None = None, context: zmq.Context[Any] | None = None,
+                 sec: SecurityConfig | None = None) -> None:
         self.cfg = config or BrokerConfig()
+        self.sec = sec or SecurityConfig()
+        self.curve = security.server_curve(self.sec)  # ConfigError before anything opens
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
+        # ZAP listens before either socket binds: no handshake is ever answered by nobody.
+        self.guard = Guard(self.ctx, self.sec) if self.curve else None
+        self.peer_key = b""  # the authenticated key of the message being handled (curve only)
         self.state = BrokerState(
             self.cfg.heartbeat_interval, self.cfg.liveness, self.cfg.max_attempts, self.cfg.max_queued,
             self.cfg.max_services, self.cfg.unroutable_timeout,
+            ByteBudget(self.cfg.max_queued_bytes, self.cfg.max_queued_bytes_per_master,
+                       self.cfg.max_queued_bytes_per_service),
         )
         self.runs = Runs(self.state)  # iterations: where partitions sit, messages between them, barriers
-        self.frontend = self._router()
-        self.backend = self._router()
+        self.frontend = self._router(security.MASTERS)
+        self.backend = self._router(security.WORKERS)
         self._malformed = Throttle(log)
         self._undeliverable = Throttle(log)
         self._old = Throttle(log)
 
-    def _router(self) -> zmq.Socket[Any]:
+    def _router(self, domain: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
         configure(sock, self.cfg.hwm, self.cfg.max_frame_bytes, router=True)
+        security.server(sock, self.curve, domain)
         # Read ahead little per peer: what a peer sends faster than the broker reads waits in that
         # peer's own socket (its DEALER's HWM, then the kernel), not in the broker's memory. A flood of
         # 200,000 garbage messages took the broker's RSS +264 MB at 100,000; +63 MB at 1,000.
@@ -68,7 +83,12 @@ class Broker:
         return sock
 
     def bind(self) -> None:
-        """Bind both endpoints; one that cannot be bound is a ConfigError naming its key."""
+        """Bind both endpoints; one that cannot be bound is a ConfigError naming its key, and so is
+        one other hosts could reach in plaintext (unless ``security.insecure`` says so)."""
+        exposed = security.insecure_binds(self.sec, {"frontend": self.cfg.frontend, "backend": self.cfg.backend})
+        if exposed:
+            raise ConfigError(f"{', '.join(exposed)}: binds a non-loopback TCP address with security.curve off: "
+                              f"{security.INSECURE_HINT}")
         for sock, key, endpoint in ((self.frontend, "frontend", self.cfg.frontend),
                                     (self.backend, "backend", self.cfg.backend)):
             try:
@@ -81,6 +101,8 @@ class Broker:
     def close(self) -> None:
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
+        if self.guard is not None:
+            self.guard.close()
         if self._own_ctx:
             self.ctx.term()
 
@@ -91,6 +113,8 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(stop.fd, zmq.POLLIN)
+        if self.guard is not None:
+            poller.register(self.guard.zap, zmq.POLLIN)
         interval = self.cfg.heartbeat_interval
         tick = interval / EXPIRY_TICKS  # expiry checks run finer than heartbeats: faster requeue
         next_beat = next_tick = time.monotonic() + tick
@@ -99,6 +123,11 @@ class Broker:
             events = dict(poller.poll(int(timeout * 1000)))
             if stop.fd in events:
                 stop.clear()
+                if stop.reload_requested and self.guard is not None:
+                    stop.reload_requested = False
+                    self.guard.reload()
+            if self.guard is not None and self.guard.zap in events:
+                self.guard.on_zap()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_master)
             if self.backend in events:
@@ -127,8 +156,14 @@ class Broker:
                 return
             try:
                 front = sock is self.frontend
-                frames = recv_bounded(sock, P.read_cap(self.cfg.max_frames), head=6 if front else 4,
-                                      header=P.MASTER if front else (P.WORKER, *P.OLD_WORKERS))
+                cap, head = P.read_cap(self.cfg.max_frames), 6 if front else 4
+                header = P.MASTER if front else (P.WORKER, *P.OLD_WORKERS)
+                if self.guard is None:
+                    frames = recv_bounded(sock, cap, head, header)
+                else:
+                    frames, self.peer_key = recv_keyed(sock, cap, head, header)
+                    if not self.guard.admits(frames[0], self.peer_key, front):
+                        continue
             except zmq.Again:
                 return
             except TooManyFrames as exc:
@@ -156,6 +191,8 @@ class Broker:
         ident, msg = frames[0], frames[1:]
         command = P.check_header(msg, P.MASTER, 2)
         now = time.monotonic()
+        if not self._may(ident, command, msg):
+            return
         ident = self.state.master_seen(ident, now)  # the one copy of this id that tasks keep
         if command == P.SUBMIT:
             self._on_submit(ident, msg, now)
@@ -166,20 +203,16 @@ class Broker:
         elif command == P.CANCEL:
             self.state.cancel(ident, P.parse_task_ref(msg, P.MASTER))
         elif command == P.STATUS:
-            request = P.parse_status(msg)
-            body = msgpack.packb(self._snapshot(now), use_bin_type=True)
-            self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
+            self._on_status(ident, msg, now)
         elif command == P.BYE:
             dropped = self.state.master_gone(ident)
             self._send(self.runs.master_gone(ident))
-            log.info("master %s left; %d queued tasks dropped", ident.hex(), dropped)
+            log.log(logging.INFO if dropped else logging.DEBUG, "master %s left; %d queued tasks dropped",
+                    tag(ident), dropped)
         elif command in (P.IT_PLACE, P.IT_ROUND, P.IT_END):
             self._on_iteration(ident, command, msg)
         elif command == P.ACK:
-            tid, seq = P.parse_ack(msg, P.MASTER)
-            lane = self.state.ack(ident, tid)
-            if lane is not None:
-                self._to_worker(lane, [P.WORKER, P.W_ACK, tid, seq.to_bytes(4, "big")])
+            self._on_ack(ident, msg)
         elif command == P.DATA:
             request, digest, meta, data = P.parse_data(msg)
             worker = self.state.fetched(request, digest, len(data), ident)
@@ -220,13 +253,7 @@ class Broker:
         code = self.state.submit(ident, tid, service, payload, now, sub.timeout_ms, sub.max_attempts, sub.flags,
                                  stages)
         if code == P.QUEUE_FULL:
-            if service in self.state.queues:
-                why = f"service {service!r} has {self.cfg.max_queued} tasks queued (broker.max_queued)"
-            else:
-                why = (f"the broker already queues tasks for {self.cfg.max_services} services "
-                       f"(broker.max_services); {service!r} is not one of them")
-            details = {"message": why}
-            self._error(ident, tid, code, details)
+            self._error(ident, tid, code, {"message": self.state.refused})
 
     def _snapshot(self, now: float) -> dict[str, Any]:
         """The state's snapshot with each worker's stats frame decoded (an undecodable one shows as {})."""
@@ -239,6 +266,46 @@ class Broker:
             except ProtocolError:
                 w["stats"] = {}
         return snap
+
+    def _on_ack(self, ident: bytes, msg: list[Any]) -> None:
+        """The master consumed parts of a stream: tell its lane, by the broker's id for the task."""
+        tid, seq = P.parse_ack(msg, P.MASTER)
+        task = self.state.ack(ident, tid)
+        if task is not None and task.worker is not None:
+            self._to_worker(task.worker, [P.WORKER, P.W_ACK, task.tid, seq.to_bytes(4, "big")])
+
+    def _on_status(self, ident: bytes, msg: list[Any], now: float) -> None:
+        """The whole picture for an admin key (or anyone, with curve off); a master its own tasks."""
+        request = P.parse_status(msg)
+        full = self.guard is None or self.guard.is_admin(self.peer_key)
+        body = msgpack.packb(self._snapshot(now) if full else self._own_status(ident), use_bin_type=True)
+        self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
+
+    def _own_status(self, ident: bytes) -> dict[str, Any]:
+        """STATUS for a master key that is not an admin's: its own tasks by service, nothing about
+        workers, other masters or routing ids (PROTOCOL.md §13)."""
+        services: dict[str, dict[str, int]] = {}
+        mine = [t for t in self.state.tasks.values() if t.master == ident]
+        for task in mine:
+            row = services.setdefault(task.service, dict.fromkeys(("queued", "inflight", "workers", "lanes",
+                                                                     "slots", "broken"), 0))
+            row["inflight" if task.state == "inflight" else "queued"] += 1
+        return {"broker_id": self.state.broker_id.hex(), "heartbeat_interval": self.cfg.heartbeat_interval,
+                "liveness": self.cfg.liveness, "masters": 1, "tasks": len(mine), "services": services,
+                "workers": [], "iterations": [], "counters": {}, "restricted": True}
+
+    def _may(self, ident: bytes, command: bytes, msg: list[Any]) -> bool:
+        """With curve on, only a master key may do more than PING, STATUS and BYE: an admin-only key's
+        SUBMIT is answered (the caller would wait), anything else dropped."""
+        if self.guard is None or command in (P.PING, P.STATUS, P.BYE) or self.guard.may_submit(self.peer_key):
+            return True
+        self._malformed.warning("refused %r from key %s: not in security.masters", command, self.peer_key.decode())
+        if command == P.SUBMIT and len(msg) > 2:
+            tid = P.submit_id(msg)
+            if tid:
+                self._error(ident, tid, P.BAD_REQUEST, {"message": f"key {self.peer_key.decode()} may read STATUS "
+                                                                  "but not submit (it is not in security.masters)"})
+        return False
 
     def _refuse_oversized(self, head: list[Any], why: str) -> None:
         """A SUBMIT over the frame cap still names its task: answer BAD_REQUEST, not silence."""
@@ -255,7 +322,7 @@ class Broker:
             send_frames(self.frontend, [ident, *frames], zmq.NOBLOCK)
             return True
         except zmq.Again:  # its pipe is full: only if master.window exceeds broker.hwm
-            self._undeliverable.warning("master %s not reading: a reply was dropped", ident.hex())
+            self._undeliverable.warning("master %s not reading: a reply was dropped", tag(ident))
             return False
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the master is gone; it resends if it returns
             log.debug("cannot reach master %s: %s", ident.hex(), exc)
@@ -300,7 +367,7 @@ class Broker:
             tid, seq, payload = P.parse_part(msg, P.WORKER)
             task = self.state.part(rid, tid, seq)
             if task is not None:
-                self._to_master(task.master, [P.MASTER, P.PART, tid, seq.to_bytes(4, "big"), *payload])
+                self._to_master(task.master, [P.MASTER, P.PART, task.master_tid, seq.to_bytes(4, "big"), *payload])
             if not self.state.lane_seen(rid):  # a lane the broker forgot (cut off, expired): it starts over
                 self._to_worker(rid, [P.WORKER, P.DISCONNECT])
             return
@@ -331,19 +398,19 @@ class Broker:
         if command == P.DISCONNECT:
             if known:
                 handed = self.state.worker_gone(rid, now, penalize=False)
-                log.info("worker %s disconnected; %d tasks handed back", rid.hex(), len(handed))
+                log.info("worker %s disconnected; %d tasks handed back", tag(rid), len(handed))
             elif rid in self.state.lanes:  # a lane leaving (its daemon drains): its prefetched tasks go back
                 self.state.lane_gone(rid, now, penalize=False)
                 self._send(self.runs.check(now))  # and the partitions it held are lost
             return True  # never answered: it is leaving
         if command == P.DRAIN and known:
             self.state.worker_drain(rid)
-            log.info("worker %s draining", rid.hex())
+            log.info("worker %s draining", tag(rid))
         elif command == P.LANE_GONE:
             index, pid = P.parse_lane_gone(unpack_map(P.control_frame(msg, P.WORKER)))
             back = self.state.lane_ended(rid, index, pid, now) if known else None
             if back is not None:
-                log.info("worker %s lane %d (pid %d) ended; %d tasks handed back", rid.hex(), index, pid, len(back))
+                log.info("worker %s lane %d (pid %d) ended; %d tasks handed back", tag(rid), index, pid, len(back))
                 self._send(self.runs.check(now))  # its iterations' partitions are lost: their masters roll back
         elif command not in (P.HEARTBEAT, P.DRAIN):
             raise ProtocolError(f"unknown worker command {command!r}")
@@ -359,7 +426,7 @@ class Broker:
                 body = [f if len(f) >= ZERO_COPY_MIN else frame_bytes(f) for f in body]
             task = self.state.complete(rid, tid, body)
             if task is not None:
-                self._to_master(task.master, [P.MASTER, P.RESULT, task.tid, *body])
+                self._to_master(task.master, [P.MASTER, P.RESULT, task.master_tid, *body])
         else:
             why, pid = "", None
             if code == P.CRASHED:  # say in a final MAX_ATTEMPTS why the last attempt died (e.g. out of memory)
@@ -371,18 +438,35 @@ class Broker:
                     pass
             task = self.state.fail(rid, tid, code, now, why, pid)
             if task is not None:
-                self._to_master(task.master, [P.MASTER, P.ERROR, tid, code.encode(), body[0], *self._stage(task)])
+                self._to_master(task.master, [P.MASTER, P.ERROR, task.master_tid, code.encode(), body[0],
+                                              *self._stage(task)])
         if not known:
             self._to_worker(rid, [P.WORKER, P.DISCONNECT])
 
     def _on_ready(self, rid: bytes, msg: list[Any], now: float) -> None:
         ready = P.parse_ready(unpack_map(P.control_frame(msg, P.WORKER)))
+        if self.guard is not None and not self._within_slot_cap(rid, ready):
+            return
         host = self.state.worker_ready(rid, ready.services, ready.credit, now, ready.info, ready.lanes, ready.name)
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
                   "broker_id": self.state.broker_id.hex(), "key": host.key, "id": host.name}
         self._to_worker(rid, [P.WORKER, P.WELCOME, msgpack.packb(params, use_bin_type=True)])
         log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s", ready.name, ",".join(ready.services),
                  ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
+
+    def _within_slot_cap(self, rid: bytes, ready: P.ReadyInfo) -> bool:
+        """One worker key may register at most ``broker.max_slots_per_key`` slots (lanes × credit) in
+        all its daemons: a key cannot attract nearly all the work by asking for 100,000 slots. Over
+        it, READY goes unanswered (logged): the daemon tries again after its liveness."""
+        assert self.guard is not None
+        owner = self.guard.owner
+        mine = sum(h.nlanes * h.credit for h in self.state.hosts.values()
+                   if owner.get(h.hid) == self.peer_key and h.hid != rid and h.name != ready.name)
+        if mine + ready.lanes * ready.credit <= self.cfg.max_slots_per_key:
+            return True
+        self._malformed.warning("refused READY from key %s: %d + %d slots would pass broker.max_slots_per_key = %d",
+                                self.peer_key.decode(), mine, ready.lanes * ready.credit, self.cfg.max_slots_per_key)
+        return False
 
     def _on_lane(self, rid: bytes, msg: list[Any], now: float) -> None:
         info = P.parse_lane(unpack_map(P.control_frame(msg, P.WORKER)))
@@ -439,7 +523,7 @@ class Broker:
                 log.warning("lane %s unreachable (%s): its tasks requeued", rec.address, exc)
                 self.state.lane_gone(rec.wid, now, penalize=False)
         for failure in self.state.take_failures():
-            self._error(failure.task.master, failure.task.tid, failure.code, failure.details, failure.task)
+            self._error(failure.task.master, failure.task.master_tid, failure.code, failure.details, failure.task)
         for lane, tid in self.state.take_stops():  # a stream its master closed: the lane stops the generator
             self._to_worker(lane.wid, [P.WORKER, P.W_CANCEL, tid])
         for lane, tid in self.state.take_cancels():  # queued in the lane: it drops it; running: its daemon kills it
@@ -456,15 +540,17 @@ class Broker:
     def _expire(self, now: float) -> None:
         dead, gone = self.state.expire(now)
         for wid in dead:
-            log.warning("worker %s silent for over %.1f s: declared dead, its tasks requeued", wid.hex(),
+            log.warning("worker %s silent for over %.1f s: declared dead, its tasks requeued", tag(wid),
                         self.state.expiry)
         for master in gone:
-            log.info("master %s silent: forgotten, its queued tasks dropped", master.hex())
+            log.info("master %s silent: forgotten, its queued tasks dropped", tag(master))
             self._send(self.runs.master_gone(master))
         self._send(self.runs.check(now))  # iterations with a partition on a lane that is gone, or waiting for one
 
     def _heartbeat(self, now: float) -> None:
         self.state.prune()
+        if self.guard is not None:
+            self.guard.forget({*self.state.masters, *self.state.lanes, *self.state.hosts})
         trim_heap()
         for wid in list(self.state.hosts):
             try:
@@ -475,15 +561,16 @@ class Broker:
                 # Counted like the liveness expiry it replaces: a result over max_frame_bytes cuts the
                 # link too, and that task must reach MAX_ATTEMPTS instead of cutting every worker in turn.
                 handed = self.state.worker_gone(wid, now, penalize=True)
-                log.warning("worker %s unreachable (%s): declared dead, %d tasks requeued", wid.hex(), exc,
+                log.warning("worker %s unreachable (%s): declared dead, %d tasks requeued", tag(wid), exc,
                             len(handed))
 
 
-def serve(config: BrokerConfig, stop: StopSignal | None = None) -> None:
-    """Entry point used by the CLI and the demo: bind, serve until signalled, close."""
+def serve(config: BrokerConfig, stop: StopSignal | None = None, sec: SecurityConfig | None = None) -> None:
+    """Entry point used by the CLI and the demo: bind, serve until signalled, close. SIGHUP reloads the
+    allow-lists."""
     limit_malloc_arenas()  # before the zmq context starts its I/O thread
-    broker = Broker(config)
-    with stop or StopSignal() as sig:
+    broker = Broker(config, sec=sec)
+    with stop or StopSignal(reload=(signal.SIGHUP,)) as sig:
         try:
             broker.bind()
             broker.run(sig)

@@ -39,7 +39,18 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ndpipe import protocol as P
-from ndpipe.broker.records import DONE, INFLIGHT, QUEUED, Failure, HostRecord, LaneRecord, ServiceQueue, Task
+from ndpipe.broker.budget import ByteBudget, payload_bytes
+from ndpipe.broker.records import (
+    DONE,
+    INFLIGHT,
+    QUEUED,
+    Failure,
+    HostRecord,
+    LaneRecord,
+    ServiceQueue,
+    Task,
+    task_key,
+)
 
 log = logging.getLogger("ndpipe.broker")
 __all__ = ["DONE", "INFLIGHT", "QUEUED", "BrokerState", "Failure", "HostRecord", "LaneRecord", "ServiceQueue",
@@ -57,8 +68,11 @@ class BrokerState:
         max_queued: int = P.MAX_QUEUED,
         max_services: int = P.MAX_SERVICES,
         unroutable_timeout: float = P.UNROUTABLE_TIMEOUT,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.heartbeat_interval = heartbeat_interval
+        self.budget = budget or ByteBudget()  # payload bytes held, and their bounds
+        self.refused = ""  # why the last SUBMIT was answered QUEUE_FULL
         self.liveness = liveness
         self.max_attempts = max_attempts
         self.max_queued = max_queued
@@ -123,8 +137,7 @@ class BrokerState:
         dropped = 0
         for queue in self.queues.values():
             for task in queue.drop_master(master):
-                task.state = DONE
-                del self.tasks[task.tid]
+                self._finish(task)
                 dropped += 1
         return dropped
 
@@ -141,8 +154,9 @@ class BrokerState:
         flags: int = 0,
         stages: tuple[str, ...] = (),
     ) -> str | None:
-        """Queue a task (of a pipeline: its first stage). Return None when queued or a duplicate, else
-        the error code to send."""
+        """Queue a master's task ``tid`` (of a pipeline: its first stage). Return None when queued or a
+        duplicate, else the error code to send."""
+        master_tid, tid = tid, task_key(master, tid)
         if tid in self.tasks:
             self.counters["duplicates"] += 1
             return None
@@ -151,15 +165,25 @@ class BrokerState:
         queue = self.queues.get(service)
         if queue is None:
             if len(self.queues) >= self.max_services:  # service names are free text: bound them too
+                self.refused = (f"the broker already queues tasks for {self.max_services} services "
+                                f"(broker.max_services); {service!r} is not one of them")
                 self.counters["rejected"] += 1
                 return P.QUEUE_FULL
             queue = self.queues[service] = ServiceQueue()
         if len(queue) >= self.max_queued:
+            self.refused = f"service {service!r} has {self.max_queued} tasks queued (broker.max_queued)"
+            self.counters["rejected"] += 1
+            return P.QUEUE_FULL
+        nbytes = payload_bytes(payload)
+        why = self.budget.refusal(master, service, nbytes)
+        if why is not None:
+            self.refused = why
             self.counters["rejected"] += 1
             return P.QUEUE_FULL
         deadline = now + timeout_ms / 1000.0 if timeout_ms else None
         task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline,
-                    flags=flags, stages=stages)
+                    flags=flags, stages=stages, master_tid=master_tid)
+        self.budget.add(task, nbytes)
         self.tasks[tid] = task
         if flags & P.FLAG_STREAM:
             self.streams[tid] = task
@@ -176,8 +200,8 @@ class BrokerState:
 
     def cancel(self, master: bytes, tid: bytes) -> bool:
         """Cancel a task that is still queued, or a stream under way (its lane stops the generator);
-        other in-flight tasks run to completion."""
-        task = self.tasks.get(tid)
+        other in-flight tasks run to completion. ``tid`` is the master's id."""
+        task = self.tasks.get(task_key(master, tid))
         if task is None or task.master != master:
             return False
         if task.state == QUEUED:
@@ -201,12 +225,13 @@ class BrokerState:
         self.counters["parts"] += 1
         return task
 
-    def ack(self, master: bytes, tid: bytes) -> bytes | None:
-        """The master consumed parts of its stream: the lane to tell (W_ACK), or None."""
-        task = self.tasks.get(tid)
+    def ack(self, master: bytes, tid: bytes) -> Task | None:
+        """The master consumed parts of its stream ``tid`` (its own id): the task, whose lane
+        (``worker``) to tell W_ACK, or None."""
+        task = self.tasks.get(task_key(master, tid))
         if task is None or task.master != master or task.state != INFLIGHT or task.worker not in self.lanes:
             return None
-        return task.worker
+        return task
 
     def _stop_stream(self, task: Task) -> None:
         self._settle_running(task, self.stops)
@@ -388,6 +413,7 @@ class BrokerState:
             self.streams.pop(task.tid, None)
         task.state = DONE
         task.payload = []  # a dead entry may linger in a lane: do not let it hold the payload
+        self.budget.remove(task)
         self.tasks.pop(task.tid, None)
 
     # ---- results --------------------------------------------------------------------------------
@@ -432,9 +458,11 @@ class BrokerState:
     def _next_stage(self, task: Task, result: list[Any]) -> None:
         """The stage's result frames, untouched, are the next stage's input: queued at the head of its
         service's queue (a pipeline under way finishes before new ones start), attempts counted anew."""
+        self.budget.remove(task)
         task.stage += 1
         task.service = task.stages[task.stage]
         task.payload, task.flags = result, P.FLAG_CHAINED
+        self.budget.add(task, payload_bytes(result))  # counted, never refused: the pipeline is under way
         task.attempt, task.state, task.worker = 0, QUEUED, None
         self.counters["staged"] += 1
         queue = self.queues.get(task.service)

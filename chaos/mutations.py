@@ -34,6 +34,7 @@ T_MSTATE = "tests/test_master_state.py"
 T_STAGES = "tests/test_stages.py"
 T_ITER = "tests/test_iterate.py"
 CHAOS = "tests/test_chaos.py::test_scenario_passes_the_checker"
+SECURITY, T_SEC = "core/security.py", "tests/test_security.py"
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,36 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the broker never tells a master that a lane holding its partitions is gone", "broker/iterate.py",
         "            out += self._lost_lanes(run)\n", "            pass\n",
         (f"{T_ITER}::test_a_lost_lane_fails_the_epoch_with_lost_and_the_other_lanes_drop_it",)),
+    Mutation(
+        "zap-admits-any-key", "With CurveZMQ on, only listed keys connect, each only on its own socket",
+        "the ZAP handler admits every CURVE key on both sockets", SECURITY,
+        "        if domain == MASTERS:\n            return key in self.masters or key in self.admins\n",
+        "        if domain:\n            return True\n",
+        (f"{T_SEC}::test_zap_admits_each_key_only_on_its_own_socket",
+         f"{T_SEC}::test_keys_refused_where_they_do_not_belong")),
+    Mutation(
+        "admin-key-submits", "An admin key reads STATUS; only a master key submits",
+        "the broker lets any frontend key submit", "broker/server.py",
+        "or self.guard.may_submit(self.peer_key):", "or True:",
+        (f"{T_SEC}::test_an_admin_only_key_reads_status_but_cannot_submit_and_a_master_sees_only_its_own",)),
+    Mutation(
+        "task-ids-global", "One master's task id never shadows another master's task",
+        "the broker keys tasks by the master's id alone, across masters", "broker/records.py",
+        '    return hashlib.blake2b(len(master).to_bytes(1, "big") + master + tid, digest_size=16).digest()\n',
+        "    return tid\n",
+        (f"{T_SEC}::test_two_masters_may_use_the_same_task_id",
+         f"{T_STATE}::test_two_masters_may_use_the_same_task_id_and_each_answer_reaches_its_own_master")),
+    Mutation(
+        "byte-budget-ignored", "The payload bytes a broker holds are bounded; past a bound, QueueFull names it",
+        "the broker never refuses a SUBMIT for its bytes", "broker/budget.py",
+        "        if self.total_max and self.held + nbytes > self.total_max:",
+        "        if False:",
+        ("tests/test_budget.py::test_each_bound_is_named_when_it_refuses",)),
+    Mutation(
+        "decode-unbounded", "A header cannot decode to far more memory than its size",
+        "the decoder skips the object budget", CODEC,
+        "        msgcost.estimate(header, budget)\n", "        pass\n",
+        ("tests/test_msgcost.py::test_the_amplification_payload_is_refused_before_it_is_decoded",)),
 )
 
 

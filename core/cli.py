@@ -36,7 +36,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     follow_parent(os.environ)
     cfg = _load(args)
-    serve(cfg.broker)
+    serve(cfg.broker, sec=cfg.security)
     return EXIT_OK
 
 
@@ -50,14 +50,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         update["processes"] = args.processes
     if args.broker:
         update["broker"] = args.broker
-    serve(cfg.worker.model_copy(update=update) if update else cfg.worker)
+    serve(cfg.worker.model_copy(update=update) if update else cfg.worker, sec=cfg.security)
     return EXIT_OK
 
 
 def _master(args: argparse.Namespace, cfg: Config) -> Any:
     from ndpipe.master import Master
 
-    return Master(args.broker or cfg.master.broker, config=cfg.master)
+    return Master(args.broker or cfg.master.broker, config=cfg.master, security=cfg.security)
 
 
 def cmd_master(args: argparse.Namespace) -> int:
@@ -100,7 +100,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return EXIT_OK
-    print(f"broker {status['broker_id']}  masters {status['masters']}  tasks held {status['tasks']}")
+    if status.get("restricted"):
+        print(f"broker {status['broker_id']}: your own tasks only ({status['tasks']} held); an admin key "
+              "(security.admins) sees workers and every queue")
+    else:
+        print(f"broker {status['broker_id']}  masters {status['masters']}  tasks held {status['tasks']}")
     print(f"{'service':24} {'queued':>8} {'inflight':>9} {'workers':>8} {'lanes':>6} {'slots':>6} {'broken':>6}")
     for name, s in sorted(status["services"].items()):
         print(f"{name:24} {s['queued']:8} {s['inflight']:9} {s['workers']:8} {s.get('lanes', 0):6} {s['slots']:6} "
@@ -154,8 +158,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(dump_config(cfg), end="")
     else:
+        _check_security(cfg)
         print(f"{path or '(built-in defaults)'}: OK")
     return EXIT_OK
+
+
+def _check_security(cfg: Config) -> None:
+    """What the broker would refuse to start with, said as a warning; key files that are set are read
+    (a ConfigError, exit 2, names the key and the file)."""
+    from ndpipe import security
+
+    exposed = security.insecure_binds(cfg.security, {"frontend": cfg.broker.frontend, "backend": cfg.broker.backend})
+    if exposed:
+        print(f"warning: {', '.join(exposed)}: a non-loopback TCP address with security.curve off; the broker "
+              f"will refuse to start: {security.INSECURE_HINT}", file=sys.stderr)
+    sec = cfg.security
+    if sec.curve:
+        if sec.secret_key:
+            security.server_curve(sec)
+        if sec.broker_key:
+            security.client_curve(sec)
+        if sec.masters is not None or sec.workers is not None:
+            print(f"allow-lists: {security.AllowLists.load(sec).describe()}")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

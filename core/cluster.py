@@ -36,7 +36,7 @@ from typing import Any
 import psutil
 import yaml
 
-from ndpipe.config import MasterConfig, WorkerConfig
+from ndpipe.config import MasterConfig, SecurityConfig, WorkerConfig
 from ndpipe.errors import BrokerUnreachable
 from ndpipe.runtime import PARENT_ENV
 
@@ -76,7 +76,8 @@ class Cluster:
     def __init__(self, services: Mapping[str, Any], broker: Mapping[str, Any] | None = None,
                  worker: Mapping[str, Any] | None = None, master: Mapping[str, Any] | None = None,
                  frontend: str | None = None, backend: str | None = None, root: str | None = None,
-                 log_level: str = "INFO", start_timeout: float = 60.0) -> None:
+                 log_level: str = "INFO", start_timeout: float = 60.0, security: Mapping[str, Any] | None = None,
+                 curve: bool = False) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="ndpc-"))
         self._own_root = root is None
         self.frontend = frontend or f"ipc://{self.root}/f"
@@ -90,7 +91,12 @@ class Cluster:
             "worker": {**WORKER_DEFAULTS, "broker": self.backend, "services": self.services, **(worker or {})},
             "master": {"broker": self.frontend, **(master or {})},
             "logging": {"level": log_level},
+            "security": dict(security or {}),
         }
+        self.worker_security: dict[str, Any] = dict(security or {})
+        self.master_security: SecurityConfig | None = None
+        if curve:
+            self._make_keys()
         self.config_path = self.root / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.procs: list[Proc] = []
@@ -103,6 +109,26 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _make_keys(self) -> None:
+        """CurveZMQ for the whole cluster: a pair for the broker, one shared by its workers, and one
+        for the harness's masters, which is both a master and an admin key (``keys/``)."""
+        from ndpipe.keys import generate
+
+        keys = self.root / "keys"
+        for name in ("broker", "worker", "harness"):
+            generate(name, keys)
+        for role, name in (("masters", "harness"), ("workers", "worker"), ("admins", "harness")):
+            (keys / role).mkdir()
+            shutil.copy(keys / f"{name}.key", keys / role / f"{name}.key")
+        self.keys = keys
+        self.config["security"].update(curve=True, secret_key=str(keys / "broker.key_secret"),
+                                       masters=str(keys / "masters"), workers=str(keys / "workers"),
+                                       admins=str(keys / "admins"))
+        client = {"curve": True, "broker_key": str(keys / "broker.key")}
+        self.worker_security = {**self.worker_security, **client, "secret_key": str(keys / "worker.key_secret")}
+        self.master_security = SecurityConfig(curve=True, broker_key=str(keys / "broker.key"),
+                                              secret_key=str(keys / "harness.key_secret"))
 
     # ---- starting ---------------------------------------------------------------------------------
     def start(self, workers: int = 1, processes: int | None = None) -> Cluster:
@@ -128,8 +154,9 @@ class Cluster:
         from inside a namespace); with ``wait``, return once the broker counts its slots."""
         before = self.registered_slots() if wait else 0
         config = None
-        if overrides:
-            data = {**self.config, "worker": {**self.config["worker"], **overrides}}
+        if overrides or self.worker_security != self.config["security"]:
+            data = {**self.config, "worker": {**self.config["worker"], **(overrides or {})},
+                    "security": self.worker_security}
             config = self.root / f"worker-{len(self.procs)}.yaml"
             config.write_text(yaml.safe_dump(data))
         extra = ["--processes", str(processes)] if processes else []
@@ -204,6 +231,7 @@ class Cluster:
         from ndpipe.master import Master  # here: the broker and worker processes never import it
 
         cfg = MasterConfig(**{**self.config["master"], **({"broker": endpoint} if endpoint else {})})
+        kwargs.setdefault("security", self.master_security)
         return Master(endpoint or self.frontend, config=cfg, **kwargs)
 
     def lane_pids(self, worker: Proc) -> list[int]:

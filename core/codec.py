@@ -36,6 +36,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from ndpipe import msgcost
 from ndpipe.errors import DecodeError, EncodeError
 from ndpipe.protocol import DIGEST_BYTES
 from ndpipe.refs import Ref
@@ -68,6 +69,11 @@ class Limits:
     max_ndim: int = 32
     max_array_bytes: int = 2**34  # declared size of one array
     max_container_len: int = 1_000_000  # msgpack array/map length
+    # Python objects a header may create, in estimated bytes (ndpipe.msgcost): at most
+    # ``max_amplification`` times the header's size, or ``object_bytes_floor`` for a small header.
+    # Arrays in their own frames are not counted: they are views of the frames, not copies.
+    max_amplification: int = 16
+    object_bytes_floor: int = 16 * 1024 * 1024
 
 
 DEFAULT_LIMITS = Limits()
@@ -344,6 +350,9 @@ def decode(frames: Frames, limits: Limits = DEFAULT_LIMITS, refs: RefResolver | 
     size = _nbytes(header)
     if size > limits.max_header_bytes:
         raise DecodeError(f"header too large: {size} bytes, max_header_bytes {limits.max_header_bytes}")
+    budget = max(limits.object_bytes_floor, limits.max_amplification * size)
+    if size * msgcost.MAX_PER_BYTE > budget:  # a smaller header cannot decode past the budget, whatever it holds
+        msgcost.estimate(header, budget)
     bufs = [_buffer(f) for f in frames[1:]]
     used = [False] * len(bufs)
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Annotated, Any, Literal
 
+import psutil
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -26,6 +27,7 @@ from ndpipe.errors import ConfigError
 
 ENV_PREFIX = "NDPIPE_"
 CONFIG_ENV = "NDPIPE_CONFIG"
+AUTO_MEMORY_SHARE = 0.8  # worker.memory_limit "auto": this share of the host's physical memory per lane
 MAX_TIMEOUT = (2**32 - 1) / 1000  # seconds: timeouts travel as uint32 milliseconds (OPTIONS, META)
 _EXPECTED = "expected tcp://HOST:PORT, ipc://PATH or inproc://NAME"
 _TCP = re.compile(r"tcp://(?P<host>.+):(?P<port>[0-9]{1,5})", re.ASCII)
@@ -111,6 +113,11 @@ class BrokerConfig(BaseModel):
     hwm: int = _num(protocol.HWM, ge=1000, le=2**31 - 1)
     rcvhwm: int = _num(1000, ge=100, le=2**31 - 1)
     unroutable_timeout: float = _num(protocol.UNROUTABLE_TIMEOUT, gt=0, le=86400)
+    # Payload bytes the broker holds (queued or in flight), in all, per master, per service; 0 = no bound.
+    max_queued_bytes: int = _num(4 << 30, ge=0, le=2**63 - 1)
+    max_queued_bytes_per_master: int = _num(1 << 30, ge=0, le=2**63 - 1)
+    max_queued_bytes_per_service: int = _num(2 << 30, ge=0, le=2**63 - 1)
+    max_slots_per_key: int = _num(16384, ge=1, le=2**31 - 1)  # with security.curve: slots one worker key may register
 
 
 class ServiceSpec(BaseModel):
@@ -141,7 +148,9 @@ class WorkerConfig(BaseModel):
     drain_timeout: float = _num(30.0, ge=0, le=86400)
     max_frames: int = _num(protocol.MAX_FRAMES, ge=1)
     max_frame_bytes: int = _num(protocol.MAX_FRAME_BYTES, ge=1024, le=2**63 - 1)
-    memory_limit: int = _num(0, ge=0, le=2**63 - 1)  # bytes of address space per compute process; 0 = none
+    # Bytes of address space per compute process (RLIMIT_AS): "auto" = 80 % of the host's memory, so one
+    # runaway handler fails alone with MemoryError instead of taking the host down; 0 = no limit.
+    memory_limit: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] | Literal["auto"] = "auto"
     cache_bytes: int = _num(protocol.CACHE_BYTES, ge=1 << 20, le=2**63 - 1)  # arrays sent once, per host
 
     @field_validator("services", mode="before")
@@ -165,6 +174,13 @@ class WorkerConfig(BaseModel):
         """Tasks the broker may have in flight at each lane: the running one plus an equal share of
         ``prefetch`` (waiting in that lane's socket), at most LANE_CREDIT_MAX."""
         return min(protocol.LANE_CREDIT_MAX, 1 + -(-self.prefetch // self.effective_processes))
+
+    @property
+    def lane_memory_limit(self) -> int:
+        """``memory_limit`` in bytes, "auto" resolved on this host (0: none)."""
+        if self.memory_limit == "auto":
+            return int(psutil.virtual_memory().total * AUTO_MEMORY_SHARE)
+        return self.memory_limit
 
     @property
     def effective_processes(self) -> int:
@@ -209,6 +225,21 @@ class LoggingConfig(BaseModel):
         return value
 
 
+class SecurityConfig(BaseModel):
+    """CurveZMQ (PROTOCOL.md §13). Paths, checked when a program loads them (ndpipe.security), since
+    which ones it needs depends on the program: the broker its pair and the allow-lists, a master or a
+    worker its pair and the broker's public key."""
+
+    model_config = _FROZEN
+    curve: bool = _num(False)  # strict: YAML "yes" or 1 for a bool is a mistake here too
+    insecure: bool = _num(False)  # allow binding a non-loopback TCP address without curve
+    secret_key: str | None = None  # this program's key pair (NAME.key_secret)
+    broker_key: str | None = None  # masters and workers: the broker's public key (NAME.key)
+    masters: str | None = None  # broker: a directory of public keys allowed to submit
+    workers: str | None = None  # broker: … allowed to register lanes
+    admins: str | None = None  # broker: … allowed to read the full STATUS
+
+
 class Config(BaseModel):
     """The whole file. Every section has defaults, so an empty file is a working single-host setup."""
 
@@ -217,6 +248,7 @@ class Config(BaseModel):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     master: MasterConfig = Field(default_factory=MasterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
 
 # SafeLoader that rejects duplicate keys, where PyYAML would silently keep the last one. Built with

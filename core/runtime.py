@@ -18,9 +18,12 @@ from typing import Any
 class StopSignal:
     """Context manager: ``stop.requested`` turns True on SIGTERM/SIGINT; ``stop.fd`` is pollable."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), install: bool = True) -> None:
-        self.signals = signals if install else ()
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), install: bool = True,
+                 reload: tuple[int, ...] = ()) -> None:
+        self.signals = (*signals, *reload) if install else ()
+        self.reload_signals = reload
         self.requested = False
+        self.reload_requested = False  # SIGHUP (where asked for): re-read what can be re-read
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -31,6 +34,10 @@ class StopSignal:
         return self._rfd
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum in self.reload_signals:
+            self.reload_requested = True
+            self.wake()
+            return
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: give up on a graceful stop
         self.requested = True

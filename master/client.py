@@ -34,7 +34,7 @@ import numpy as np
 
 from ndpipe import protocol as P
 from ndpipe.codec import Limits, encode_call
-from ndpipe.config import MAX_TIMEOUT, MasterConfig
+from ndpipe.config import MAX_TIMEOUT, MasterConfig, SecurityConfig
 from ndpipe.errors import (
     BrokerUnreachable,
     EncodeError,
@@ -60,6 +60,7 @@ from ndpipe.master.mapping import Mapper
 from ndpipe.master.state import Pending
 from ndpipe.master.stream import Stream
 from ndpipe.refs import Ref, make_ref
+from ndpipe.security import client_curve
 
 log = logging.getLogger("ndpipe.master")
 
@@ -102,9 +103,13 @@ class Master:
         config: MasterConfig | None = None,
         window: int | None = None,
         timeout: float | None = None,
+        security: SecurityConfig | None = None,
     ) -> None:
         cfg = config or MasterConfig()
         self.cfg = cfg
+        # CurveZMQ (the YAML's ``security`` section): keys are read here, so a missing or wrong one is a
+        # ConfigError in the caller's thread, before any connection is tried.
+        self._curve = client_curve(security or SecurityConfig())
         self.endpoint = broker or cfg.broker
         self.timeout = timeout if timeout is not None else cfg.timeout
         self.window = window or cfg.window
@@ -433,7 +438,7 @@ class Master:
     def _io_main(self) -> None:
         try:
             loop = self._loop = IOLoop(self.cfg, self.endpoint, self._ident, max(P.HWM, 4 * self.window),
-                                       self._channel)
+                                       self._channel, self._curve)
         except Exception as exc:
             self._error = exc
             self._started.set()

@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from ndpipe import protocol as P
+from ndpipe import security
 from ndpipe.config import MasterConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.master.iterate import IterRun, resolve
@@ -164,8 +165,10 @@ class Channel:
 class IOLoop:
     """Create it in the I/O thread (the socket must be made where it is used), then :meth:`run`."""
 
-    def __init__(self, cfg: MasterConfig, endpoint: str, ident: bytes, hwm: int, channel: Channel) -> None:
+    def __init__(self, cfg: MasterConfig, endpoint: str, ident: bytes, hwm: int, channel: Channel,
+                 curve: security.Curve | None = None) -> None:
         self.cfg = cfg
+        self.curve = curve
         self.endpoint = endpoint
         self.ident = ident
         self.hwm = hwm
@@ -188,6 +191,7 @@ class IOLoop:
 
     def _new_socket(self) -> zmq.Socket[Any]:
         sock = configure(self.ctx.socket(zmq.DEALER), hwm=self.hwm, max_frame_bytes=-1)
+        security.client(sock, self.curve)
         sock.setsockopt(zmq.ROUTING_ID, self.ident)  # kept across sockets: the broker knows us by it
         sock.connect(self.endpoint)
         return sock

@@ -84,13 +84,15 @@ def make_cluster(tmp_short: Path, request: pytest.FixtureRequest) -> Iterator[Ca
     clusters: list[Cluster] = []
 
     def factory(broker: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
-                master: dict[str, Any] | None = None, services: dict[str, Any] | None = None) -> Cluster:
+                master: dict[str, Any] | None = None, services: dict[str, Any] | None = None,
+                curve: bool = False, security: dict[str, Any] | None = None) -> Cluster:
         """The shared harness (:mod:`ndpipe.cluster`) with the test services (and ``services``), in
         ``tmp_short``, with the default drain timeout; a ``frontend``/``backend`` in ``broker``
         replaces the ipc one."""
         cluster = Cluster({**TEST_SERVICES, **(services or {})}, broker=broker, master=master, root=str(tmp_short),
                           worker={"drain_timeout": WorkerConfig().drain_timeout, **(worker or {})},
-                          frontend=(broker or {}).get("frontend"), backend=(broker or {}).get("backend"))
+                          frontend=(broker or {}).get("frontend"), backend=(broker or {}).get("backend"),
+                          curve=curve, security=security)
         clusters.append(cluster)
         return cluster
 

@@ -25,6 +25,7 @@ EXPECTED = {
     "stages": ["ndpipe pipeline", "ndpipe 4 master round trips", "raw 4 round trips", "slowest-stage bound",
                "ndpipe stream", "ndpipe call returning the list"],
     "iterate": ["per-round overhead", "one process, looping", "ndpipe, 8 resident partitions", "routed"],
+    "curve": ["ndpipe, plain", "ndpipe, curve", "raw pyzmq 1 hop, curve", "curve ÷ plain, ndpipe"],
 }
 
 

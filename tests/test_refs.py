@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ndpipe import protocol as P
+from ndpipe.broker.records import task_key
 from ndpipe.broker.state import BrokerState
 from ndpipe.codec import decode, decode_call, encode_call
 from ndpipe.config import MasterConfig
@@ -107,19 +108,20 @@ def test_the_broker_asks_the_tasks_master_for_the_tasks_holder_only() -> None:
     host = s.worker_ready(b"d", ["svc"], 1, 0.0, lanes=1, name="w")
     s.lane_ready(b"l", host.key, 0, 0.0, pid=1)
     s.submit(b"m", b"t", "svc", [b"x"], 0.0)
-    assert s.fetch(b"d", b"t", b"g" * 16, 0.0) == "the task is not in flight at this worker"  # still queued
+    T = task_key(b"m", b"t")  # what the worker knows the task by
+    assert s.fetch(b"d", T, b"g" * 16, 0.0) == "the task is not in flight at this worker"  # still queued
     list(s.dispatch(0.0))
-    assert s.fetch(b"stranger", b"t", b"g" * 16, 0.0) == "the task is not in flight at this worker"
-    master, request = s.fetch(b"d", b"t", b"g" * 16, 0.0)  # type: ignore[misc]
+    assert s.fetch(b"stranger", T, b"g" * 16, 0.0) == "the task is not in flight at this worker"
+    master, request = s.fetch(b"d", T, b"g" * 16, 0.0)  # type: ignore[misc]
     assert master == b"m"
     assert s.fetched(request, b"h" * 16, 10) is None  # DATA for another digest
     assert s.fetched(request, b"g" * 16, 10) == b"d" and s.counters["fetched_bytes"] == 10
     assert s.fetched(request, b"g" * 16, 10) is None  # answered once
-    _m, late = s.fetch(b"l", b"t", b"g" * 16, 0.0)  # type: ignore[misc]
-    s.fetch(b"d", b"t", b"i" * 16, P.FETCH_TIMEOUT + 1)  # entries past their time are forgotten
+    _m, late = s.fetch(b"l", T, b"g" * 16, 0.0)  # type: ignore[misc]
+    s.fetch(b"d", T, b"i" * 16, P.FETCH_TIMEOUT + 1)  # entries past their time are forgotten
     assert s.fetched(late, b"g" * 16, 1) is None
     s.master_gone(b"m")
-    assert s.fetch(b"d", b"t", b"g" * 16, 0.0) == "the task's master is gone"
+    assert s.fetch(b"d", T, b"g" * 16, 0.0) == "the task's master is gone"
 
 
 def test_the_master_serves_what_it_put_and_says_why_not_otherwise() -> None:
@@ -195,7 +197,7 @@ def test_data_counts_only_from_the_master_that_was_asked_and_puts_are_counted() 
     s.lane_ready(b"l", host.key, 0, 0.0, pid=1)
     s.submit(b"m", b"t", "svc", [b"x"], 0.0)
     list(s.dispatch(0.0))
-    _master, request = s.fetch(b"d", b"t", b"g" * 16, 0.0)  # type: ignore[misc]
+    _master, request = s.fetch(b"d", task_key(b"m", b"t"), b"g" * 16, 0.0)  # type: ignore[misc]
     assert s.fetched(request, b"g" * 16, 10, b"intruder") is None  # another master guessed the request id
     assert s.fetched(request, b"g" * 16, 10, b"m") == b"d"
     state = MasterState(MasterConfig(), "ipc://x", 0.0)

@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 
 from ndpipe import protocol as P
+from ndpipe.broker.records import task_key
 from ndpipe.broker.state import QUEUED, BrokerState
 from ndpipe.config import MasterConfig
 from ndpipe.errors import ServiceUnavailable, TaskFailed, TaskTimeout
 from ndpipe.master.state import MasterState, Pending
 from tests.conftest import STEADY, wait_until
+
+T = task_key(b"m", b"t")  # the broker's id for master m's task t: what lanes see and answer to
 
 pytestmark = pytest.mark.timeout(120)
 OPTS = P.OPTIONS.pack(0, 0, P.FLAG_PIPELINE)
@@ -55,12 +58,12 @@ def test_each_stage_result_is_the_next_stage_input_and_only_the_last_is_delivere
     s.submit(b"m", b"t", "a", [b"x0"], 0.0, stages=("a", "b"), flags=P.FLAG_PIPELINE)
     [(task, rec)] = list(s.dispatch(0.0))
     assert rec.wid == b"wa" and task.payload == [b"x0"] and task.flags == P.FLAG_PIPELINE
-    assert s.complete(b"wa", b"t", [b"r1", b"buf"]) is None  # not for the master: the next stage's input
+    assert s.complete(b"wa", T, [b"r1", b"buf"]) is None  # not for the master: the next stage's input
     assert task.state == QUEUED and task.service == "b" and task.payload == [b"r1", b"buf"]
     assert task.flags == P.FLAG_CHAINED and task.attempt == 0
     [(again, rec)] = list(s.dispatch(0.0))
     assert again is task and rec.wid == b"wb" and task.attempt == 1
-    assert s.complete(b"wb", b"t", [b"r2"]) is task and b"t" not in s.tasks
+    assert s.complete(b"wb", T, [b"r2"]) is task and T not in s.tasks
     assert s.counters["staged"] == 1 and s.counters["completed"] == 1
 
 
@@ -75,7 +78,7 @@ def test_a_free_lane_serves_a_pipelines_later_stage_before_new_pipelines(names: 
     order = []
     for _ in range(3 * 50):
         [(task, rec)] = list(s.dispatch(0.0))
-        order.append((task.tid, task.stage))
+        order.append((task.master_tid, task.stage))
         s.complete(rec.wid, task.tid, [b"r"])
     assert order[:6] == [(b"t0", 0), (b"t0", 1), (b"t0", 2), (b"t1", 0), (b"t1", 1), (b"t1", 2)]
     assert s.counters["completed"] == 50 and not s.tasks
@@ -103,14 +106,14 @@ def test_a_stage_lost_with_its_lane_reruns_alone_from_its_own_input() -> None:
     lane(s, b"wb", ["b"])
     s.submit(b"m", b"t", "a", [b"x0"], 0.0, stages=("a", "b"), flags=P.FLAG_PIPELINE)
     list(s.dispatch(0.0))
-    s.complete(b"wa", b"t", [b"r1"])
+    s.complete(b"wa", T, [b"r1"])
     list(s.dispatch(0.0))
-    s.fail(b"wb", b"t", P.CRASHED, 0.0)  # stage b's lane died
-    task = s.tasks[b"t"]
+    s.fail(b"wb", T, P.CRASHED, 0.0)  # stage b's lane died
+    task = s.tasks[T]
     assert task.service == "b" and task.payload == [b"r1"] and task.state == QUEUED  # not back to stage a
     [(again, rec)] = list(s.dispatch(0.0))
     assert rec.wid == b"wb" and again.attempt == 2
-    s.fail(b"wb", b"t", P.CRASHED, 0.0)
+    s.fail(b"wb", T, P.CRASHED, 0.0)
     [failure] = s.take_failures()
     assert failure.code == P.MAX_ATTEMPTS and failure.task.stage == 1
 
@@ -200,13 +203,13 @@ def test_a_stale_crash_report_for_an_earlier_stage_does_not_hit_the_next() -> No
     s.lane_ready(b"l1", host.key, 1, 0.0, pid=11)
     s.submit(b"m", b"t", "a", [b"x"], 0.0, stages=("a", "b"), flags=P.FLAG_PIPELINE)
     [(_, first)] = list(s.dispatch(0.0))
-    s.complete(first.wid, b"t", [b"r"])
+    s.complete(first.wid, T, [b"r"])
     [(task, second)] = list(s.dispatch(0.0))
     assert second.wid != first.wid  # stage b at the sibling lane (a tie goes to the lane that waited longest)
     # the daemon reports its first lane's link loss for the last task it answered: stage a's, same id
-    assert s.fail(b"d", b"t", P.CRASHED, 0.0, "LinkLost", pid=first.pid) is None
-    assert s.tasks[b"t"].state == "inflight" and s.take_failures() == []
-    s.fail(b"d", b"t", P.CRASHED, 0.0, "died", pid=second.pid)  # a report about the holder counts
+    assert s.fail(b"d", T, P.CRASHED, 0.0, "LinkLost", pid=first.pid) is None
+    assert s.tasks[T].state == "inflight" and s.take_failures() == []
+    s.fail(b"d", T, P.CRASHED, 0.0, "died", pid=second.pid)  # a report about the holder counts
     assert [f.code for f in s.take_failures()] == [P.MAX_ATTEMPTS]
 
 
@@ -217,4 +220,4 @@ def test_a_pipeline_whose_master_left_ends_at_its_current_stage() -> None:
     s.submit(b"m", b"t", "a", [b"x0"], 0.0, stages=("a", "b"), flags=P.FLAG_PIPELINE)
     list(s.dispatch(0.0))
     s.master_gone(b"m")
-    assert s.complete(b"wa", b"t", [b"r1"]) is None and b"t" not in s.tasks and list(s.dispatch(0.0)) == []
+    assert s.complete(b"wa", T, [b"r1"]) is None and T not in s.tasks and list(s.dispatch(0.0)) == []

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ndpipe import protocol as P
+from ndpipe.broker.records import task_key
 from ndpipe.broker.state import BrokerState
 from ndpipe.errors import StreamBroken, TaskFailed
 from tests.conftest import wait_until
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ---- the broker's state ------------------------------------------------------------------------------
+T = task_key(b"m", b"t")  # the broker's id for master m's task t: what its lane sees and answers to
+
+
 def stream_at_lane(s: BrokerState) -> None:
     host = s.worker_ready(b"w", ["gen"], 1, 0.0, name="w")
     s.lane_ready(b"w", host.key, 0, 0.0, pid=1)
@@ -31,37 +35,38 @@ def stream_at_lane(s: BrokerState) -> None:
 def test_parts_are_forwarded_once_in_order_and_acks_go_to_the_lane() -> None:
     s = BrokerState()
     stream_at_lane(s)
-    assert s.part(b"w", b"t", 0) is not None and s.part(b"w", b"t", 0) is None  # a repeat: dropped
-    assert s.part(b"w", b"t", 2) is None  # out of order: dropped
-    assert s.part(b"stranger", b"t", 1) is None and s.part(b"w", b"t", 1) is not None
-    assert s.ack(b"m", b"t") == b"w" and s.ack(b"other", b"t") is None
+    assert s.part(b"w", T, 0) is not None and s.part(b"w", T, 0) is None  # a repeat: dropped
+    assert s.part(b"w", T, 2) is None  # out of order: dropped
+    assert s.part(b"stranger", T, 1) is None and s.part(b"w", T, 1) is not None
+    task = s.ack(b"m", b"t")
+    assert task is not None and task.worker == b"w" and s.ack(b"other", b"t") is None
     assert s.counters["parts"] == 2 and s.counters["dropped"] == 3
 
 
 def test_a_stream_lost_after_some_parts_fails_instead_of_repeating_them() -> None:
     s = BrokerState()
     stream_at_lane(s)
-    s.part(b"w", b"t", 0)
+    s.part(b"w", T, 0)
     s.lane_gone(b"w", 1.0)
     [failure] = s.take_failures()
-    assert failure.code == P.STREAM_BROKEN and failure.details["parts"] == 1 and b"t" not in s.tasks
+    assert failure.code == P.STREAM_BROKEN and failure.details["parts"] == 1 and T not in s.tasks
 
 
 def test_a_stream_lost_before_its_first_part_simply_runs_again() -> None:
     s = BrokerState()
     stream_at_lane(s)
     s.lane_gone(b"w", 1.0)
-    assert s.take_failures() == [] and s.tasks[b"t"].state == "queued"
+    assert s.take_failures() == [] and s.tasks[T].state == "queued"
 
 
 def test_closing_or_leaving_stops_the_stream_at_its_lane() -> None:
     s = BrokerState()
     stream_at_lane(s)
-    assert s.cancel(b"m", b"t") and [(lane.wid, tid) for lane, tid in s.take_stops()] == [(b"w", b"t")]
+    assert s.cancel(b"m", b"t") and [(lane.wid, tid) for lane, tid in s.take_stops()] == [(b"w", T)]
     assert s.take_cancels() == []  # not the daemon: the lane stops the generator itself, nobody is killed
     stream_at_lane(s)
     s.master_gone(b"m")
-    assert [tid for _, tid in s.take_stops()] == [b"t"]
+    assert [tid for _, tid in s.take_stops()] == [T]
 
 
 # ---- end to end ----------------------------------------------------------------------------------

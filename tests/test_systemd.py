@@ -144,3 +144,16 @@ def test_only_the_broker_owns_the_shared_runtime_directory() -> None:
     assert broker["RuntimeDirectory"] == ["ndpipe"]
     assert "RuntimeDirectory" not in worker
     assert broker["User"] == worker["User"]
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_the_curve_drop_in_hands_the_secret_key_over_as_a_credential(unit: str) -> None:
+    """systemd reads the secret key as root and gives the service a private copy (%d); the config
+    override names that copy, so the key file never has to be readable by the dynamic user."""
+    values = parse_unit(SYSTEMD_DIR / f"{unit}.d" / "curve.conf")
+    [credential] = values["LoadCredential"]
+    name, _, source = credential.partition(":")
+    assert name.endswith(".key_secret") and source == f"/etc/ndpipe/keys/{name}"
+    assert values["Environment"] == [f"NDPIPE_SECURITY__SECRET_KEY=%d/{name}"]
+    unit_values = parse_unit(SYSTEMD_DIR / unit)
+    assert unit_values["MemoryMax"] and unit_values["TasksMax"]

@@ -36,9 +36,9 @@ import msgpack
 import psutil
 import zmq
 
-from ndpipe import __version__
+from ndpipe import __version__, security
 from ndpipe import protocol as P
-from ndpipe.config import WorkerConfig
+from ndpipe.config import SecurityConfig, WorkerConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.link import BrokerLink
 from ndpipe.runtime import StopSignal
@@ -70,8 +70,10 @@ class LaneProc:
 class WorkerDaemon:
     """Run with :meth:`run`; ``stop.request()`` or SIGTERM ends it gracefully."""
 
-    def __init__(self, config: WorkerConfig | None = None, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, config: WorkerConfig | None = None, context: zmq.Context[Any] | None = None,
+                 sec: SecurityConfig | None = None) -> None:
         self.cfg = config or WorkerConfig()
+        self.curve = security.client_curve(sec or SecurityConfig())  # the daemon's and its lanes' key pair
         self.services = {name: spec.handler for name, spec in self.cfg.services.items()}
         self.timeouts = {name: spec.timeout for name, spec in self.cfg.services.items()}
         self.inits = {name: spec.init for name, spec in self.cfg.services.items() if spec.init is not None}
@@ -105,7 +107,7 @@ class WorkerDaemon:
         mine, theirs = self._mp.Pipe(duplex=True)
         slot = self._mp.RawValue(LaneSlot)
         args = LaneArgs(index, self.cfg.broker, self.services, self.timeouts, os.getpid(), self.cfg.max_frames,
-                        self.cfg.max_frame_bytes, self.cfg.memory_limit, self.inits)
+                        self.cfg.max_frame_bytes, self.cfg.lane_memory_limit, self.inits, self.curve)
         proc = self._mp.Process(target=lane_main, name=f"ndpipe-lane-{index}", args=(args, theirs, slot))
         proc.start()
         theirs.close()
@@ -228,7 +230,7 @@ class WorkerDaemon:
         lane.conn.close()
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         if code == P.EXIT_OUT_OF_MEMORY:
-            why = f"out of memory: the handler exceeded worker.memory_limit = {self.cfg.memory_limit} bytes"
+            why = f"out of memory: the handler exceeded worker.memory_limit = {self.cfg.lane_memory_limit} bytes"
         elif code == -signal.SIGKILL:
             why = "signal 9: killed (kill -9, or the kernel's OOM killer)"
         elif code == -signal.SIGALRM:
@@ -285,6 +287,7 @@ class WorkerDaemon:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
         sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.cfg.max_frame_bytes)
+        security.client(sock, self.curve)
         sock.connect(self.cfg.broker)
         self.sock, self.key = sock, None
         self.poller.register(sock, zmq.POLLIN)
@@ -444,9 +447,9 @@ class WorkerDaemon:
             self.ctx.term()
 
 
-def serve(config: WorkerConfig, stop: StopSignal | None = None) -> None:
+def serve(config: WorkerConfig, stop: StopSignal | None = None, sec: SecurityConfig | None = None) -> None:
     """Entry point for the CLI and tests. Signals stay handled until the clean-up is done."""
-    daemon = WorkerDaemon(config)
+    daemon = WorkerDaemon(config, sec=sec)
     with stop or StopSignal() as sig:
         try:
             daemon.run(sig)

@@ -45,6 +45,7 @@ import zmq
 
 from ndpipe import protocol as P
 from ndpipe import rounds as R
+from ndpipe import security
 from ndpipe.codec import batch_length
 from ndpipe.errors import DecodeError, ProtocolError
 from ndpipe.refs import Ref
@@ -127,6 +128,7 @@ class LaneArgs:
     max_frame_bytes: int = P.MAX_FRAME_BYTES
     memory_limit: int = 0
     init: dict[str, dict[str, Any]] = field(default_factory=dict)  # resident services' constructor kwargs
+    curve: security.Curve | None = None  # the worker's key pair and the broker key it pins (CurveZMQ)
 
 
 class Lane:
@@ -163,6 +165,10 @@ class Lane:
         self.queue.clear()
         self.partitions.held.clear()  # a new connection: the broker forgot this lane and what it held
         sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.args.max_frame_bytes)
+        security.client(sock, self.args.curve)
+        # A random routing id, new per connection (as the ROUTER's own would be), but not guessable from
+        # another's: the broker's ROUTER_HANDOVER gives an id to whoever presents it (PROTOCOL.md §13).
+        sock.routing_id = b"L" + os.urandom(15)
         sock.connect(self.args.broker)
         self.sock, self.watch = sock, LinkWatch(sock)
         self.poller.register(sock, zmq.POLLIN)

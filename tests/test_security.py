@@ -1,0 +1,482 @@
+"""CurveZMQ and who may do what (issue 12; PROTOCOL.md §13): each attack of the issue's list, made
+against a real broker and worker, now does no harm.
+
+Waits are on events: a handshake the broker refused shows on the client socket's monitor
+(HANDSHAKE_FAILED_AUTH), a reload in the broker's log. Where a test shows that nothing arrived, it
+first proves that something sent after the refused attempt did arrive, so "nothing" is not "not yet".
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ndpipe import protocol as P
+from ndpipe.broker.guard import Guard
+from ndpipe.broker.records import task_key
+from ndpipe.codec import decode, encode, encode_call
+from ndpipe.config import SecurityConfig
+from ndpipe.errors import BadRequest, BrokerUnreachable, ConfigError
+from ndpipe.keys import generate, load
+from ndpipe.security import MASTERS, WORKERS, AllowLists, exposed, insecure_binds, zap_reply
+from tests.conftest import STEADY, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---- socket-free rules -----------------------------------------------------------------------------
+def test_exposed_is_any_tcp_address_but_loopback() -> None:
+    for endpoint in ("tcp://*:5555", "tcp://0.0.0.0:1", "tcp://10.0.0.7:5", "tcp://[::]:5", "tcp://eth0:5",
+                     "tcp://broker.example:5"):
+        assert exposed(endpoint), endpoint
+    for endpoint in ("tcp://127.0.0.1:5555", "tcp://127.8.9.1:5", "tcp://localhost:5", "tcp://[::1]:5",
+                     "ipc:///run/ndpipe/b", "inproc://x"):
+        assert not exposed(endpoint), endpoint
+    plain = {"frontend": "tcp://*:5555", "backend": "tcp://127.0.0.1:5556"}
+    assert insecure_binds(SecurityConfig(), plain) == ["broker.frontend: tcp://*:5555"]
+    assert insecure_binds(SecurityConfig(insecure=True), plain) == []
+    assert insecure_binds(SecurityConfig(curve=True), plain) == []
+
+
+def _request(domain: str, key: bytes, mechanism: bytes = b"CURVE") -> list[bytes]:
+    return [b"1.0", b"7", domain.encode(), b"10.0.0.9", b"", mechanism, zmq.utils.z85.decode(key)]
+
+
+def test_zap_admits_each_key_only_on_its_own_socket() -> None:
+    m, w, a, x = (zmq.curve_keypair()[0] for _ in range(4))
+    lists = AllowLists(frozenset({m}), frozenset({w}), frozenset({a}))
+    assert zap_reply(lists, _request(MASTERS, m)) == ([b"1.0", b"7", b"200", b"OK", m, b""], None)
+    assert zap_reply(lists, _request(MASTERS, a))[0][2] == b"200"  # an admin reads STATUS on the frontend
+    assert zap_reply(lists, _request(WORKERS, w))[0][2] == b"200"
+    for domain, key in ((MASTERS, w), (WORKERS, m), (WORKERS, a), (MASTERS, x), (WORKERS, x), ("other", m)):
+        reply, why = zap_reply(lists, _request(domain, key))
+        assert reply[2] == b"400" and why and key.decode() in why
+    assert zap_reply(lists, _request(MASTERS, m, b"NULL")[:6])[0][2] == b"400"
+    assert zap_reply(lists, [b"1.0"])[0][2] == b"500"  # malformed: answered, not a crash
+
+
+def test_a_routing_id_belongs_to_the_first_key_that_used_it(tmp_path: Path) -> None:
+    sec = _lists_on_disk(tmp_path)
+    ctx = zmq.Context()
+    guard = Guard(ctx, sec)
+    try:
+        alice, mallory = guard.lists.masters
+        assert guard.admits(b"M1", alice, front=True)
+        assert not guard.admits(b"M1", mallory, front=True)  # took over alice's id: refused
+        assert guard.admits(b"M2", mallory, front=True)
+        assert not guard.admits(b"W1", alice, front=False)  # a master key on the backend
+        guard.forget({b"M2"})
+        assert guard.admits(b"M1", mallory, front=True)  # alice's id forgotten with her
+    finally:
+        guard.close()
+        ctx.term()
+
+
+def _lists_on_disk(root: Path) -> SecurityConfig:
+    for role, names in (("masters", ("alice", "mallory")), ("workers", ("w",)), ("admins", ())):
+        (root / role).mkdir()
+        for name in names:
+            generate(name, root / "pairs")
+            shutil.copy(root / "pairs" / f"{name}.key", root / role)
+    return SecurityConfig(curve=True, masters=str(root / "masters"), workers=str(root / "workers"),
+                          admins=str(root / "admins"))
+
+
+def test_allow_lists_name_the_key_and_file_of_a_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"security.masters: .*not a directory"):
+        AllowLists.load(SecurityConfig(curve=True, masters=str(tmp_path / "no"), workers=str(tmp_path)))
+    (tmp_path / "bad.key").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"security.workers: .*bad.key"):
+        (tmp_path / "empty").mkdir()
+        AllowLists.load(SecurityConfig(curve=True, masters=str(tmp_path / "empty"), workers=str(tmp_path)))
+    with pytest.raises(ConfigError, match="security.masters: required"):
+        AllowLists.load(SecurityConfig(curve=True))
+
+
+# ---- a broker with curve on ----------------------------------------------------------------------
+@pytest.fixture
+def secure(make_cluster: Any) -> Any:
+    c = make_cluster(broker=STEADY, curve=True)
+    c.start(workers=1, processes=1)
+    return c
+
+
+def _dealer(ctx: zmq.Context[Any], endpoint: str, pair: tuple[bytes, bytes] | None, server: bytes | None,
+            ident: bytes | None = None) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+    """A raw DEALER (CURVE client of ``server`` with ``pair``, or plaintext) and its monitor."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if pair is not None:
+        sock.curve_publickey, sock.curve_secretkey = pair
+        sock.curve_serverkey = server
+    if ident is not None:
+        sock.routing_id = ident
+    monitor = sock.get_monitor_socket()
+    sock.connect(endpoint)
+    return sock, monitor
+
+
+def _await_event(monitor: zmq.Socket[Any], wanted: set[int], timeout: float = 20.0) -> int:
+    poller = zmq.Poller()
+    poller.register(monitor, zmq.POLLIN)
+    deadline = timeout * 1000
+    while poller.poll(deadline):
+        event = recv_monitor_message(monitor)["event"]
+        if event in wanted:
+            return int(event)
+    raise AssertionError(f"none of {wanted} within {timeout} s")
+
+
+def _pair(c: Any, name: str) -> tuple[bytes, bytes]:
+    generate(name, c.keys / "extra")
+    public, secret = load(c.keys / "extra" / f"{name}.key_secret")
+    assert secret is not None
+    return public, secret
+
+
+def _broker_key(c: Any) -> bytes:
+    return load(c.keys / "broker.key")[0]
+
+
+def _submit(tid: bytes, service: str = "echo", *args: Any) -> list[bytes]:
+    return [P.MASTER, P.SUBMIT, service.encode(), tid, P.OPTIONS.pack(0, 0, 0), *encode_call(list(args), {})]
+
+
+def test_keys_refused_where_they_do_not_belong(secure: Any) -> None:
+    """An unknown key, a worker key on the frontend and a master key on the backend fail the handshake
+    (the client's monitor says so), and a plaintext client never gets a reply; none of them reached
+    the broker's state (its counters, read with the harness's admin key, show nothing submitted)."""
+    ctx = zmq.Context()
+    worker_pair = load(secure.keys / "worker.key_secret")
+    harness_pair = load(secure.keys / "harness.key_secret")
+    server = _broker_key(secure)
+    opened: list[zmq.Socket[Any]] = []
+    try:
+        for endpoint, pair in ((secure.frontend, _pair(secure, "stranger")), (secure.frontend, worker_pair),
+                               (secure.backend, harness_pair)):
+            sock, monitor = _dealer(ctx, endpoint, pair, server)  # type: ignore[arg-type]
+            opened += [sock, monitor]
+            ready = {"services": ["echo"], "lanes": 1, "credit": 100000}
+            sock.send_multipart(_submit(b"x1") if endpoint == secure.frontend else
+                                [P.WORKER, P.READY, msgpack.packb(ready)])
+            assert _await_event(monitor, {zmq.EVENT_HANDSHAKE_FAILED_AUTH}) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        plain, monitor = _dealer(ctx, secure.frontend, None, None)
+        opened += [plain, monitor]
+        plain.send_multipart(_submit(b"x2"))
+        with secure.master() as m:
+            assert m.submit("echo", 5).result(timeout=30) == 5  # sent after every attempt above
+            status = m.status()
+        assert status["counters"]["submitted"] == 1 and status["services"]["echo"]["slots"] == 1
+        assert not plain.poll(100)
+        assert "not an allowed master or admin key" in secure.logs(tail=10**6)
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        ctx.term()
+
+
+def test_a_master_refuses_a_broker_with_another_key(make_cluster: Any) -> None:
+    """A fake broker at the broker's address (its own key pair) fails every handshake and never sees
+    a message; the master's task fails as the broker being unreachable."""
+    c = make_cluster(broker=STEADY, master={"broker_timeout": 3.0}, curve=True)  # keys only: nothing started
+    fake_public, fake_secret = zmq.curve_keypair()
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.linger = 0
+    fake.curve_server, fake.curve_publickey, fake.curve_secretkey = True, fake_public, fake_secret
+    monitor = fake.get_monitor_socket()
+    fake.bind(c.frontend)
+    try:
+        with c.master() as m:
+            future = m.submit("echo", 1)
+            _await_event(monitor, {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                                   zmq.EVENT_HANDSHAKE_FAILED_AUTH})
+            with pytest.raises(BrokerUnreachable):
+                future.result(timeout=30)
+        assert not fake.poll(0)
+    finally:
+        monitor.close(linger=0)
+        fake.close(linger=0)
+        ctx.term()
+
+
+def test_payload_bytes_are_not_in_the_clear_on_the_wire(make_cluster: Any) -> None:
+    """A TCP relay between the master and the broker keeps every byte; with curve on the payload's
+    marker is not among them, with curve off (the control) it is."""
+    marker = np.frombuffer(b"NDPIPE-SECRET-PAYLOAD-MARKER" * 8, dtype=np.uint8)
+    for curve in (False, True):
+        c = make_cluster(broker={**STEADY, "frontend": f"tcp://127.0.0.1:{_free_port()}"}, curve=curve)
+        c.start(workers=1, processes=1)
+        relay = Relay(c.frontend)
+        try:
+            with c.master(endpoint=relay.endpoint) as m:
+                assert np.array_equal(m.submit("echo", marker).result(timeout=30), marker)
+        finally:
+            seen = relay.close()
+            c.close()
+        assert (marker.tobytes()[:40] in seen) is not curve, f"curve={curve}"
+        assert len(seen) > marker.nbytes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Relay:
+    """Listen on a free loopback port and copy one connection both ways to ``target``, keeping
+    everything that passed (what an eavesdropper on the link would read)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.seen = bytearray()
+        self.lock = threading.Lock()
+        self.socks: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(self.target)
+        self.socks += [client, upstream]
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    return
+                with self.lock:
+                    self.seen += data
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> bytes:
+        self.listener.close()
+        for sock in self.socks:
+            sock.close()
+        with self.lock:
+            return bytes(self.seen)
+
+
+def test_an_admin_only_key_reads_status_but_cannot_submit_and_a_master_sees_only_its_own(secure: Any) -> None:
+    admin_pair = _pair(secure, "ops")
+    shutil.copy(secure.keys / "extra" / "ops.key", secure.keys / "admins")
+    bob_pair = _pair(secure, "bob")
+    shutil.copy(secure.keys / "extra" / "bob.key", secure.keys / "masters")
+    _reload(secure, 1)
+    ops = SecurityConfig(curve=True, secret_key=str(secure.keys / "extra" / "ops.key_secret"),
+                         broker_key=str(secure.keys / "broker.key"))
+    bob = ops.model_copy(update={"secret_key": str(secure.keys / "extra" / "bob.key_secret")})
+    assert admin_pair and bob_pair
+    with secure.master(security=ops) as m:
+        assert m.status()["workers"]  # the whole picture
+        with pytest.raises(BadRequest, match="not in security.masters"):
+            m.submit("echo", 1).result(timeout=30)
+    with secure.master(security=bob) as m, secure.master() as other:
+        blocker = other.submit("sleep", 2.0)
+        wait_until(lambda: other.status()["services"]["sleep"]["inflight"] == 1, what="the lane busy")
+        mine = m.submit("echo", 2)
+        status = m.status()
+        assert status["restricted"] and status["workers"] == [] and status["tasks"] == 1
+        assert set(status["services"]) == {"echo"}
+        assert "conn" not in repr(status) and other._ident.hex() not in repr(status)
+        assert mine.result(timeout=30) == 2
+        blocker.result(timeout=30)
+
+
+def _reload(c: Any, times: int) -> None:
+    c.broker.send_signal(signal.SIGHUP)
+    wait_until(lambda: c.logs(tail=10**6).count("allow-lists reloaded") >= times, what="the allow-lists reloaded")
+
+
+def test_sighup_admits_new_keys_and_revokes_removed_ones_without_dropping_the_others(make_cluster: Any) -> None:
+    c = make_cluster(broker=STEADY, master={"broker_timeout": 3.0}, curve=True)
+    c.start(workers=1, processes=1)
+    _pair(c, "carol")
+    carol = SecurityConfig(curve=True, secret_key=str(c.keys / "extra" / "carol.key_secret"),
+                           broker_key=str(c.keys / "broker.key"))
+    with c.master() as harness:
+        assert harness.submit("echo", 0).result(timeout=30) == 0
+        shutil.copy(c.keys / "extra" / "carol.key", c.keys / "masters")
+        _reload(c, 1)
+        with c.master(security=carol) as m:
+            assert m.submit("echo", 1).result(timeout=30) == 1
+            (c.keys / "masters" / "carol.key").unlink()
+            _reload(c, 2)
+            late = m.submit("echo", 2)
+            with pytest.raises(BrokerUnreachable):  # refused: never answered, while ...
+                late.result(timeout=30)
+            assert harness.submit("echo", 3).result(timeout=30) == 3  # ... the same old connection is served
+        assert "no longer in security.masters" in c.logs(tail=10**6)
+        (c.keys / "masters" / "junk.key").write_text("garbage")
+        c.broker.send_signal(signal.SIGHUP)
+        wait_until(lambda: "allow-lists not reloaded" in c.logs(tail=10**6), what="a bad reload refused")
+        assert harness.submit("echo", 4).result(timeout=30) == 4  # the old lists stay
+
+
+def test_a_broker_refuses_plaintext_on_a_non_loopback_address_unless_told_insecure(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    endpoints = f"broker: {{frontend: 'tcp://0.0.0.0:{_free_port()}', backend: 'ipc://{tmp_path}/b'}}\n"
+    config.write_text(endpoints)
+    run = [sys.executable, "-m", "ndpipe.cli"]
+    done = subprocess.run([*run, "broker", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "broker.frontend: tcp://0.0.0.0:" in done.stderr and "ndpipe keys generate" in done.stderr
+    check = subprocess.run([*run, "config", "check", "--config", str(config)], capture_output=True, text=True,
+                           timeout=60)
+    assert check.returncode == 0 and "warning: broker.frontend" in check.stderr
+    config.write_text(endpoints + "security: {insecure: true}\n")
+    broker = subprocess.Popen([*run, "broker", "--config", str(config)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert broker.stderr is not None
+        for line in broker.stderr:  # bounded by the test's timeout
+            if "masters on tcp://0.0.0.0" in line:
+                break
+    finally:
+        broker.terminate()
+        assert broker.wait(timeout=30) == 0
+        broker.stderr.close()  # type: ignore[union-attr]
+
+
+def _recv(sock: zmq.Socket[Any], timeout: float = 30.0) -> list[bytes]:
+    assert sock.poll(int(timeout * 1000)), f"no message within {timeout} s"
+    return sock.recv_multipart()
+
+
+def test_answers_count_only_from_the_lane_holding_the_task(secure: Any) -> None:
+    """A stranger on the backend (a worker key that never registered) and a registered rogue lane
+    both answer a task they do not hold, naming it by the broker's id (which only the holder is
+    told; the test computes it): the master's first and only answer is the genuine one."""
+    ctx = zmq.Context()
+    server = _broker_key(secure)
+    worker_pair = load(secure.keys / "worker.key_secret")
+    opened: list[zmq.Socket[Any]] = []
+
+    def dealer(endpoint: str, pair: Any, ident: bytes | None = None) -> zmq.Socket[Any]:
+        sock, monitor = _dealer(ctx, endpoint, pair, server, ident)
+        opened.extend((sock, monitor))
+        return sock
+
+    try:
+        victim = dealer(secure.frontend, load(secure.keys / "harness.key_secret"), b"M-victim-0000001")
+        victim.send_multipart(_submit(b"T1", "sleep", 1.0, "genuine"))
+        with secure.master() as m:
+            wait_until(lambda: m.status()["services"]["sleep"]["inflight"] == 1, what="the task at its lane")
+        tid = task_key(b"M-victim-0000001", b"T1")
+        forged = [P.WORKER, P.W_RESULT, tid, *encode("forged")]
+        failed = [P.WORKER, P.W_ERROR, tid, P.HANDLER_ERROR.encode(), msgpack.packb({"message": "forged"})]
+        stranger = dealer(secure.backend, worker_pair)
+        stranger.send_multipart(forged)
+        assert _recv(stranger)[:2] == [P.WORKER, P.DISCONNECT]
+        rogue = dealer(secure.backend, worker_pair)
+        rogue.send_multipart([P.WORKER, P.READY, msgpack.packb({"services": ["echo"], "lanes": 1, "credit": 1,
+                                                                "id": "rogue"})])
+        welcome = _recv(rogue)
+        assert welcome[1] == P.WELCOME
+        key = msgpack.unpackb(welcome[2])["key"]
+        rogue.send_multipart([P.WORKER, P.LANE, msgpack.packb({"key": key, "lane": 0, "pid": 1})])
+        rogue.send_multipart(forged)
+        rogue.send_multipart(failed)
+        answer = _recv(victim)
+        assert answer[:3] == [P.MASTER, P.RESULT, b"T1"] and decode(answer[3:]) == "genuine"
+        assert not victim.poll(300)
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        ctx.term()
+
+
+def test_two_masters_may_use_the_same_task_id(secure: Any) -> None:
+    """Before, the second SUBMIT of an id was taken for a resend of the first: its master never heard."""
+    ctx = zmq.Context()
+    server, pair = _broker_key(secure), load(secure.keys / "harness.key_secret")
+    opened: list[zmq.Socket[Any]] = []
+    try:
+        for n in range(2):
+            sock, monitor = _dealer(ctx, secure.frontend, pair, server)  # type: ignore[arg-type]
+            opened.extend((sock, monitor))
+            sock.send_multipart(_submit(b"same-id", "echo", f"from {n}"))
+        for n in range(2):
+            answer = _recv(opened[2 * n])
+            assert answer[:3] == [P.MASTER, P.RESULT, b"same-id"] and decode(answer[3:]) == f"from {n}"
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        ctx.term()
+
+
+def test_the_cli_speaks_curve_from_the_yaml(secure: Any, tmp_path: Path) -> None:
+    """`ndpipe status` with an admin key sees the worker; with a master-only key, its own tasks only;
+    with no key at all it cannot reach the broker (exit 3)."""
+    bob = _pair(secure, "bob")
+    assert bob
+    shutil.copy(secure.keys / "extra" / "bob.key", secure.keys / "masters")
+    _reload(secure, 1)
+    run = [sys.executable, "-m", "ndpipe.cli", "status", "--timeout", "5", "--config"]
+    outputs = {}
+    keys = secure.keys
+    for who, secret in (("admin", keys / "harness.key_secret"), ("bob", keys / "extra" / "bob.key_secret")):
+        config = tmp_path / f"{who}.yaml"
+        config.write_text(f"master: {{broker: '{secure.frontend}'}}\nsecurity: {{curve: true, secret_key: '{secret}', "
+                          f"broker_key: '{secure.keys / 'broker.key'}'}}\n")
+        done = subprocess.run([*run, str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        outputs[who] = done.stdout
+    assert "/0" in outputs["admin"] and "your own tasks only" not in outputs["admin"]  # a lane address
+    assert "your own tasks only" in outputs["bob"] and "/0" not in outputs["bob"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"master: {{broker: '{secure.frontend}'}}\n")
+    done = subprocess.run([*run, str(plain)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stdout + done.stderr
+
+
+def test_a_routing_id_taken_over_by_another_key_speaks_for_nobody(secure: Any) -> None:
+    """Mallory, a listed master key, connects under the routing id Alice used (ROUTER_HANDOVER gives
+    her the connection; such ids are random and shown to no one but admins, but the test knows it):
+    what she sends under it is refused, so she can neither submit nor cancel in Alice's name."""
+    mallory = _pair(secure, "mallory")
+    shutil.copy(secure.keys / "extra" / "mallory.key", secure.keys / "masters")
+    _reload(secure, 1)
+    ctx = zmq.Context()
+    server, alice_pair = _broker_key(secure), load(secure.keys / "harness.key_secret")
+    opened: list[zmq.Socket[Any]] = []
+    try:
+        alice, monitor = _dealer(ctx, secure.frontend, alice_pair, server, b"M-alice-00000001")  # type: ignore[arg-type]
+        opened += [alice, monitor]
+        alice.send_multipart(_submit(b"A1", "echo", 1))
+        assert _recv(alice)[:3] == [P.MASTER, P.RESULT, b"A1"]
+        thief, monitor = _dealer(ctx, secure.frontend, mallory, server, b"M-alice-00000001")
+        opened += [thief, monitor]
+        thief.send_multipart(_submit(b"A2", "echo", 2))
+        thief.send_multipart([P.MASTER, P.CANCEL, b"A1"])
+        wait_until(lambda: "its routing id belongs to key" in secure.logs(tail=10**6), what="the refusal")
+        with secure.master() as m:
+            assert m.status()["counters"]["submitted"] == 1  # Alice's only
+        assert not thief.poll(0)
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        ctx.term()
