@@ -31,25 +31,26 @@ class ByteBudget:
     by_master: dict[bytes, int] = field(default_factory=dict)
     by_service: dict[str, int] = field(default_factory=dict)
 
-    def refusal(self, master: bytes, service: str, nbytes: int) -> str | None:
-        """Why a new task of ``nbytes`` cannot be taken now (naming the bound), or None."""
+    def refusal(self, account: bytes, service: str, nbytes: int) -> str | None:
+        """Why a new task of ``nbytes`` cannot be taken now (naming the bound; what others hold is not
+        told), or None."""
         if self.total_max and self.held + nbytes > self.total_max:
-            return (f"the broker holds {self.held} bytes of payloads; {nbytes} more would pass "
-                    f"broker.max_queued_bytes = {self.total_max}")
-        mine = self.by_master.get(master, 0)
+            return (f"{nbytes} more bytes of payload would pass broker.max_queued_bytes = {self.total_max} "
+                    "(what the broker holds for all masters)")
+        mine = self.by_master.get(account, 0)
         if self.master_max and mine + nbytes > self.master_max:
             return (f"this master has {mine} bytes of payloads at the broker; {nbytes} more would pass "
                     f"broker.max_queued_bytes_per_master = {self.master_max}")
-        theirs = self.by_service.get(service, 0)
-        if self.service_max and theirs + nbytes > self.service_max:
-            return (f"service {service!r} has {theirs} bytes of payloads at the broker; {nbytes} more would "
-                    f"pass broker.max_queued_bytes_per_service = {self.service_max}")
+        if self.service_max and self.by_service.get(service, 0) + nbytes > self.service_max:
+            return (f"{nbytes} more bytes of payload for service {service!r} would pass "
+                    f"broker.max_queued_bytes_per_service = {self.service_max}")
         return None
 
     def add(self, task: Task, nbytes: int) -> None:
         task.nbytes = nbytes
         self.held += nbytes
-        self.by_master[task.master] = self.by_master.get(task.master, 0) + nbytes
+        account = task.account or task.master
+        self.by_master[account] = self.by_master.get(account, 0) + nbytes
         self.by_service[task.service] = self.by_service.get(task.service, 0) + nbytes
 
     def remove(self, task: Task) -> None:
@@ -57,7 +58,7 @@ class ByteBudget:
         if not nbytes:
             return
         self.held -= nbytes
-        _less(self.by_master, task.master, nbytes)
+        _less(self.by_master, task.account or task.master, nbytes)
         _less(self.by_service, task.service, nbytes)
 
 

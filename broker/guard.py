@@ -19,6 +19,8 @@ from typing import Any
 
 import zmq
 
+from ndpipe import protocol as P
+from ndpipe.broker.state import BrokerState
 from ndpipe.config import SecurityConfig
 from ndpipe.errors import ConfigError
 from ndpipe.security import MASTERS, WORKERS, AllowLists, zap_reply
@@ -34,8 +36,10 @@ class Guard:
     def __init__(self, ctx: zmq.Context[Any], sec: SecurityConfig) -> None:
         self.sec = sec
         self.lists = AllowLists.load(sec)
-        self.owner: dict[bytes, bytes] = {}  # routing id -> the key that first used it
+        # (frontend?, routing id) -> the key that first used it; the two ROUTERs name peers separately
+        self.owner: dict[tuple[bool, bytes], bytes] = {}
         self.refused = Throttle(log)
+        self.counters = {"handshakes_refused": 0, "messages_refused": 0}  # shown in an admin's STATUS
         self.zap: zmq.Socket[Any] = ctx.socket(zmq.REP)
         self.zap.linger = 0
         try:
@@ -58,28 +62,38 @@ class Guard:
             reply, refused = zap_reply(self.lists, request)
             self.zap.send_multipart(reply)
             if refused:
+                self.counters["handshakes_refused"] += 1
                 self.refused.warning("refused a connection: %s", refused)
 
-    def reload(self) -> None:
+    def reload(self) -> list[tuple[bool, bytes]]:
         """SIGHUP: read the allow-lists again. Connections of keys still listed go on untouched; a
-        key no longer listed is refused from its next message. A list that cannot be read keeps the
-        old ones (and says why), so a typo does not lock everybody out."""
+        key no longer listed is refused from its next message. Returns the (frontend?, routing id)
+        of peers whose key was removed, for the broker to forget now (a revoked worker must not keep
+        receiving tasks until it expires). A list that cannot be read keeps the old ones (and says
+        why), so a typo does not lock everybody out."""
         try:
             lists = AllowLists.load(self.sec)
         except ConfigError as exc:
             log.error("allow-lists not reloaded, the previous ones stay: %s", exc)
-            return
+            return []
         self.lists = lists
-        log.info("allow-lists reloaded: %s", lists.describe())
+        revoked = [peer for peer, key in self.owner.items()
+                   if not lists.admits(MASTERS if peer[0] else WORKERS, key)]
+        for peer in revoked:
+            del self.owner[peer]
+        log.info("allow-lists reloaded: %s; %d connections of removed keys dropped", lists.describe(), len(revoked))
+        return revoked
 
     def admits(self, rid: bytes, key: bytes, front: bool) -> bool:
         """May this message (from routing id ``rid``, authenticated as ``key``) be acted on at all?"""
         if not self.lists.admits(MASTERS if front else WORKERS, key):
+            self.counters["messages_refused"] += 1
             self.refused.warning("refused a message from key %s: no longer in security.%s", key.decode(),
                                  "masters or admins" if front else "workers")
             return False
-        holder = self.owner.setdefault(rid, key)
+        holder = self.owner.setdefault((front, rid), key)
         if holder != key:
+            self.counters["messages_refused"] += 1
             self.refused.warning("refused a message from key %s: its routing id belongs to key %s",
                                  key.decode(), holder.decode())
             return False
@@ -91,7 +105,23 @@ class Guard:
     def is_admin(self, key: bytes) -> bool:
         return key in self.lists.admins
 
-    def forget(self, live: set[bytes]) -> None:
+    def key_of(self, rid: bytes, front: bool) -> bytes | None:
+        return self.owner.get((front, rid))
+
+    def ready_refusal(self, state: BrokerState, rid: bytes, key: bytes, ready: P.ReadyInfo, cap: int) -> str:
+        """Why a worker key's READY is not taken (or ""): a READY under a registered name replaces that
+        worker, so only the key that registered it may; and one key's daemons may register at most
+        ``cap`` slots (lanes × credit) in all, so no key attracts nearly all the work."""
+        same_name = state.by_name.get(ready.name)
+        if same_name is not None and self.key_of(same_name.hid, front=False) not in (None, key):
+            return f"the name {ready.name!r} is another key's worker"
+        mine = sum(h.nlanes * h.credit for h in state.hosts.values()
+                   if self.key_of(h.hid, front=False) == key and h.hid != rid and h.name != ready.name)
+        if mine + ready.lanes * ready.credit > cap:
+            return f"{mine} + {ready.lanes * ready.credit} slots would pass broker.max_slots_per_key = {cap}"
+        return ""
+
+    def forget(self, masters: set[bytes], workers: set[bytes]) -> None:
         """Drop the bindings of routing ids the broker no longer knows (run at housekeeping)."""
-        for rid in [r for r in self.owner if r not in live]:
-            del self.owner[rid]
+        for peer in [p for p in self.owner if p[1] not in (masters if p[0] else workers)]:
+            del self.owner[peer]

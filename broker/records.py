@@ -36,6 +36,7 @@ class Task:
     parts: int = 0  # FLAG_STREAM: parts forwarded to the master so far
     master_tid: bytes = b""  # the id its master gave it: what the master's replies carry
     nbytes: int = 0  # payload bytes counted in the broker's byte budget (ndpipe.broker.budget)
+    account: bytes = b""  # whom they count against: the master's key with curve on, else its routing id
 
 
 def task_key(master: bytes, tid: bytes) -> bytes:

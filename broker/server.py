@@ -20,6 +20,7 @@ import zmq
 from ndpipe import protocol as P
 from ndpipe import rounds as R
 from ndpipe import security
+from ndpipe.broker import status
 from ndpipe.broker.budget import ByteBudget
 from ndpipe.broker.guard import Guard
 from ndpipe.broker.iterate import Runs, Send
@@ -123,11 +124,8 @@ class Broker:
             events = dict(poller.poll(int(timeout * 1000)))
             if stop.fd in events:
                 stop.clear()
-                if stop.reload_requested and self.guard is not None:
-                    stop.reload_requested = False
-                    self.guard.reload()
-            if self.guard is not None and self.guard.zap in events:
-                self.guard.on_zap()
+            if self.guard is not None:
+                self._guard_events(stop, events)
             if self.frontend in events:
                 self._drain(self.frontend, self._on_master)
             if self.backend in events:
@@ -149,6 +147,19 @@ class Broker:
                  c["completed"], c["failed"], c["requeued"],
                  sum(len(q) for q in self.state.queues.values()),
                  sum(len(w.inflight) for w in self.state.lanes.values()))
+
+    def _guard_events(self, stop: StopSignal, events: dict[Any, int]) -> None:
+        """CurveZMQ: answer waiting ZAP requests; on SIGHUP reload the allow-lists and forget the
+        peers of removed keys."""
+        assert self.guard is not None
+        try:
+            if stop.reload_requested:
+                stop.reload_requested = False
+                self._revoke(self.guard.reload(), time.monotonic())
+            if self.guard.zap in events:
+                self.guard.on_zap()
+        except Exception:  # a bug must not stop the broker
+            log.exception("error in the ZAP handler or an allow-list reload")
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(P.READ_BATCH):
@@ -251,21 +262,9 @@ class Broker:
         tid = sub.tid
         stages = tuple(sys.intern(name) for name in sub.stages)
         code = self.state.submit(ident, tid, service, payload, now, sub.timeout_ms, sub.max_attempts, sub.flags,
-                                 stages)
+                                 stages, account=self.peer_key or ident)
         if code == P.QUEUE_FULL:
             self._error(ident, tid, code, {"message": self.state.refused})
-
-    def _snapshot(self, now: float) -> dict[str, Any]:
-        """The state's snapshot with each worker's stats frame decoded (an undecodable one shows as {})."""
-        snap = self.state.snapshot(now)
-        snap["iterations"] = self.runs.snapshot()
-        snap["counters"] = {**snap["counters"], **{f"iter_{k}": v for k, v in self.runs.counters.items()}}
-        for w in snap["workers"]:
-            try:
-                w["stats"] = unpack_map(w["stats"]) if w["stats"] else {}
-            except ProtocolError:
-                w["stats"] = {}
-        return snap
 
     def _on_ack(self, ident: bytes, msg: list[Any]) -> None:
         """The master consumed parts of a stream: tell its lane, by the broker's id for the task."""
@@ -278,21 +277,14 @@ class Broker:
         """The whole picture for an admin key (or anyone, with curve off); a master its own tasks."""
         request = P.parse_status(msg)
         full = self.guard is None or self.guard.is_admin(self.peer_key)
-        body = msgpack.packb(self._snapshot(now) if full else self._own_status(ident), use_bin_type=True)
+        if full:
+            body = status.full(self.state, self.runs, now)
+            if self.guard is not None:
+                body["counters"].update(self.guard.counters)
+        else:
+            body = status.own(self.state, ident)
+        body = msgpack.packb(body, use_bin_type=True)
         self._to_master(ident, [P.MASTER, P.STATUS_REPLY, body, request])
-
-    def _own_status(self, ident: bytes) -> dict[str, Any]:
-        """STATUS for a master key that is not an admin's: its own tasks by service, nothing about
-        workers, other masters or routing ids (PROTOCOL.md §13)."""
-        services: dict[str, dict[str, int]] = {}
-        mine = [t for t in self.state.tasks.values() if t.master == ident]
-        for task in mine:
-            row = services.setdefault(task.service, dict.fromkeys(("queued", "inflight", "workers", "lanes",
-                                                                     "slots", "broken"), 0))
-            row["inflight" if task.state == "inflight" else "queued"] += 1
-        return {"broker_id": self.state.broker_id.hex(), "heartbeat_interval": self.cfg.heartbeat_interval,
-                "liveness": self.cfg.liveness, "masters": 1, "tasks": len(mine), "services": services,
-                "workers": [], "iterations": [], "counters": {}, "restricted": True}
 
     def _may(self, ident: bytes, command: bytes, msg: list[Any]) -> bool:
         """With curve on, only a master key may do more than PING, STATUS and BYE: an admin-only key's
@@ -445,8 +437,11 @@ class Broker:
 
     def _on_ready(self, rid: bytes, msg: list[Any], now: float) -> None:
         ready = P.parse_ready(unpack_map(P.control_frame(msg, P.WORKER)))
-        if self.guard is not None and not self._within_slot_cap(rid, ready):
-            return
+        if self.guard is not None:
+            refused = self.guard.ready_refusal(self.state, rid, self.peer_key, ready, self.cfg.max_slots_per_key)
+            if refused:  # unanswered: the daemon tries again after its liveness
+                self._malformed.warning("refused READY from key %s: %s", self.peer_key.decode(), refused)
+                return
         host = self.state.worker_ready(rid, ready.services, ready.credit, now, ready.info, ready.lanes, ready.name)
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
                   "broker_id": self.state.broker_id.hex(), "key": host.key, "id": host.name}
@@ -454,19 +449,18 @@ class Broker:
         log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s", ready.name, ",".join(ready.services),
                  ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
 
-    def _within_slot_cap(self, rid: bytes, ready: P.ReadyInfo) -> bool:
-        """One worker key may register at most ``broker.max_slots_per_key`` slots (lanes × credit) in
-        all its daemons: a key cannot attract nearly all the work by asking for 100,000 slots. Over
-        it, READY goes unanswered (logged): the daemon tries again after its liveness."""
-        assert self.guard is not None
-        owner = self.guard.owner
-        mine = sum(h.nlanes * h.credit for h in self.state.hosts.values()
-                   if owner.get(h.hid) == self.peer_key and h.hid != rid and h.name != ready.name)
-        if mine + ready.lanes * ready.credit <= self.cfg.max_slots_per_key:
-            return True
-        self._malformed.warning("refused READY from key %s: %d + %d slots would pass broker.max_slots_per_key = %d",
-                                self.peer_key.decode(), mine, ready.lanes * ready.credit, self.cfg.max_slots_per_key)
-        return False
+    def _revoke(self, peers: list[tuple[bool, bytes]], now: float) -> None:
+        """Forget at once the peers whose key a reload removed: a worker's tasks go back to the queue
+        (no attempt counted), a master's queued tasks are dropped."""
+        for front, rid in peers:
+            if front:
+                self.state.master_gone(rid)
+                self._send(self.runs.master_gone(rid))
+            elif rid in self.state.hosts:
+                self.state.worker_gone(rid, now, penalize=False)
+            elif rid in self.state.lanes:
+                self.state.lane_gone(rid, now, penalize=False)
+        self._send(self.runs.check(now))
 
     def _on_lane(self, rid: bytes, msg: list[Any], now: float) -> None:
         info = P.parse_lane(unpack_map(P.control_frame(msg, P.WORKER)))
@@ -550,7 +544,7 @@ class Broker:
     def _heartbeat(self, now: float) -> None:
         self.state.prune()
         if self.guard is not None:
-            self.guard.forget({*self.state.masters, *self.state.lanes, *self.state.hosts})
+            self.guard.forget(set(self.state.masters), {*self.state.lanes, *self.state.hosts})
         trim_heap()
         for wid in list(self.state.hosts):
             try:

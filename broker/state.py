@@ -153,9 +153,11 @@ class BrokerState:
         max_attempts: int = 0,
         flags: int = 0,
         stages: tuple[str, ...] = (),
+        account: bytes | None = None,
     ) -> str | None:
         """Queue a master's task ``tid`` (of a pipeline: its first stage). Return None when queued or a
-        duplicate, else the error code to send."""
+        duplicate, else the error code to send. ``account`` is whom its bytes count against (the
+        master's key with curve on, so one key cannot multiply its budget over many connections)."""
         master_tid, tid = tid, task_key(master, tid)
         if tid in self.tasks:
             self.counters["duplicates"] += 1
@@ -175,14 +177,15 @@ class BrokerState:
             self.counters["rejected"] += 1
             return P.QUEUE_FULL
         nbytes = payload_bytes(payload)
-        why = self.budget.refusal(master, service, nbytes)
+        account = account or master
+        why = self.budget.refusal(account, service, nbytes)
         if why is not None:
             self.refused = why
             self.counters["rejected"] += 1
             return P.QUEUE_FULL
         deadline = now + timeout_ms / 1000.0 if timeout_ms else None
         task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline,
-                    flags=flags, stages=stages, master_tid=master_tid)
+                    flags=flags, stages=stages, master_tid=master_tid, account=account)
         self.budget.add(task, nbytes)
         self.tasks[tid] = task
         if flags & P.FLAG_STREAM:

@@ -317,7 +317,9 @@ def _unpack(header: Any, size: int, hook: Callable[[dict[Any, Any]], Any], limit
         return msgpack.unpackb(
             header, object_hook=hook, ext_hook=_no_ext, raw=False, use_list=True, strict_map_key=False,
             max_bin_len=size, max_str_len=size, max_ext_len=0,
-            max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
+            # a container cannot hold more elements than the header has octets (msgpack reserves slots
+            # from the declared length before it reads them)
+            max_array_len=min(limits.max_container_len, size), max_map_len=min(limits.max_container_len, size // 2),
         )  # fmt: skip
     except DecodeError:
         raise
@@ -350,9 +352,8 @@ def decode(frames: Frames, limits: Limits = DEFAULT_LIMITS, refs: RefResolver | 
     size = _nbytes(header)
     if size > limits.max_header_bytes:
         raise DecodeError(f"header too large: {size} bytes, max_header_bytes {limits.max_header_bytes}")
-    budget = max(limits.object_bytes_floor, limits.max_amplification * size)
-    if size * msgcost.MAX_PER_BYTE > budget:  # a smaller header cannot decode past the budget, whatever it holds
-        msgcost.estimate(header, budget)
+    if size > msgcost.SMALL:  # below it, even msgpack's reservations stay under a MiB or so
+        msgcost.estimate(header, max(limits.object_bytes_floor, limits.max_amplification * size))
     bufs = [_buffer(f) for f in frames[1:]]
     used = [False] * len(bufs)
 

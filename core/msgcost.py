@@ -12,9 +12,12 @@ Cost: one step per object, not per byte; callers skip it for headers too small t
 
 from __future__ import annotations
 
+import re
+
 from ndpipe.errors import DecodeError
 
-MAX_PER_BYTE = 80  # the most one byte of msgpack can cost (0x80, an empty map: 64 + its slot)
+SMALL = 1024  # headers up to this size are not walked: at most ~80 bytes of objects per octet, and
+# msgpack's reservations are capped by the header's size (codec._unpack), so they stay small
 SLOT = 8  # the pointer a list, dict or tuple keeps per element
 _INT, _FLOAT, _STR, _BYTES = 36, 32, 57, 41  # int beyond the cached small ones; float; str, bytes + body
 _LIST, _DICT, _DICT_ITEM = 56, 64, 64  # empty list / dict; each dict entry (its hash table share, amortised)
@@ -28,22 +31,30 @@ _SIZED = {0xC4: (1, _BYTES), 0xC5: (2, _BYTES), 0xC6: (4, _BYTES), 0xC7: (1, SLO
 _CONTAINERS = {0xDC: (2, False), 0xDD: (4, False), 0xDE: (2, True), 0xDF: (4, True)}  # length octets, map?
 
 
+_ONE_BYTE = re.compile(rb"[\x00-\x7f\xe0-\xff\xc0\xc2\xc3]+")  # fixints, nil, bools: one octet, one slot
+
+
 def estimate(header: bytes | memoryview, budget: int) -> int:
-    """The estimated decoded size of ``header`` in bytes, or a DecodeError as soon as it passes
-    ``budget``. A truncated or malformed header is left for msgpack to refuse (its message is better)."""
-    data = memoryview(header).cast("B") if not isinstance(header, bytes) else header
+    """The estimated decoded size of ``header`` in bytes; a DecodeError as soon as it passes ``budget``,
+    or when its containers declare more elements than it has octets left (msgpack reserves a list's
+    slots from its declared length before reading them: 1,000 nested truncated array headers, 5 KB,
+    took 76 MiB). Other malformed input is left for msgpack to refuse (its message is better)."""
+    data = header if isinstance(header, bytes) else bytes(header)
     end, pos, cost = len(data), 0, 0
     pending = 1  # objects still to read: the top one, then each container's elements
     while pending and pos < end and cost <= budget:
-        pending -= 1
         lead = data[pos]
-        pos += 1
-        if lead <= 0x7F or lead >= 0xE0:  # fixint: a cached small int
-            cost += SLOT
+        if lead <= 0x7F or lead >= 0xE0 or lead in (0xC0, 0xC2, 0xC3):  # a run of one-octet objects, at C speed
+            run = _ONE_BYTE.match(data, pos)
+            assert run is not None
+            k = min(run.end() - pos, pending)
+            pos, pending, cost = pos + k, pending - k, cost + SLOT * k
             continue
-        if lead <= 0x8F or 0x90 <= lead <= 0x9F:  # fixmap, fixarray
+        pending -= 1
+        pos += 1
+        if lead <= 0x9F:  # fixmap 0x80-0x8f, fixarray 0x90-0x9f
             n, is_map = lead & 0x0F, lead <= 0x8F
-        elif 0xA0 <= lead <= 0xBF:  # fixstr
+        elif lead <= 0xBF:  # fixstr
             n = lead & 0x1F
             pos += n
             cost += SLOT if n <= 1 else _STR + n  # "" and one character are cached
@@ -73,6 +84,9 @@ def estimate(header: bytes | memoryview, budget: int) -> int:
         else:  # its elements' slots are counted with them
             cost += _LIST + SLOT
             pending += n
+        if pending > end - pos:
+            raise DecodeError(f"header of {end} bytes declares {pending} more objects than it has bytes left "
+                              f"({end - pos}): truncated, or built to make the decoder reserve memory")
     if cost > budget:
         raise DecodeError(f"header of {len(data)} bytes would decode to over {budget} bytes of Python objects: "
                           "too many small objects (send numbers as numpy arrays)")

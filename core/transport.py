@@ -16,9 +16,11 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ndpipe import msgcost
 from ndpipe import protocol as P
 from ndpipe.errors import ProtocolError
 
+OBJECT_FLOOR = 16 * 1024 * 1024  # a control map may always decode to this much (as codec.Limits)
 ZERO_COPY_MIN = 64 * 1024  # below this, copying a frame is cheaper than zero-copy (pyzmq #1032)
 # Plain ints: pyzmq's enum flags cost ~0.5 µs per `|`, and `sock.rcvmore` ~2 µs per frame.
 _NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
@@ -131,9 +133,13 @@ def unpack_map(raw: bytes, limit: int = P.CONTROL_MAX) -> dict[str, Any]:
     """
     if len(raw) > limit:
         raise ProtocolError(f"control map of {len(raw)} bytes exceeds {limit}")
+    size = len(raw)
     try:
-        value = msgpack.unpackb(raw, raw=False, max_str_len=limit, max_bin_len=limit, max_array_len=limit,
-                                max_map_len=limit, max_ext_len=0, strict_map_key=False)
+        if size > msgcost.SMALL:  # ERROR details may be 16 MiB at a master: bound their objects too (§4.4)
+            msgcost.estimate(raw, max(OBJECT_FLOOR, 16 * size))
+        value = msgpack.unpackb(raw, raw=False, max_str_len=limit, max_bin_len=limit,
+                                max_array_len=min(limit, size), max_map_len=min(limit, size // 2), max_ext_len=0,
+                                strict_map_key=False)
     except Exception as exc:
         raise ProtocolError(f"control map is not valid msgpack: {exc}") from exc
     if not isinstance(value, dict):

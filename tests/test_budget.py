@@ -77,17 +77,20 @@ def test_a_flood_of_large_submits_is_refused_and_the_broker_stays_small(make_clu
         for i in range(1500):
             sock.send_multipart([P.MASTER, P.SUBMIT, b"svc%d" % (i % 50), b"t%d" % i, P.OPTIONS.pack(0, 0, 0),
                                  b"\x92\x90\x80", blob], copy=False)
+        kept = (32 << 20) // (len(blob) + 3)  # each task holds its 3-octet header and the blob: 31 fit
         refused = 0
-        for _ in range(1500 - 32):
+        for _ in range(1500 - kept):
             assert sock.poll(60_000), f"{refused} refusals, then nothing"
             reply = sock.recv_multipart()
             assert reply[1] == P.ERROR and reply[3] == P.QUEUE_FULL.encode()
             assert b"max_queued_bytes_per_master = 33554432" in reply[4]
             refused += 1
         grown = (broker.memory_info().rss - before) / 2**20
+        with c.master() as m:
+            status = m.status()
+        assert status["tasks"] == kept and status["counters"]["rejected"] == refused == 1500 - kept
     finally:
         sock.close(linger=0)
         ctx.term()
-    assert refused == 1500 - 32
     assert grown < 128, f"broker RSS grew {grown:.0f} MiB"
     print(f"broker RSS grew {grown:.0f} MiB under 1,500 × 1 MiB SUBMITs with a 32 MiB budget per master")

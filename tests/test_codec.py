@@ -446,7 +446,7 @@ N = 10_000_000
 BIG_HEADERS: dict[str, tuple[Callable[[], bytes], str]] = {
     # Refused by the object budget (ndpipe.msgcost) before msgpack sees them, or by msgpack's limits.
     "wide-array-of-maps": (lambda: b"\xdd" + N.to_bytes(4, "big") + b"\x80" * N, "too many small objects"),
-    "wide-map": (lambda: b"\xdf" + N.to_bytes(4, "big") + b"\x90" * N, "too many small objects"),
+    "wide-map": (lambda: b"\xdf" + N.to_bytes(4, "big") + b"\x90" * N, "more objects than it has bytes left"),
     "deep-arrays": (lambda: b"\x91" * N + b"\x90", "too many small objects"),
     "deep-maps": (lambda: b"\x81\xa1k" * (N // 3) + b"\x80", "too many small objects"),
     "huge-bin-length": (lambda: b"\xc6" + (2**31).to_bytes(4, "big") + b"x" * N, "truncated|exceeds"),

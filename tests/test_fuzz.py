@@ -26,6 +26,7 @@ from ndpipe.broker.server import Broker
 from ndpipe.codec import Limits, decode, decode_call, encode
 from ndpipe.config import BrokerConfig
 from ndpipe.errors import DecodeError, ProtocolError
+from ndpipe.msgcost import estimate
 
 pytestmark = pytest.mark.timeout(600)
 EXAMPLES = int(os.environ.get("NDPIPE_FUZZ_EXAMPLES", "300"))
@@ -47,6 +48,16 @@ def test_any_bytes_decode_to_a_value_or_a_decode_error(header: bytes, buffers: l
         decode([header, *buffers], Limits(object_bytes_floor=1 << 20))
     except DecodeError:
         pass
+
+
+@FUZZ
+@given(st.binary(max_size=4096), st.integers(0, 1 << 20))
+def test_the_object_estimate_terminates_on_any_bytes(header: bytes, budget: int) -> None:
+    try:
+        cost = estimate(header, budget)
+    except DecodeError:
+        return
+    assert 0 <= cost <= budget
 
 
 @FUZZ
@@ -129,6 +140,7 @@ def test_any_worker_message_is_handled_or_refused_as_malformed(broker: Any, rid:
 def _books_balance(broker: Any) -> None:
     state = broker.state
     assert state.budget.held == sum(t.nbytes for t in state.tasks.values())
+    assert sum(state.budget.by_master.values()) == state.budget.held == sum(state.budget.by_service.values())
     assert all(t.master_tid for t in state.tasks.values())
     for lane in state.lanes.values():
         assert all(tid in state.tasks for tid in lane.inflight)
