@@ -3,7 +3,8 @@
     python -m ndpipe.bench curve            # --quick: a few seconds
 
 Each mode gets its own cluster (a broker and 1 worker daemon × 2 compute processes, service
-``echo``): **W1** 20,000 tiny tasks through ``map`` (tasks/s), **W2** an 8 MiB float64 array echoed
+``echo``): **W1** 20,000 tiny tasks through ``map`` (batched: few messages) and 5,000 through
+``submit`` (a message each; tasks/s), **W2** an 8 MiB float64 array echoed
 one call at a time (GB/s, both ways), **W3** 2,000 calls of 64 bytes one at a time (latency p50 and
 p99), over loopback TCP. The baseline is raw pyzmq doing one hop and back (a DEALER and a ROUTER echo process) in
 plaintext and with CURVE, run right before each ndpipe mode: it shows what libzmq's encryption costs
@@ -97,12 +98,17 @@ def measure_ndpipe(curve: bool, arr: np.ndarray[Any, Any], n1: int, n2: int, n3:
         out = list(m.map("echo", repeat(TINY, n1)))
         w1 = n1 / (time.perf_counter() - t0)
         assert out.count(TINY) == n1
+        each = n1 // 4  # one message per task: what every message costs, encryption included
+        t0 = time.perf_counter()
+        futures = [m.submit("echo", TINY) for _ in range(each)]
+        assert [f.result(timeout=120) for f in futures].count(TINY) == each
+        w1s = each / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(n2):
             assert m.call("echo", (arr,)).result(timeout=120).shape == arr.shape
         w2 = 2 * arr.nbytes * n2 / (time.perf_counter() - t0) / 1e9
         p50, p99 = latencies(lambda: m.submit("echo", TINY).result(timeout=60), n3)
-    return {"w1": w1, "w2": w2, "p50": p50, "p99": p99}
+    return {"w1": w1, "w1s": w1s, "w2": w2, "p50": p50, "p99": p99}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         mode = "curve" if curve else "plain"
         rows[f"raw pyzmq 1 hop, {mode}"] = measure_raw(f"tcp://127.0.0.1:{_port()}", curve, arr, n2, n3)
         rows[f"ndpipe, {mode}"] = measure_ndpipe(curve, arr, n1, n2, n3)
-    print(f"{'':26} {'W1 tasks/s':>11} {'W2 GB/s':>8} {'W3 p50 ms':>10} {'W3 p99 ms':>10}")
+    print(f"{'':26} {'W1 map/s':>11} {'W1 submit/s':>11} {'W2 GB/s':>8} {'W3 p50 ms':>10} {'W3 p99 ms':>10}")
     for name, r in rows.items():
-        w1 = f"{r['w1']:11,.0f}" if "w1" in r else f"{'—':>11}"
+        w1 = f"{r['w1']:11,.0f} {r['w1s']:11,.0f}" if "w1" in r else f"{'—':>11} {'—':>11}"
         print(f"{name:26} {w1} {r['w2']:8.2f} {r['p50']:10.3f} {r['p99']:10.3f}")
     for who in ("raw pyzmq 1 hop", "ndpipe"):
         on, off = rows[f"{who}, curve"], rows[f"{who}, plain"]
-        parts = [f"W1 {on['w1'] / off['w1']:.2f}×"] if "w1" in on else []
+        parts = [f"W1 map {on['w1'] / off['w1']:.2f}× submit {on['w1s'] / off['w1s']:.2f}×"] if "w1" in on else []
         parts += [f"W2 {on['w2'] / off['w2']:.2f}×",
                   f"W3 p50 {on['p50'] / off['p50']:.2f}× p99 {on['p99'] / off['p99']:.2f}×"]
         print(f"curve ÷ plain, {who}: " + ", ".join(parts) + "  (throughput: below 1 is slower; latency: above 1)")

@@ -50,14 +50,19 @@ class Curve:
     server: bytes | None = None
 
 
-def _pair(sec: SecurityConfig) -> tuple[bytes, bytes]:
-    if not sec.secret_key:
-        raise ConfigError("security.secret_key: required with security.curve: true (this program's key pair; "
-                          "create one with: ndpipe keys generate NAME --dir /etc/ndpipe/keys)")
+def _key_file(name: str, path: str | None, what: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from the file ``security.<name>`` names; ConfigError naming the key."""
+    if not path:
+        raise ConfigError(f"security.{name}: required with security.curve: true ({what})")
     try:
-        public, secret = keys.load(sec.secret_key)
+        return keys.load(path)
     except ConfigError as exc:
-        raise ConfigError(f"security.secret_key: {exc}") from None
+        raise ConfigError(f"security.{name}: {exc}") from None
+
+
+def _pair(sec: SecurityConfig) -> tuple[bytes, bytes]:
+    public, secret = _key_file("secret_key", sec.secret_key, "this program's key pair; create one with: "
+                               "ndpipe keys generate NAME --dir /etc/ndpipe/keys")
     if secret is None:
         raise ConfigError(f"security.secret_key: {sec.secret_key} holds only a public key (use NAME.key_secret)")
     return public, secret
@@ -65,10 +70,7 @@ def _pair(sec: SecurityConfig) -> tuple[bytes, bytes]:
 
 def server_curve(sec: SecurityConfig) -> Curve | None:
     """The broker's own pair, or None when curve is off."""
-    if not sec.curve:
-        return None
-    public, secret = _pair(sec)
-    return Curve(public, secret)
+    return Curve(*_pair(sec)) if sec.curve else None
 
 
 def client_curve(sec: SecurityConfig) -> Curve | None:
@@ -76,13 +78,8 @@ def client_curve(sec: SecurityConfig) -> Curve | None:
     if not sec.curve:
         return None
     public, secret = _pair(sec)
-    if not sec.broker_key:
-        raise ConfigError("security.broker_key: required with security.curve: true (the broker's public "
-                          "key file, NAME.key: a broker with any other key is refused)")
-    try:
-        server, _ = keys.load(sec.broker_key)
-    except ConfigError as exc:
-        raise ConfigError(f"security.broker_key: {exc}") from None
+    server, _ = _key_file("broker_key", sec.broker_key, "the broker's public key file, NAME.key: a broker with "
+                          "any other key is refused")
     return Curve(public, secret, server)
 
 

@@ -174,11 +174,16 @@ class LinkWatch:
     """
 
     EVENTS = int(zmq.EVENT_DISCONNECTED) | int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    FAILED = {int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "the broker refused this program's key",
+              int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "the handshake failed (a broker with another key, "
+                                                        "or curve on at one end only)",
+              int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "the handshake failed"}
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
-        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(self.EVENTS)
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(self.EVENTS | sum(self.FAILED))
         self.dropped = False
+        self.refused = ""  # why the last handshake failed, until one succeeds: the likely reason for silence
 
     def came_back(self) -> bool:
         """Read pending events; True when a handshake completed after a drop."""
@@ -190,8 +195,12 @@ class LinkWatch:
                 return back
             if event == zmq.EVENT_DISCONNECTED:
                 self.dropped = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.dropped:
-                self.dropped, back = False, True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused = ""
+                if self.dropped:
+                    self.dropped, back = False, True
+            elif event in self.FAILED:
+                self.refused = self.FAILED[event]
 
     def close(self) -> None:
         try:

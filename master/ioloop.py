@@ -284,6 +284,7 @@ class IOLoop:
         self._receive()
         if readable(self.watch.monitor) and self.watch.came_back():
             self._send_all(self.state.link_came_back(time.monotonic()))
+        self.state.refused = self.watch.refused
         tick = self.state.tick(time.monotonic())
         if tick.reconnect:
             self._replace_socket()

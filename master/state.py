@@ -78,6 +78,7 @@ class MasterState:
         self.session: bytes | None = None
         self.resend_due = False  # an event may have lost messages: resend at the next PONG
         self.lost_since: float | None = None
+        self.refused = ""  # why the last CURVE handshake failed (the I/O loop's link monitor), if it did
         self.limits = Limits(max_frames=cfg.max_frames)
         self.counters = {"late_answers": 0, "resends": 0, "fetches": 0}
         self.refs: dict[bytes, tuple[bytes, Any, int]] = {}  # put(): digest -> (description, array, puts)
@@ -301,15 +302,18 @@ class MasterState:
         if self.link.silent(now):
             if self.lost_since is None:
                 self.lost_since = self.link.last_heard
-                log.warning("broker %s silent for %.1f s: reconnecting", self.endpoint, now - self.link.last_heard)
+                log.warning("broker %s silent for %.1f s: reconnecting%s", self.endpoint, now - self.link.last_heard,
+                            f" ({self.refused})" if self.refused else "")
             out.reconnect = True
             self.link.reconnected(now)  # a full liveness period (at least the back-off) for the new socket
             self.resend_due = True
         limit = self.cfg.broker_timeout
         if self.lost_since is not None and limit is not None and now - self.lost_since > limit:
+            why = (f"{self.refused}: check security.broker_key, and that this key is in the broker's "
+                   "security.masters" if self.refused else "is `ndpipe broker` running there?")
             self.fail_all(BrokerUnreachable(
                 f"broker {self.endpoint} unreachable for {now - self.lost_since:.1f} s "
-                f"(master.broker_timeout = {limit} s); is `ndpipe broker` running there?"))
+                f"(master.broker_timeout = {limit} s); {why}"))
         out.send.append([P.MASTER, P.PING])
         self.link.beaten(now)
         return out

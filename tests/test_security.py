@@ -215,7 +215,7 @@ def test_a_master_refuses_a_broker_with_another_key(make_cluster: Any) -> None:
             future = m.submit("echo", 1)
             _await_event(monitor, {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
                                    zmq.EVENT_HANDSHAKE_FAILED_AUTH})
-            with pytest.raises(BrokerUnreachable):
+            with pytest.raises(BrokerUnreachable, match="handshake failed.*check security.broker_key"):
                 future.result(timeout=30)
         assert not fake.poll(0)
     finally:
@@ -304,7 +304,8 @@ def test_an_admin_only_key_reads_status_but_cannot_submit_and_a_master_sees_only
     bob = ops.model_copy(update={"secret_key": str(secure.keys / "extra" / "bob.key_secret")})
     assert admin_pair and bob_pair
     with secure.master(security=ops) as m:
-        assert m.status()["workers"]  # the whole picture
+        workers = m.status()["workers"]  # the whole picture, routing ids included: random ones, not a counter
+        assert workers and all(w["conn"].startswith(b"D".hex()) and len(w["conn"]) == 32 for w in workers)
         with pytest.raises(BadRequest, match="not in security.masters"):
             m.submit("echo", 1).result(timeout=30)
     with secure.master(security=bob) as m, secure.master() as other:
@@ -341,6 +342,7 @@ def test_sighup_admits_new_keys_and_revokes_removed_ones_without_dropping_the_ot
             late = m.submit("echo", 2)
             with pytest.raises(BrokerUnreachable):  # refused: never answered, while ...
                 late.result(timeout=30)
+            # (its connection was accepted before the reload: nothing failed a handshake)
             assert harness.submit("echo", 3).result(timeout=30) == 3  # ... the same old connection is served
         assert "no longer in security.masters" in c.logs(tail=10**6)
         (c.keys / "masters" / "junk.key").write_text("garbage")
@@ -518,3 +520,37 @@ def test_a_worker_key_cannot_take_over_another_keys_worker_by_its_name(secure: A
             sock.close(linger=0)
             monitor.close(linger=0)
             ctx.term()
+
+
+def test_missing_or_wrong_key_files_are_config_errors_naming_the_key(tmp_path: Path) -> None:
+    from ndpipe.security import client_curve, server_curve
+
+    public, secret = generate("me", tmp_path)
+    cases = [(SecurityConfig(curve=True), "security.secret_key: required"),
+             (SecurityConfig(curve=True, secret_key=str(public)), "holds only a public key"),
+             (SecurityConfig(curve=True, secret_key=str(secret)), "security.broker_key: required"),
+             (SecurityConfig(curve=True, secret_key=str(secret), broker_key=str(tmp_path / "nope.key")),
+              "security.broker_key: .*no such key file")]
+    for sec, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            client_curve(sec)
+    assert server_curve(SecurityConfig(curve=True, secret_key=str(secret))) is not None
+    assert client_curve(SecurityConfig()) is None and server_curve(SecurityConfig()) is None
+    config = tmp_path / "w.yaml"
+    config.write_text(f"security: {{curve: true, secret_key: '{secret}'}}\n")
+    done = subprocess.run([sys.executable, "-m", "ndpipe.cli", "worker", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "security.broker_key: required" in done.stderr
+
+
+def test_a_master_with_an_unlisted_key_is_told_why_it_cannot_reach_the_broker(secure: Any) -> None:
+    from ndpipe.config import MasterConfig
+    from ndpipe.master import Master
+
+    _pair(secure, "stranger")
+    sec = SecurityConfig(curve=True, secret_key=str(secure.keys / "extra" / "stranger.key_secret"),
+                         broker_key=str(secure.keys / "broker.key"))
+    cfg = MasterConfig(broker=secure.frontend, broker_timeout=2.0, heartbeat_interval=0.5)
+    with Master(secure.frontend, config=cfg, security=sec) as m:
+        with pytest.raises(BrokerUnreachable, match="the broker refused this program's key"):
+            m.submit("echo", 1).result(timeout=30)

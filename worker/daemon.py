@@ -288,6 +288,8 @@ class WorkerDaemon:
             self.sock.close(linger=0)
         sock = configure(self.ctx.socket(zmq.DEALER), hwm=P.HWM, max_frame_bytes=self.cfg.max_frame_bytes)
         security.client(sock, self.curve)
+        if self.curve is not None:  # a random id, not libzmq's counter: no other key can guess and take it over
+            sock.routing_id = b"D" + os.urandom(15)
         sock.connect(self.cfg.broker)
         self.sock, self.key = sock, None
         self.poller.register(sock, zmq.POLLIN)
