@@ -63,15 +63,17 @@ def test_callback_cannot_deadlock_on_a_full_window(make_cluster) -> None:  # typ
         outcomes: list[object] = []
 
         def fan_out(_f: object) -> None:
-            for i in range(2):  # the second follow-up finds the window full
-                try:
-                    outcomes.append(m.submit("echo", i))
+            for i in range(2):  # the second follow-up finds the window full (the first takes 0.5 s: it cannot
+                try:                # have finished and freed its slot in between, however the loop is scheduled)
+                    outcomes.append(m.submit("sleep", 0.5, i))
                 except NdpipeError as exc:
                     outcomes.append(exc)
             outcomes.append(_status_in_callback(m))
 
         slow = m.submit("sleep", 1.0, "slow")
-        fast = m.submit("echo", 1)
+        # 0.2 s: still running when the callback is added (a callback added to a finished future runs at
+        # once in this thread, outside the loop, where submit waits for a slot instead of refusing)
+        fast = m.submit("sleep", 0.2, 1)
         fast.add_done_callback(fan_out)
         assert fast.result(timeout=20) == 1
         wait_until(lambda: len(outcomes) == 3, what="the callback to finish")

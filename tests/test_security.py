@@ -8,6 +8,7 @@ first proves that something sent after the refused attempt did arrive, so "nothi
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -554,3 +555,22 @@ def test_a_master_with_an_unlisted_key_is_told_why_it_cannot_reach_the_broker(se
     with Master(secure.frontend, config=cfg, security=sec) as m:
         with pytest.raises(BrokerUnreachable, match="the broker refused this program's key"):
             m.submit("echo", 1).result(timeout=30)
+
+
+def test_with_curve_on_a_killed_lane_and_a_restarted_broker_are_recovered_from(make_cluster: Any) -> None:
+    """The reliability paths over CURVE: a lane killed mid-task is replaced (new connection, new random
+    routing id, a new handshake) and its task rerun; after a broker restart (same key) the daemon
+    registers again and the master's resend is answered."""
+    c = make_cluster(broker=STEADY, curve=True)
+    c.start(workers=1, processes=1)
+    with c.master() as m:
+        pid = m.submit("pid").result(timeout=30)
+        slow = m.submit("sleep", 1.0, "done")
+        wait_until(lambda: m.status()["services"]["sleep"]["inflight"] == 1, what="the sleep at its lane")
+        os.kill(pid, signal.SIGKILL)
+        assert slow.result(timeout=60) == "done"
+        assert m.submit("pid").result(timeout=30) != pid  # a new lane answers
+        c.kill_broker()
+        after = m.submit("echo", "again")
+        c.start_broker()
+        assert after.result(timeout=60) == "again"
