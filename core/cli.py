@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from ndpipe import __version__
 from ndpipe.config import Config, default_config_path, dump_config, load_config
@@ -22,6 +24,7 @@ from ndpipe.runtime import follow_parent
 
 EXIT_OK, EXIT_TASK, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 log = logging.getLogger("ndpipe.cli")
+Section = TypeVar("Section", bound=BaseModel)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -29,6 +32,24 @@ def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(path)
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
     return cfg
+
+
+def _overridden(section: str, model: Section, flags: dict[str, tuple[str, Any]]) -> Section:
+    """``model`` with the command-line flags that override its keys, validated as YAML and environment
+    values are (a ConfigError, exit 2, names the flag and the key): `--processes -1` or `--broker
+    garbage` must not start a daemon that loops or hangs."""
+    given = {key: value for key, (_, value) in flags.items() if value is not None}
+    if not given:
+        return model
+    try:
+        return type(model).model_validate({**model.model_dump(), **given})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = str(err["loc"][0]) if err["loc"] else ""
+            flag = flags[key][0] if key in flags else "command line"
+            problems.append(f"{flag}: {section}.{key}: {err['msg']} (got {err['input']!r})")
+        raise ConfigError("\n".join(problems)) from None
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -45,19 +66,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     follow_parent(os.environ)
     cfg = _load(args)
-    update: dict[str, Any] = {}
-    if args.processes is not None:
-        update["processes"] = args.processes
-    if args.broker:
-        update["broker"] = args.broker
-    serve(cfg.worker.model_copy(update=update) if update else cfg.worker, sec=cfg.security)
+    worker = _overridden("worker", cfg.worker, {"processes": ("--processes", args.processes),
+                                                "broker": ("--broker", args.broker)})
+    serve(worker, sec=cfg.security)
     return EXIT_OK
 
 
 def _master(args: argparse.Namespace, cfg: Config) -> Any:
     from ndpipe.master import Master
 
-    return Master(args.broker or cfg.master.broker, config=cfg.master, security=cfg.security)
+    master = _overridden("master", cfg.master, {"broker": ("--broker", args.broker)})
+    return Master(master.broker, config=master, security=cfg.security)
 
 
 def cmd_master(args: argparse.Namespace) -> int:
@@ -78,6 +97,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     cfg = _load(args)
+    if args.shards < 1:
+        raise ConfigError(f"--shards must be at least 1, got {args.shards}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):  # before the work, not after it
+        raise ConfigError(f"--output {args.output}: {out_dir} is not a writable directory")
     try:
         data = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as exc:

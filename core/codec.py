@@ -14,7 +14,8 @@ plus ``b"order": b"F"`` for Fortran-ordered arrays, and for an array sent once
 
 which only a decoder given ``refs`` (a worker's lane, which fetches and caches the bytes) turns into
 the array; anywhere else it is a DecodeError. Python ``complex`` travels as a numpy
-complex128 scalar; tuples decode as lists. Only dtype kinds b, i, u, f, c are supported.
+complex128 scalar; tuples decode as lists. Only dtype kinds b, i, u, f, c are supported; a masked
+array is refused (EncodeError: its mask would be lost), send its filled values and its mask.
 
 Reserved: a map with the bytes key ``b"nd"`` is always read as one of the maps above, so user dicts
 must not use that key (the str key ``"nd"`` is fine). ``encode`` does not scan for it (hot path);
@@ -120,6 +121,10 @@ def _make_default(inline_max: int, bufs: list[bytes | memoryview]) -> Callable[[
 
     def default(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
+            if isinstance(obj, np.ma.MaskedArray):  # its data alone would arrive with the mask lost
+                raise EncodeError("a masked array cannot be sent: its mask would be lost (the filled values, "
+                                  "e.g. 999999, would arrive as data); send arr.filled(value) and arr.mask "
+                                  "(np.ma.getmaskarray) as two arrays")
             return _encode_array(obj, inline_max, bufs)
         if isinstance(obj, Ref):
             out = {b"nd": True, b"ref": obj.digest, b"type": obj.dtype, b"kind": b"", b"shape": list(obj.shape)}

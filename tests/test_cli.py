@@ -118,3 +118,54 @@ def test_broker_reports_an_endpoint_in_use() -> None:
         done = ndpipe("broker", env={"NDPIPE_BROKER__FRONTEND": f"tcp://127.0.0.1:{port}",
                                      "NDPIPE_BROKER__BACKEND": "ipc:///tmp/ndpipe-unused-backend"})
     assert done.returncode == 2 and "broker.frontend" in done.stderr and "cannot bind" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["worker", "--processes", "-1"], "--processes: worker.processes: Input should be greater than or equal to 0"),
+    (["worker", "--broker", "garbage"], "--broker: worker.broker: expected tcp://HOST:PORT"),
+    (["status", "--broker", "localhost:5555"], "--broker: master.broker: expected tcp://HOST:PORT"),
+    (["master", "ndpipe.examples.handlers:echo", "--broker", "tcp://*:5555"], "--broker: master.broker: '*' only"),
+])
+def test_flags_that_override_config_keys_are_validated_like_yaml(args: list[str], message: str) -> None:
+    """Issue 13, finding 2: `--processes -1` started a worker that looped re-registering, `--broker
+    garbage` hung; the same values in YAML were refused. Now the flag goes through the same validation."""
+    done = ndpipe(*args, timeout=30)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_submit_refuses_bad_shards_and_an_unwritable_output_before_any_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 13, finding 9: `--shards 0` was a traceback, and `--output` into a missing directory failed
+    only after all the work was done. Both are checked first (no broker is even needed)."""
+    import numpy as np
+
+    data = tmp_path / "x.npy"
+    np.save(data, np.arange(4.0))
+    done = ndpipe("submit", "echo", "--input", str(data), "--output", str(tmp_path / "y.npy"), "--shards", "0")
+    assert done.returncode == 2 and "--shards must be at least 1" in done.stderr
+    missing = tmp_path / "no" / "y.npy"
+    done = ndpipe("submit", "echo", "--input", str(data), "--output", str(missing))
+    assert done.returncode == 2 and "is not a writable directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_status_probes_are_not_logged_and_a_service_nobody_offers_fails_naming_it(make_cluster,  # type: ignore[no-untyped-def]
+                                                                                  tmp_path: Path) -> None:
+    """Issue 13, findings 10 and 1: each `ndpipe status` logged "master … left" at INFO (a health probe
+    filled the log); `ndpipe submit nosuch` sat at 0 % until killed. Now probes leave no INFO line,
+    and work for a service no worker offers fails after broker.unroutable_timeout naming the service
+    and those that exist (exit 1)."""
+    c = make_cluster(broker={**STEADY, "unroutable_timeout": 1.0})
+    c.start_broker()
+    c.start_worker(processes=1)
+    with c.master() as m:
+        c.wait_slots(m, 1)
+    config = ["--config", str(c.config_path)]
+    for _ in range(3):
+        assert ndpipe("status", *config).returncode == 0
+    assert " left" not in c.logs(tail=10**6)
+    data = tmp_path / "x.npy"
+    np.save(data, np.arange(4.0))
+    done = ndpipe("submit", "nosuch", "--input", str(data), "--output", str(tmp_path / "y.npy"), "--shards", "2",
+                  "--quiet", *config)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "nosuch" in done.stderr and "echo" in done.stderr and "Traceback" not in done.stderr

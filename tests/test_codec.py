@@ -514,3 +514,11 @@ def test_too_deep_nesting_is_an_encode_error() -> None:
         value = [value]
     with pytest.raises(EncodeError):
         encode(value)
+
+
+def test_a_masked_array_is_refused_instead_of_losing_its_mask() -> None:
+    """Issue 13, finding 11: a masked array travelled as its filled data (999999 appeared, mask lost)."""
+    masked = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    with pytest.raises(EncodeError, match="mask would be lost"):
+        encode([masked])
+    assert np.array_equal(decode(encode([masked.filled(0.0), np.ma.getmaskarray(masked)]))[1], [False, True, False])
