@@ -67,7 +67,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     follow_parent(os.environ)
     cfg = _load(args)
     worker = _overridden("worker", cfg.worker, {"processes": ("--processes", args.processes),
-                                                "broker": ("--broker", args.broker)})
+                                                "broker": ("--broker", args.broker),
+                                                "app_dir": ("--app-dir", args.app_dir)})
     serve(worker, sec=cfg.security)
     return EXIT_OK
 
@@ -81,9 +82,10 @@ def _master(args: argparse.Namespace, cfg: Config) -> Any:
 
 def cmd_master(args: argparse.Namespace) -> int:
     """Run a job function ``package.module:function`` with a connected Master as its argument."""
-    from ndpipe.worker.compute import resolve
+    from ndpipe.worker.compute import add_app_dir, resolve
 
     cfg = _load(args)
+    add_app_dir(args.app_dir, "--app-dir")
     job = resolve(args.job)
     with _master(args, cfg) as master:
         result = job(master, *args.job_args)
@@ -183,8 +185,25 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
     else:
         _check_security(cfg)
+        if args.imports:
+            _check_imports(cfg, args.app_dir)
         print(f"{path or '(built-in defaults)'}: OK")
     return EXIT_OK
+
+
+def _check_imports(cfg: Config, app_dir: str | None) -> None:
+    """``config check --import``: import every handler (and check that a resident service's class can
+    be called) as the worker would at start, constructing nothing: a typo fails here, not in the
+    deployment."""
+    from ndpipe.worker import compute
+
+    compute.add_app_dir(app_dir or cfg.worker.app_dir, "--app-dir" if app_dir else "worker.app_dir")
+    for name, spec in cfg.worker.services.items():
+        try:
+            compute.check_service(name, spec.handler, spec.init)
+        except ConfigError as exc:
+            raise ConfigError(f"worker.services.{name}: {exc}") from None
+    print(f"{len(cfg.worker.services)} handlers import")
 
 
 def _check_security(cfg: Config) -> None:
@@ -233,11 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", parents=[common], help="run a worker daemon and its compute processes")
     p.add_argument("--processes", type=int, help="compute processes (overrides worker.processes)")
     p.add_argument("--broker", help="broker backend endpoint (overrides worker.broker)")
+    p.add_argument("--app-dir", help="directory to import handlers from, first on sys.path (overrides "
+                                     "worker.app_dir)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("master", parents=[common], help="run a job function with a connected Master")
     p.add_argument("job", help="package.module:function, called as function(master, *job_args)")
     p.add_argument("job_args", nargs="*")
+    p.add_argument("--app-dir", help="directory to import the job from, first on sys.path")
     p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
     p.set_defaults(func=cmd_master)
 
@@ -281,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", parents=[common], help="check or show the effective configuration")
     p.add_argument("action", choices=["check", "show"])
+    p.add_argument("--import", dest="imports", action="store_true",
+                   help="check: also import every worker handler (constructs nothing)")
+    p.add_argument("--app-dir", help="with --import: directory to import handlers from (default: worker.app_dir)")
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -152,6 +152,9 @@ class WorkerConfig(BaseModel):
     # runaway handler fails alone with MemoryError instead of taking the host down; 0 = no limit.
     memory_limit: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] | Literal["auto"] = "auto"
     cache_bytes: int = _num(protocol.CACHE_BYTES, ge=1 << 20, le=2**63 - 1)  # arrays sent once, per host
+    # A directory put first on sys.path (the daemon's and its lanes') so handlers import from it, as
+    # uvicorn's --app-dir; null = only what is installed in ndpipe's environment.
+    app_dir: str | None = None
 
     @field_validator("services", mode="before")
     @classmethod

@@ -169,3 +169,28 @@ def test_status_probes_are_not_logged_and_a_service_nobody_offers_fails_naming_i
                   "--quiet", *config)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "nosuch" in done.stderr and "echo" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_handlers_import_from_an_app_dir_and_config_check_import_finds_a_typo(make_cluster,  # type: ignore[no-untyped-def]
+                                                                              tmp_path: Path) -> None:
+    """Issue 13, findings 3 and 6: a handler module in the current directory was not importable, and
+    `config check` passed a typo in a handler path. `worker.app_dir` / `--app-dir` put a directory first
+    on sys.path (the daemon's and its lanes'), and `config check --import` imports every handler."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "mymod.py").write_text("def double(x):\n    return 2 * x\n\n\ndef job(master, n):\n"
+                                  "    return master.submit('double', int(n)).result(timeout=30)\n")
+    good, typo = tmp_path / "good.yaml", tmp_path / "typo.yaml"
+    good.write_text(f"worker:\n  app_dir: '{app}'\n  services:\n    double: mymod:double\n")
+    typo.write_text("worker:\n  services:\n    double: mymod:doubel\n")
+    done = ndpipe("config", "check", "--import", "--config", str(good))
+    assert done.returncode == 0 and "1 handlers import" in done.stdout, done.stderr
+    done = ndpipe("config", "check", "--import", "--config", str(typo))
+    assert done.returncode == 2 and "cannot import 'mymod'" in done.stderr
+    done = ndpipe("config", "check", "--import", "--app-dir", str(app), "--config", str(typo))
+    assert done.returncode == 2 and "worker.services.double" in done.stderr and "doubel" in done.stderr
+    assert ndpipe("config", "check", "--config", str(typo)).returncode == 0  # without --import: syntax only
+    c = make_cluster(broker=STEADY, worker={"app_dir": str(app)}, services={"double": "mymod:double"})
+    c.start(workers=1, processes=1)
+    done = ndpipe("master", "mymod:job", "21", "--app-dir", str(app), "--config", str(c.config_path), timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "42", done.stderr

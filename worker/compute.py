@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import resource
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,18 @@ def resolve(spec: str) -> Handler:
     if not callable(obj):
         raise ConfigError(f"handler {spec!r} is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def add_app_dir(path: str | None, key: str = "worker.app_dir") -> None:
+    """Put ``path`` first on sys.path (once), so handlers and jobs import from it; spawned lanes inherit
+    the parent's sys.path. ConfigError naming ``key`` if it is not a directory."""
+    if path is None:
+        return
+    folder = os.path.abspath(path)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{key}: {path} is not a directory")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def check_service(name: str, spec: str, init: dict[str, Any] | None) -> None:

@@ -77,6 +77,7 @@ class WorkerDaemon:
         self.services = {name: spec.handler for name, spec in self.cfg.services.items()}
         self.timeouts = {name: spec.timeout for name, spec in self.cfg.services.items()}
         self.inits = {name: spec.init for name, spec in self.cfg.services.items() if spec.init is not None}
+        compute.add_app_dir(self.cfg.app_dir)  # before the handlers are checked (and lanes spawned)
         for name, spec in self.cfg.services.items():
             compute.check_service(name, spec.handler, spec.init)  # fail at start, naming it, not in every lane
         self.broken_logged: set[tuple[str, str]] = set()
