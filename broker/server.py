@@ -317,7 +317,7 @@ class Broker:
             self._undeliverable.warning("master %s not reading: a reply was dropped", tag(ident))
             return False
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the master is gone; it resends if it returns
-            log.debug("cannot reach master %s: %s", ident.hex(), exc)
+            log.debug("cannot reach master %s: %s", tag(ident), exc)
             return False
 
     def _error(self, ident: bytes, tid: bytes, code: str, details: dict[str, Any], task: Task | None = None) -> None:
@@ -501,7 +501,7 @@ class Broker:
             send_frames(self.backend, [wid, *frames], zmq.NOBLOCK)
             return True
         except (zmq.Again, zmq.ZMQError) as exc:
-            log.debug("cannot reach worker %s: %s", wid.hex(), exc)
+            log.debug("cannot reach worker %s: %s", tag(wid), exc)
             return False
 
     # ---- dispatch and time ----------------------------------------------------------------------

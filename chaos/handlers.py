@@ -101,6 +101,12 @@ def spin(seconds: float) -> int:
     return n
 
 
+def nap(x: np.ndarray) -> np.ndarray:
+    """Sleep for the shard's largest value in seconds, then return it: a slow ``ndpipe submit`` service."""
+    time.sleep(float(np.max(x)))
+    return x
+
+
 def pid() -> int:
     """The compute process's pid (tests use it to pick a victim)."""
     return os.getpid()

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Master", "Ref", "__version__"]
 
+from ndpipe.logsetup import install_library_fallback  # noqa: E402  (warnings in a user's script carry level and name)
+
+install_library_fallback()
+
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import ndpipe.broker` does not pull in the master's thread machinery.

@@ -97,6 +97,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     cfg = _load(args)
     if args.shards < 1:
@@ -110,9 +111,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--input {args.input}: cannot load a .npy array: {exc}") from exc
     if not -data.ndim <= args.axis < max(1, data.ndim):
         raise ConfigError(f"--axis {args.axis} is out of range for an array of shape {data.shape}")
-    with _master(args, cfg) as master, tqdm(total=args.shards, unit="shard", disable=args.quiet) as bar:
-        result = master.scatter(args.service, data, args.shards, args.axis, timeout=args.timeout,
-                                progress=bar.update)
+    # Log lines (a silent broker, a resend) go above the bar instead of through it; the bar counts
+    # finished shards only, so a failure or Ctrl-C leaves it where the work stopped.
+    with logging_redirect_tqdm(loggers=[logging.getLogger("ndpipe")]), _master(args, cfg) as master, \
+            tqdm(total=args.shards, unit="shard", disable=args.quiet) as bar:
+        try:
+            result = master.scatter(args.service, data, args.shards, args.axis, timeout=args.timeout,
+                                    progress=bar.update)
+        except (NdpipeError, KeyboardInterrupt):
+            bar.set_postfix_str(f"stopped after {bar.n} of {args.shards} shards", refresh=True)
+            raise
     np.save(args.output, result, allow_pickle=False)
     if not args.quiet:
         print(f"{args.output}: {result.dtype} {result.shape}")

@@ -18,6 +18,7 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("auto", "text", "journal")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 _MARK = "_ndpipe_handler"  # attribute on our handler, so a second call replaces it instead of adding one
+_active: tuple[str, str] | None = None  # (level, format) of the last setup_logging, for spawned lanes
 
 
 def _priority(levelno: int) -> int:
@@ -81,3 +82,39 @@ def setup_logging(level: str, fmt: str = "auto", name: str = "ndpipe") -> None:
         old.close()
     logger.addHandler(handler)
     logger.setLevel(level_name)
+    global _active
+    _active = (level_name, "journal" if journal else "text")
+
+
+def active() -> tuple[str, str] | None:
+    """(level, format) as set up in this process, or None: what a spawned lane sets up again (a spawned
+    process starts with logging unconfigured, and its lines would lose their level and name)."""
+    return _active
+
+
+class LibraryFallback(logging.Handler):
+    """What a user's script sees of ndpipe's warnings when it configured no logging: the line with its
+    level and logger name on stderr, where Python's last-resort handler prints the bare message.
+
+    Silent as soon as anything else would print the record (a handler on the root logger, or
+    setup_logging's on "ndpipe"), so configuring logging never doubles a line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger("ndpipe")
+        if logging.getLogger().handlers or any(getattr(h, _MARK, False) for h in logger.handlers):
+            return
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # a closed stderr must not break the caller
+            self.handleError(record)
+
+
+def install_library_fallback() -> None:
+    """Once per process, from ``import ndpipe``."""
+    logger = logging.getLogger("ndpipe")
+    if not any(isinstance(h, LibraryFallback) for h in logger.handlers):
+        logger.addHandler(LibraryFallback())

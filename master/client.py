@@ -331,9 +331,9 @@ class Master:
             raise ValueError(f"cannot split an array of shape {array.shape} along axis {axis}")
         pieces = np.array_split(array, min(shards, max(1, array.shape[axis])), axis=axis)
         futures = [self.call(service, (piece,), kwargs, timeout=timeout) for piece in pieces]
-        if progress is not None:
+        if progress is not None:  # finished shards only: a bar must not fill when shards fail or are cancelled
             for future in futures:
-                future.add_done_callback(lambda _f: progress(1))
+                future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None else progress(1))
         try:
             return np.concatenate([f.result() for f in futures], axis=axis)
         finally:

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -36,7 +37,7 @@ import msgpack
 import psutil
 import zmq
 
-from ndpipe import __version__, security
+from ndpipe import __version__, logsetup, security
 from ndpipe import protocol as P
 from ndpipe.config import SecurityConfig, WorkerConfig
 from ndpipe.errors import NdpipeError, ProtocolError
@@ -52,6 +53,25 @@ log = logging.getLogger("ndpipe.worker")
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_QUICK_DEATHS = 5  # lanes dying before HELLO in a row: the handlers cannot even load
 DEADLINE_GRACE = 1.0  # seconds past a deadline before the daemon's backstop kills a lane
+
+
+@dataclass
+class Totals:
+    """Tasks the lanes ran, for the shutdown line: answered (failed among them), and the ones the daemon
+    reported because their lane died running them."""
+
+    done: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    crashed: int = 0
+
+    def plus(self, views: Iterable[SlotView]) -> Totals:
+        """These totals with what the live lanes' slots say so far."""
+        out = Totals(self.done, self.failed, self.timed_out, self.crashed)
+        for view in views:
+            out.done += view.done
+            out.failed += view.failed
+        return out
 
 
 @dataclass(eq=False)
@@ -95,6 +115,7 @@ class WorkerDaemon:
                                self.cfg.reconnect_max)
         self.draining = False
         self.quick_deaths = 0
+        self.totals = Totals()  # what lanes that ended had done (a respawned lane counts from 0)
         self.poller = zmq.Poller()
         self._ps: dict[int, psutil.Process] = {}
         self._malformed = Throttle(log)
@@ -108,7 +129,8 @@ class WorkerDaemon:
         mine, theirs = self._mp.Pipe(duplex=True)
         slot = self._mp.RawValue(LaneSlot)
         args = LaneArgs(index, self.cfg.broker, self.services, self.timeouts, os.getpid(), self.cfg.max_frames,
-                        self.cfg.max_frame_bytes, self.cfg.lane_memory_limit, self.inits, self.curve)
+                        self.cfg.max_frame_bytes, self.cfg.lane_memory_limit, self.inits, self.curve,
+                        logsetup.active())
         proc = self._mp.Process(target=lane_main, name=f"ndpipe-lane-{index}", args=(args, theirs, slot))
         proc.start()
         theirs.close()
@@ -229,6 +251,9 @@ class WorkerDaemon:
         code, pid = lane.proc.exitcode, lane.proc.pid or 0
         view = read_slot(lane.slot)
         lane.conn.close()
+        self.totals.done += view.done
+        self.totals.failed += view.failed
+        service = self._service_name(view.service)
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         if code == P.EXIT_OUT_OF_MEMORY:
             why = f"out of memory: the handler exceeded worker.memory_limit = {self.cfg.lane_memory_limit} bytes"
@@ -238,13 +263,15 @@ class WorkerDaemon:
             lane.killed = lane.killed or "timeout"
         if view.state == RUNNING and lane.killed != "cancel":
             if lane.killed == "timeout":
-                log.warning("lane %d (pid %s) stopped at the deadline of task %s (%.3g s)", lane.index, pid,
-                            view.tid.hex(), view.timeout)
+                self.totals.timed_out += 1
+                log.warning("lane %d (pid %s) ended by timeout: task %s (service %s) ran past its %.3g s; "
+                            "reported TIMEOUT, lane replaced", lane.index, pid, view.tid.hex(), service, view.timeout)
                 self._report(view.tid, P.TIMEOUT, "TimeoutError", f"ran longer than its timeout of {view.timeout:g} s; "
                              "its compute process was stopped and replaced", pid=pid, exitcode=code)
             else:
-                log.warning("lane %d (pid %s) died (%s) running task %s: reported CRASHED", lane.index, pid, why,
-                            view.tid.hex())
+                self.totals.crashed += 1
+                log.warning("lane %d (pid %s) died (%s) running task %s (service %s): reported CRASHED, the "
+                            "broker retries it", lane.index, pid, why, view.tid.hex(), service)
                 self._report(view.tid, P.CRASHED, "ProcessDied", f"compute process died ({why}) while running "
                              "the task", pid=pid, exitcode=code)
         elif view.state == LINK_LOST and view.done and view.tid:
@@ -261,6 +288,11 @@ class WorkerDaemon:
         del self.lanes[lane.index]
         if not self.draining:
             self._spawn(lane.index)
+
+    def _service_name(self, index: int) -> str:
+        """The slot's service index as a name for a log line."""
+        names = list(self.services)
+        return repr(names[index]) if index < len(names) else "-"
 
     def _kill(self, lane: LaneProc, why: str) -> None:
         if lane.proc.is_alive():
@@ -377,6 +409,9 @@ class WorkerDaemon:
     def run(self, stop: StopSignal) -> None:
         """Serve until stopped, then drain and hand back."""
         self.poller.register(stop.fd, zmq.POLLIN)
+        log.info("worker %s (ndpipe %s) starting: broker %s, %d lanes × %d credit, services %s%s", self.name,
+                 __version__, self.cfg.broker, self.nlanes, self.credit, ", ".join(self.services),
+                 ", CurveZMQ on" if self.curve else "")
         for index in range(self.nlanes):
             self._spawn(index)
         drain_until = float("inf")  # (registration waits until every lane said HELLO)
@@ -409,7 +444,10 @@ class WorkerDaemon:
             if self.sock is not None and self.link.beat_due(now):
                 self._heartbeat(now)
         self._send_broker([P.WORKER, P.DISCONNECT])
-        log.info("stopped: %d lanes still busy handed back their tasks", len(self.lanes))
+        t = self.totals.plus(read_slot(lane.slot) for lane in self.lanes.values())
+        log.info("worker stopped: %d tasks done (%d of them failed), %d timed out, %d crashed and were requeued; "
+                 "%d lanes still busy handed their tasks back", t.done, t.failed, t.timed_out, t.crashed,
+                 len(self.lanes))
 
     def _dispatch_events(self, events: dict[Any, int], now: float) -> None:
         if self.sock is not None and self.sock in events:

@@ -48,6 +48,7 @@ from ndpipe import rounds as R
 from ndpipe import security
 from ndpipe.codec import batch_length
 from ndpipe.errors import DecodeError, ProtocolError
+from ndpipe.logsetup import setup_logging
 from ndpipe.refs import Ref
 from ndpipe.runtime import die_with_parent
 from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
@@ -72,7 +73,12 @@ class LaneSlot(ctypes.Structure):
         ("started", ctypes.c_double),  # time.monotonic() (CLOCK_MONOTONIC: one clock for every process)
         ("timeout", ctypes.c_double),  # seconds; 0 = none
         ("done", ctypes.c_uint64),  # tasks answered since the lane started
+        ("failed", ctypes.c_uint64),  # of those, answered with an error (the handler raised, or bad input)
+        ("service", ctypes.c_uint16),  # the running task's service: an index into LaneArgs.services (NO_SERVICE)
     ]
+
+
+NO_SERVICE = 0xFFFF  # the slot's service when none of the lane's services is running (a step, a stray name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,8 @@ class SlotView:
     started: float
     timeout: float
     done: int
+    failed: int = 0
+    service: int = NO_SERVICE
 
 
 def read_slot(slot: LaneSlot) -> SlotView:
@@ -89,13 +97,15 @@ def read_slot(slot: LaneSlot) -> SlotView:
     for _ in range(1000):
         seq = slot.seq
         if seq % 2 == 0:
-            view = SlotView(slot.state, bytes(slot.tid)[: slot.tid_len], slot.started, slot.timeout, slot.done)
+            view = SlotView(slot.state, bytes(slot.tid)[: slot.tid_len], slot.started, slot.timeout, slot.done,
+                            slot.failed, slot.service)
             if slot.seq == seq:
                 return view
-    return SlotView(slot.state, b"", 0.0, 0.0, slot.done)  # a writer stuck mid-write: it is being killed
+    return SlotView(slot.state, b"", 0.0, 0.0, slot.done, slot.failed)  # a writer stuck mid-write: being killed
 
 
-def write_slot(slot: LaneSlot, state: int, tid: bytes | None = None, timeout: float = 0.0) -> None:
+def write_slot(slot: LaneSlot, state: int, tid: bytes | None = None, timeout: float = 0.0,
+               service: int = NO_SERVICE) -> None:
     slot.seq += 1
     slot.state = state
     if tid is not None:
@@ -103,6 +113,7 @@ def write_slot(slot: LaneSlot, state: int, tid: bytes | None = None, timeout: fl
         slot.tid_len = len(tid)
         slot.started = time.monotonic()
         slot.timeout = timeout
+        slot.service = service
     slot.seq += 1
 
 
@@ -129,6 +140,7 @@ class LaneArgs:
     memory_limit: int = 0
     init: dict[str, dict[str, Any]] = field(default_factory=dict)  # resident services' constructor kwargs
     curve: security.Curve | None = None  # the worker's key pair and the broker key it pins (CurveZMQ)
+    logging: tuple[str, str] | None = None  # the daemon's (level, format): a spawned lane sets it up again
 
 
 class Lane:
@@ -157,6 +169,8 @@ class Lane:
         self.poller = zmq.Poller()
         self.poller.register(conn.fileno(), zmq.POLLIN)
         self._bad = Throttle(log)
+        self._service_index = {name: i for i, name in enumerate(args.services)}  # for the slot (the daemon's logs)
+        self._debug = log.isEnabledFor(logging.DEBUG)  # one line per task: asked once, not per task
 
     # ---- control ---------------------------------------------------------------------------------
     def _join(self, params: dict[str, Any]) -> None:
@@ -310,10 +324,10 @@ class Lane:
         return min(limits) if limits else 0.0
 
     @contextlib.contextmanager
-    def _running(self, tid: bytes, timeout: float) -> Iterator[None]:
+    def _running(self, tid: bytes, timeout: float, service: int = NO_SERVICE) -> Iterator[None]:
         """The slot says what runs and until when; the kernel's timer ends the process at the deadline
         (SIGALRM's default action: a handler that holds the GIL is still stopped)."""
-        write_slot(self.slot, RUNNING, tid, timeout)
+        write_slot(self.slot, RUNNING, tid, timeout, service)
         if timeout:
             signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
@@ -330,7 +344,8 @@ class Lane:
         if isinstance(task, StepCall):
             self._step(task)
             return
-        with self._running(task.tid, self._timeout(task)):
+        started = time.monotonic()
+        with self._running(task.tid, self._timeout(task), self._service_index.get(task.service, NO_SERVICE)):
             self.tid = task.tid
             if task.flags & P.FLAG_STREAM:
                 reply = self._stream(task)
@@ -338,8 +353,29 @@ class Lane:
                 reply = compute.run_task(self.handlers, task.tid, task.service, task.payload, self.args.max_frames,
                                          task.flags, self._ref)
             self.slot.done += 1
+            failed = bool(reply) and reply[0] == P.W_ERROR
+            if failed:
+                self.slot.failed += 1
+        if failed or self._debug:
+            self._log_task(task, reply, time.monotonic() - started, failed)
         if self.sock is not None and reply:
             send_frames(self.sock, [P.WORKER, *reply])
+
+    def _log_task(self, task: P.TaskMsg, reply: list[Any], seconds: float, failed: bool) -> None:
+        """A failure at INFO with the exception's first line (an operator's journal shows what broke and
+        which task); every task at DEBUG with its service, duration and outcome."""
+        outcome = "ok" if reply else "cancelled"
+        if failed:
+            try:
+                details = msgpack.unpackb(reply[3], raw=False)
+                first = str(details.get("message", "")).strip().splitlines()
+                kind = str(details.get("type", "")).removeprefix("builtins.")
+                outcome = f"{bytes(reply[2]).decode(errors='replace')}: {kind}: {first[0] if first else ''}"
+            except Exception:  # what we built ourselves; a surprise here must not lose the answer
+                outcome = "failed"
+        level = logging.INFO if failed else logging.DEBUG
+        log.log(level, "lane %d: task %s %r %s in %.1f ms", self.args.index, task.tid.hex(), task.service,
+                f"failed ({outcome})" if failed else outcome, seconds * 1000)
 
     def _step(self, call: StepCall) -> None:
         """One round of this lane's partitions of a run, under the run's round_timeout (a hung step ends
@@ -430,6 +466,8 @@ class Lane:
 def main(args: LaneArgs, conn: Connection, slot: LaneSlot) -> None:
     """Process entry point (spawned by the daemon)."""
     die_with_parent()
+    if args.logging is not None:
+        setup_logging(*args.logging)
     compute.set_frame_limit(args.max_frame_bytes)
     compute.limit_memory(args.memory_limit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop

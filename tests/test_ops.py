@@ -1,0 +1,111 @@
+"""Issue 13, the operator's and the new user's view: log lines, honest progress bars, CLI help,
+`ndpipe status --watch`. Each test reproduces one finding of the issue and checks what it does now."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ndpipe.cluster import Cluster
+from ndpipe.errors import TaskError, TaskTimeout
+from tests.conftest import STEADY, TEST_SERVICES, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def ndpipe(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ndpipe.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_worker_logs_start_each_task_failures_timeouts_and_a_summary(tmp_short: Path) -> None:
+    """Finding 4: nothing was logged per task even at DEBUG, a handler's exception never reached the
+    worker's log, and a timeout kill read "signal 9 … OOM killer" with no task id."""
+    with Cluster(TEST_SERVICES, broker=STEADY, root=str(tmp_short), log_level="DEBUG",
+                 worker={"drain_timeout": 5.0}) as c:
+        c.start(workers=1, processes=1)
+        with c.master() as m:
+            assert m.submit("echo", 7).result(timeout=30) == 7
+            with pytest.raises(TaskError, match="boom"):
+                m.submit("fail", "boom").result(timeout=30)
+            with pytest.raises(TaskTimeout):
+                m.submit("hang", 30).result(timeout=30)  # the service's YAML timeout is 0.5 s
+            c.wait_slots(m, c.worker_slots(1))  # the lane the timer ended is back
+        worker = c.workers[0]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        log = (c.root / "worker-1.log").read_text()
+    # INFO: the start line names the endpoint, the lanes and the services
+    assert re.search(r"INFO .* starting: broker ipc://\S+, 1 lanes × 1 credit, services .*echo", log), log
+    # DEBUG: one line per task with its service, outcome and duration
+    assert re.search(r"DEBUG .* lane 0: task [0-9a-f]+ 'echo' ok in [\d.]+ ms", log), log
+    # INFO: a failure with its task id and the exception's first line
+    assert re.search(r"INFO .* lane 0: task [0-9a-f]+ 'fail' failed \(HANDLER_ERROR: ValueError: boom\)", log), log
+    # the timeout kill is named as one, with the task id and the service
+    assert re.search(r"WARNING .* lane 0 \(pid \d+\) ended by timeout: task [0-9a-f]+ \(service 'hang'\) ran past "
+                     r"its 0.5 s", log), log
+    assert "OOM killer" not in log
+    # the summary at shutdown (the startup probes submit nothing: these are our three tasks)
+    assert re.search(r"worker stopped: 2 tasks done \(1 of them failed\), 1 timed out, 0 crashed", log), log
+
+
+def test_library_warnings_in_a_users_script_carry_level_and_logger_name(tmp_short: Path) -> None:
+    """Finding 4, last item: with no logging configured, Python printed ndpipe's warnings bare."""
+    script = ("from ndpipe import Master\nfrom ndpipe.config import MasterConfig\n"
+              f"cfg = MasterConfig(broker='ipc://{tmp_short}/nobody', heartbeat_interval=0.1, liveness=2, "
+              "broker_timeout=0.6)\n"
+              "with Master(cfg.broker, config=cfg) as m:\n"
+              "    try:\n        m.submit('echo', 1).result(timeout=5)\n    except Exception as exc:\n"
+              "        print(type(exc).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "BrokerUnreachable", done.stdout + done.stderr
+    assert re.search(r"^WARNING ndpipe\.master: broker ipc://\S+ silent for", done.stderr, re.M), done.stderr
+    # configuring logging takes over: the line is printed once, by the user's handler
+    configured = "import logging\nlogging.basicConfig(format='USER %(name)s %(message)s')\n" + script
+    done = subprocess.run([sys.executable, "-c", configured], capture_output=True, text=True, timeout=60)
+    assert "USER ndpipe.master broker" in done.stderr and "WARNING ndpipe.master" not in done.stderr, done.stderr
+
+
+def test_progress_bar_counts_finished_shards_only(cluster: Any, tmp_path: Path, tmp_short: Path) -> None:
+    """Finding 8: with no broker the bar jumped to 100 % before the error; failing shards filled it too."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 2)))
+    io = ["--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"), "--shards", "4"]
+    nobody = tmp_path / "nobody.yaml"
+    nobody.write_text(f"master:\n  broker: ipc://{tmp_short}/nobody\n  heartbeat_interval: 0.1\n  liveness: 2\n"
+                      "  broker_timeout: 0.6\n")
+    done = ndpipe("submit", "echo", *io, "--config", str(nobody))
+    assert done.returncode == 3 and "unreachable" in done.stderr, done.stderr
+    assert "4/4" not in done.stderr and "stopped after 0 of 4 shards" in done.stderr, done.stderr
+    done = ndpipe("submit", "fail", *io, "--config", str(cluster.config_path))
+    assert done.returncode == 1 and "HANDLER_ERROR" in done.stderr, done.stderr
+    assert "4/4" not in done.stderr and "Traceback (most recent call last):\n  File \"/" not in done.stderr.split(
+        "remote traceback")[0]
+
+
+def test_ctrl_c_leaves_the_bar_where_the_work_stopped(make_cluster: Any, tmp_path: Path) -> None:
+    """Finding 8: Ctrl-C filled the bar too. Now it exits 130 with the count of shards really done."""
+    cluster = make_cluster(broker=STEADY, services={"nap": "ndpipe.chaos.handlers:nap"})
+    cluster.start(workers=1, processes=2)
+    np.save(tmp_path / "x.npy", np.full(3, 20.0))  # three shards of a 20 s nap: none ends before the signal
+    proc = subprocess.Popen([sys.executable, "-m", "ndpipe.cli", "submit", "nap", "--input", str(tmp_path / "x.npy"),
+                             "--output", str(tmp_path / "y.npy"), "--shards", "3", "--config",
+                             str(cluster.config_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        with cluster.master() as m:  # both lanes are running a shard: the job is under way
+            wait_until(lambda: sum(s["inflight"] for s in m.status()["services"].values()) == 2, 30, "shards running")
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert "3/3" not in err and "stopped after 0 of 3 shards" in err, err
