@@ -29,7 +29,7 @@ from ndpipe.errors import DecodeError, ProtocolError
 from ndpipe.msgcost import estimate
 
 pytestmark = pytest.mark.timeout(600)
-EXAMPLES = int(os.environ.get("NDPIPE_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("NDPIPE_FUZZ_EXAMPLES", "300"))  # per property
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | \
@@ -115,23 +115,19 @@ field = st.binary(max_size=24) | st.sampled_from([b"", b"\x00" * 16, P.OPTIONS.p
     st.builds(lambda v: msgpack.packb(v, use_bin_type=True), values)
 
 
-@FUZZ
-@given(st.sampled_from([b"M1", b"M2"]), st.sampled_from(COMMANDS_M), st.lists(field, max_size=7))
-def test_any_master_message_is_handled_or_refused_as_malformed(broker: Any, ident: bytes, command: bytes,
-                                                               rest: list[bytes]) -> None:
-    try:
-        broker._on_master([ident, P.MASTER, command, *rest])
-    except ProtocolError:
-        pass
-    _books_balance(broker)
+from_master = st.tuples(st.just("_on_master"), st.sampled_from([b"M1", b"M2"]), st.just(P.MASTER),
+                        st.sampled_from(COMMANDS_M), st.lists(field, max_size=7))
+from_worker = st.tuples(st.just("_on_worker"), st.sampled_from([b"W1", b"W2", b"L1"]), st.just(P.WORKER),
+                        st.sampled_from(COMMANDS_W), st.lists(field, max_size=6))
 
 
-@FUZZ
-@given(st.sampled_from([b"W1", b"W2", b"L1"]), st.sampled_from(COMMANDS_W), st.lists(field, max_size=6))
-def test_any_worker_message_is_handled_or_refused_as_malformed(broker: Any, rid: bytes, command: bytes,
-                                                               rest: list[bytes]) -> None:
+@settings(FUZZ, max_examples=2 * EXAMPLES)  # as many per socket as the two tests this replaced had
+@given(from_master | from_worker)
+def test_any_master_or_worker_message_is_handled_or_refused_as_malformed(
+        broker: Any, message: tuple[str, bytes, bytes, bytes, list[bytes]]) -> None:
+    handler, peer, header, command, rest = message
     try:
-        broker._on_worker([rid, P.WORKER, command, *rest])
+        getattr(broker, handler)([peer, header, command, *rest])
     except ProtocolError:
         pass
     _books_balance(broker)
