@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sys
+import textwrap
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -128,12 +130,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """One look at the broker, or with ``--watch`` one every few seconds until Ctrl-C (a broker that
+    stops answering is shown as such, and watched on: a restart is what an operator watches for)."""
     cfg = _load(args)
+    if args.watch is not None and not 0 < args.watch <= 3600:
+        raise ConfigError(f"--watch takes seconds between looks, 0 < SECONDS <= 3600 (got {args.watch:g})")
     with _master(args, cfg) as master:
-        status = master.status(timeout=args.timeout)
-    if args.json:
+        if args.watch is None:
+            _print_status(master.status(timeout=args.timeout), args.json)
+            return EXIT_OK
+        clear = "\033[H\033[2J" if sys.stdout.isatty() and not args.json else ""
+        try:
+            while True:
+                try:
+                    status: dict[str, Any] | None = master.status(timeout=args.timeout)
+                except BrokerUnreachable as exc:
+                    status, error = None, str(exc)
+                print(clear + time.strftime("%Y-%m-%d %H:%M:%S") + f"  every {args.watch:g} s, Ctrl-C to stop")
+                if status is None:
+                    print(f"ndpipe: {error} (still watching)")
+                else:
+                    _print_status(status, args.json)
+                sys.stdout.flush()
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def _print_status(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(status, indent=2, default=str))
-        return EXIT_OK
+        return
     if status.get("restricted"):
         print(f"broker {status['broker_id']}: your own tasks only ({status['tasks']} held); an admin key "
               "(security.admins) sees workers and every queue")
@@ -161,9 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             where = "  ".join(f"{lane}: {_spans(parts)}" for lane, parts in sorted(run["lanes"].items()))
             print(f"{run['run'][:16]:18} {run['service'][:20]:20} {run['round']:6} {run['epoch']:5} "
                   f"{run['partitions']:5}  {where}")
-    counters = "  ".join(f"{k} {v}" for k, v in status["counters"].items())
-    print(counters)
-    return EXIT_OK
+    print("  ".join(f"{k} {v}" for k, v in status["counters"].items()))
 
 
 def _spans(parts: list[int]) -> str:
@@ -246,74 +271,134 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _sub(sub: Any, name: str, summary: str, description: str, examples: tuple[str, ...],
+         parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it is for and shows how it is called."""
+    return sub.add_parser(name, parents=list(parents), help=summary,  # type: ignore[no-any-return]
+                          description=textwrap.fill(description, 100), epilog=_examples(*examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ndpipe", description="ZeroMQ task pipeline for numpy work.")
+    parser = argparse.ArgumentParser(
+        prog="ndpipe", description=textwrap.fill("ZeroMQ task pipeline for numpy work: a broker, worker daemons and "
+                                                 "masters, configured from one YAML file (ndpipe config show prints "
+                                                 "every key).", 100),
+        epilog=_examples("ndpipe demo                                   # everything on this machine, checked",
+                         "ndpipe broker --config /etc/ndpipe/config.yaml",
+                         "ndpipe worker --config /etc/ndpipe/config.yaml --processes 4",
+                         "ndpipe submit normalize --input x.npy --output y.npy --shards 64",
+                         "ndpipe status --watch 2",
+                         "ndpipe COMMAND --help                         # each command's options and examples"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ndpipe {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file (default: $NDPIPE_CONFIG, else built-in defaults)")
-    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    common.add_argument("--config", metavar="FILE",
+                        help="YAML config file (default: $NDPIPE_CONFIG, else the built-in single-host defaults)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="overrides logging.level (DEBUG: one line per task)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("broker", parents=[common], help="run the broker")
+    p = _sub(sub, "broker", "run the broker",
+             "Bind broker.frontend (masters) and broker.backend (workers) and route tasks between them until "
+             "SIGTERM. SIGHUP reloads the CurveZMQ allow-lists. Exit 2: bad config; 75: an address in use.",
+             ("ndpipe broker --config /etc/ndpipe/config.yaml",
+              "NDPIPE_BROKER__FRONTEND=tcp://127.0.0.1:6000 ndpipe broker"), [common])
     p.set_defaults(func=cmd_broker)
 
-    p = sub.add_parser("worker", parents=[common], help="run a worker daemon and its compute processes")
-    p.add_argument("--processes", type=int, help="compute processes (overrides worker.processes)")
-    p.add_argument("--broker", help="broker backend endpoint (overrides worker.broker)")
-    p.add_argument("--app-dir", help="directory to import handlers from, first on sys.path (overrides "
-                                     "worker.app_dir)")
+    p = _sub(sub, "worker", "run a worker daemon and its compute processes",
+             "Register with the broker and run the services of worker.services in compute processes (lanes), "
+             "one per CPU unless --processes says otherwise. SIGTERM drains: lanes finish what they hold.",
+             ("ndpipe worker --config /etc/ndpipe/config.yaml",
+              "ndpipe worker --broker tcp://broker-host:5556 --processes 8 --app-dir ./handlers"), [common])
+    p.add_argument("--processes", type=int, metavar="N", help="compute processes (overrides worker.processes; "
+                   "0 = one per CPU)")
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker backend endpoint, e.g. tcp://host:5556 "
+                   "(overrides worker.broker)")
+    p.add_argument("--app-dir", metavar="DIR", help="directory to import handlers from, first on sys.path "
+                   "(overrides worker.app_dir)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("master", parents=[common], help="run a job function with a connected Master")
+    p = _sub(sub, "master", "run a job function with a connected Master",
+             "Import package.module:function and call it as function(master, *job_args) with a connected "
+             "ndpipe.Master; what it returns is printed.",
+             ("ndpipe master ndpipe.examples.jobs:normalize_random 100000 16",
+              "ndpipe master myjobs:nightly --app-dir /srv/jobs"), [common])
     p.add_argument("job", help="package.module:function, called as function(master, *job_args)")
-    p.add_argument("job_args", nargs="*")
-    p.add_argument("--app-dir", help="directory to import the job from, first on sys.path")
-    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
+    p.add_argument("job_args", nargs="*", help="strings passed to the job after the master")
+    p.add_argument("--app-dir", metavar="DIR", help="directory to import the job from, first on sys.path")
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker frontend endpoint (overrides master.broker)")
     p.set_defaults(func=cmd_master)
 
-    p = sub.add_parser("submit", parents=[common], help="scatter a .npy array over a service, gather the result")
-    p.add_argument("service")
-    p.add_argument("--input", required=True, help=".npy file to split")
-    p.add_argument("--output", required=True, help=".npy file for the concatenated result")
-    p.add_argument("--shards", type=int, default=16)
-    p.add_argument("--axis", type=int, default=0)
-    p.add_argument("--timeout", type=float, help="per-shard timeout in seconds")
-    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
-    p.add_argument("--quiet", action="store_true")
+    p = _sub(sub, "submit", "scatter a .npy array over a service, gather the result",
+             "Split --input into --shards pieces along --axis, run SERVICE on each, concatenate the results "
+             "into --output. Exit 1: a shard failed (its remote traceback is printed); 3: no broker.",
+             ("ndpipe submit normalize --input x.npy --output y.npy --shards 64",
+              "ndpipe submit embed --input tokens.npy --output emb.npy --timeout 30 --quiet"), [common])
+    p.add_argument("service", help="the service to run on each shard")
+    p.add_argument("--input", required=True, metavar="FILE", help=".npy file to split (no pickled objects)")
+    p.add_argument("--output", required=True, metavar="FILE", help=".npy file for the concatenated result")
+    p.add_argument("--shards", type=int, default=16, metavar="N", help="pieces to split into (default 16)")
+    p.add_argument("--axis", type=int, default=0, help="axis to split and concatenate along (default 0)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-shard timeout")
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker frontend endpoint (overrides master.broker)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", parents=[common], help="show the broker's services, queues and workers")
-    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p = _sub(sub, "status", "show the broker's services, queues and workers",
+             "Ask the broker for its view: per service what is queued and in flight, each worker and lane "
+             "with its pid, CPU and RSS, running iterations, counters. With CurveZMQ, only an admin key sees "
+             "workers and every queue.",
+             ("ndpipe status", "ndpipe status --json | jq .counters", "ndpipe status --watch 2"), [common])
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker frontend endpoint (overrides master.broker)")
+    p.add_argument("--json", action="store_true", help="the broker's reply as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="wait this long for the answer")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="show it again every SECONDS (default 2) until Ctrl-C")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", parents=[common],
-                       help="local broker + workers: a data-parallel MLP job and a model-parallel transformer LM")
-    p.add_argument("--workers", type=int, default=2, help="worker daemons")
-    p.add_argument("--processes", type=int, default=1, help="compute processes per worker")
-    p.add_argument("--rows", type=int, default=16384)
-    p.add_argument("--shards", type=int, default=64)
+    p = _sub(sub, "demo", "local broker + workers: data-parallel MLP, model-parallel LM, PageRank",
+             "Start a broker and worker daemons on this machine, run the example workloads through them with "
+             "progress bars and throughput lines, check every result against one process, and stop them.",
+             ("ndpipe demo", "ndpipe demo --workers 1 --processes 2 --lm-batches 0 --pagerank-edges 0"), [common])
+    p.add_argument("--workers", type=int, default=2, help="worker daemons (default 2)")
+    p.add_argument("--processes", type=int, default=1, help="compute processes per worker (default 1)")
+    p.add_argument("--rows", type=int, default=16384, help="rows of the MLP job's input")
+    p.add_argument("--shards", type=int, default=64, help="shards of the MLP job")
     p.add_argument("--lm-batches", type=int, default=16, help="batches through the LM's stage pipeline (0: skip)")
     p.add_argument("--pagerank-edges", type=int, default=1_000_000,
                    help="edges of the PageRank graph iterated over 8 resident partitions (0: skip)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("keys", help="CurveZMQ key pairs: generate one, or show a file's public key")
-    keys = p.add_subparsers(dest="action", required=True)
+    p = _sub(sub, "keys", "CurveZMQ key pairs: generate one, or show a file's public key",
+             "Write CurveZMQ key pairs as ZeroMQ certificates, or print a file's public key. Put masters', "
+             "workers' and admins' public keys in the broker's security.masters/workers/admins directories.",
+             ("ndpipe keys generate broker --dir /etc/ndpipe/keys",
+              "ndpipe keys show /etc/ndpipe/keys/broker.key"))
+    keys = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     k = keys.add_parser("generate", help="write NAME.key (public, 0644) and NAME.key_secret (0600) in DIR; "
                                          "never overwrites")
     k.add_argument("name", metavar="NAME", help="the pair's name: letters, digits, '.', '_', '-'")
     k.add_argument("--dir", required=True, help="directory for the two files (created if missing)")
     k = keys.add_parser("show", help="print the public key of a .key or .key_secret file")
-    k.add_argument("file", metavar="FILE")
+    k.add_argument("file", metavar="FILE", help="a .key or .key_secret file")
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("config", parents=[common], help="check or show the effective configuration")
-    p.add_argument("action", choices=["check", "show"])
+    p = _sub(sub, "config", "check or show the effective configuration",
+             "check: validate the YAML and environment overrides (exit 2 naming file and key), read the key "
+             "files, warn about exposed plaintext binds; with --import also import every handler. "
+             "show: print every key with its effective value.",
+             ("ndpipe config check --config /etc/ndpipe/config.yaml --import",
+              "NDPIPE_WORKER__PROCESSES=4 ndpipe config show"), [common])
+    p.add_argument("action", choices=["check", "show"], help="check: validate; show: print the effective YAML")
     p.add_argument("--import", dest="imports", action="store_true",
                    help="check: also import every worker handler (constructs nothing)")
-    p.add_argument("--app-dir", help="with --import: directory to import handlers from (default: worker.app_dir)")
+    p.add_argument("--app-dir", metavar="DIR",
+                   help="with --import: directory to import handlers from (default: worker.app_dir)")
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -109,3 +110,60 @@ def test_ctrl_c_leaves_the_bar_where_the_work_stopped(make_cluster: Any, tmp_pat
             proc.wait(10)
     assert proc.returncode == 130, err
     assert "3/3" not in err and "stopped after 0 of 3 shards" in err, err
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found[name] = child
+                found.update({f"{name} {k}": v for k, v in _subcommands(child).items()})
+    return found
+
+
+def test_every_subcommand_and_option_has_help_and_every_command_examples() -> None:
+    """Finding 12: CLI help lacked descriptions for several options."""
+    from ndpipe.cli import build_parser
+
+    commands = _subcommands(build_parser())
+    assert {"broker", "worker", "master", "submit", "status", "demo", "keys", "config"} <= set(commands)
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"ndpipe {name}: {action.option_strings or action.dest} has no help"
+        if " " not in name:  # top-level commands: a description and examples in --help
+            assert parser.description and "examples:" in (parser.epilog or ""), f"ndpipe {name}"
+    done = ndpipe("submit", "--help")
+    assert done.returncode == 0 and "examples:" in done.stdout and "--shards N" in done.stdout
+
+
+def test_status_watch_repeats_and_survives_a_broker_restart(make_cluster: Any) -> None:
+    """Item 8: `ndpipe status --watch`. It shows the broker again and again, says so when the broker is
+    gone (instead of exiting), and ends cleanly on Ctrl-C."""
+    c = make_cluster(broker=STEADY)
+    c.start(workers=1, processes=1)
+    proc = subprocess.Popen([sys.executable, "-m", "ndpipe.cli", "status", "--watch", "0.2", "--timeout", "0.5",
+                             "--config", str(c.config_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    try:
+        seen: list[str] = []
+
+        def looks(n: int, marker: str) -> bool:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            seen.append(line)
+            return "".join(seen).count(marker) >= n
+
+        wait_until(lambda: looks(2, "Ctrl-C to stop"), 30, "two looks")
+        assert "echo" in "".join(seen)
+        c.kill_broker()
+        wait_until(lambda: looks(1, "(still watching)"), 30, "the broker shown as gone")
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)  # and closes the pipes
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert ndpipe("status", "--watch", "0", "--config", str(c.config_path)).returncode == 2
