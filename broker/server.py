@@ -460,8 +460,9 @@ class Broker:
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
                   "broker_id": self.state.broker_id.hex(), "key": host.key, "id": host.name}
         self._to_worker(rid, [P.WORKER, P.WELCOME, msgpack.packb(params, use_bin_type=True)])
-        log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s", ready.name, ",".join(ready.services),
-                 ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
+        instance = f" instance {ready.info['instance']}" if ready.info.get("instance") else ""  # ndpipe-worker@N
+        log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s%s", ready.name, ",".join(ready.services),
+                 ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"), instance)
 
     def _revoke(self, peers: list[tuple[bool, bytes]], now: float) -> None:
         """Forget at once the peers whose key a reload removed: a worker's tasks go back to the queue

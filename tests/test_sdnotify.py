@@ -4,13 +4,20 @@ started through the CLI with NOTIFY_SOCKET and WATCHDOG_USEC set, as systemd sta
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
+import yaml
 
+from ndpipe.runtime import PARENT_ENV
 from ndpipe.sdnotify import Notifier, Rate
 
 pytestmark = pytest.mark.timeout(60)
@@ -151,3 +158,121 @@ def test_rate_counts_per_second_between_readings() -> None:
     assert rate.update(100, 10.0) == 0.0
     assert rate.update(400, 12.0) == 150.0
     assert rate.update(400, 12.0) == 0.0  # no time passed: no division by zero
+
+
+# ---- real daemons, started as systemd would start them ------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def config(tmp_short: Path) -> Path:
+    """A broker on two free loopback ports and a one-lane worker that reconnects fast."""
+    front, back = free_port(), free_port()
+    data = {"broker": {"frontend": f"tcp://127.0.0.1:{front}", "backend": f"tcp://127.0.0.1:{back}",
+                       "heartbeat_interval": 0.5, "liveness": 6},
+            "worker": {"broker": f"tcp://127.0.0.1:{back}", "processes": 1, "reconnect_min": 0.1,
+                       "reconnect_max": 0.5, "drain_timeout": 2.0},
+            "master": {"broker": f"tcp://127.0.0.1:{front}"}}
+    path = tmp_short / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def start(tmp_short: Path) -> Iterator[Any]:
+    """``start(role, config, **env)``: an ndpipe daemon through the CLI; every one is stopped by pid
+    at teardown (TERM, then KILL), and dies with this process if it is killed outright."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def launch(role: str, config: Path, **env: str) -> subprocess.Popen[bytes]:
+        log = open(tmp_short / f"{role}-{len(procs)}.log", "wb")
+        with log:
+            proc = subprocess.Popen([sys.executable, "-m", "ndpipe.cli", role, "--config", str(config)],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, PARENT_ENV: str(os.getpid()), **env})
+        procs.append(proc)
+        return proc
+
+    yield launch
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for path in sorted(tmp_short.glob("*.log")):  # shown by pytest when the test failed
+        print(f"--- {path.name} ---\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def notify_env(fake: FakeSystemd) -> dict[str, str]:
+    """What systemd sets for Type=notify with WatchdogSec=1 (pings every 0.5 s)."""
+    return {"NOTIFY_SOCKET": fake.env, "WATCHDOG_USEC": "1000000"}
+
+
+def test_broker_is_ready_once_bound_reports_pings_and_says_stopping(fake_systemd: FakeSystemd, config: Path,
+                                                                    start: Any) -> None:
+    # Given a broker started with NOTIFY_SOCKET and a 1 s watchdog
+    broker = start("broker", config, **notify_env(fake_systemd))
+    # Then READY=1 comes once both sockets are bound, naming them
+    ready = fake_systemd.until("READY")
+    assert ready["READY"] == "1" and "masters on tcp://127.0.0.1:" in ready["STATUS"]
+    # And the loop reports its state and pings the watchdog
+    status = fake_systemd.until("STATUS")
+    assert status["STATUS"].startswith("masters 0, workers 0 (0 lanes), queued 0, in flight 0, ")
+    assert fake_systemd.until("WATCHDOG") == {"WATCHDOG": "1"}
+    # When systemd stops it
+    broker.send_signal(signal.SIGTERM)
+    # Then it says STOPPING=1 and exits 0
+    fake_systemd.until("STOPPING")
+    assert broker.wait(20) == 0
+
+
+def test_a_second_broker_on_the_same_ports_exits_75(fake_systemd: FakeSystemd, config: Path, start: Any) -> None:
+    # Given a broker that is bound (it said READY=1)
+    start("broker", config, **notify_env(fake_systemd))
+    fake_systemd.until("READY")
+    # When another starts on the same ports
+    second = subprocess.run([sys.executable, "-m", "ndpipe.cli", "broker", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    # Then it exits 75 (EX_TEMPFAIL: the units restart on it), naming the endpoint
+    assert second.returncode == 75, second.stderr
+    assert "broker.frontend: cannot bind tcp://127.0.0.1:" in second.stderr
+
+
+def test_worker_is_ready_only_once_registered(fake_systemd: FakeSystemd, config: Path, start: Any,
+                                              tmp_short: Path) -> None:
+    # Given worker instance 7 started before any broker, as ndpipe-worker@7 with NOTIFY_SOCKET
+    worker = start("worker", config, NDPIPE_WORKER_INSTANCE="7", **notify_env(fake_systemd))
+    # Then it says what it waits for and pings its watchdog, but is not READY
+    waiting = fake_systemd.until("STATUS")
+    while "waiting for broker" not in waiting["STATUS"]:
+        waiting = fake_systemd.until("STATUS")
+    assert waiting["STATUS"].startswith("worker instance 7: waiting for broker tcp://127.0.0.1:")
+    fake_systemd.until("WATCHDOG")
+    assert not any("READY" in fields for fields in fake_systemd.seen)
+    # And its lane did not inherit NOTIFY_SOCKET (only the main process speaks for the unit)
+    lanes = psutil.Process(worker.pid).children()
+    assert lanes and all("NOTIFY_SOCKET" not in lane.environ() for lane in lanes)
+    # When the broker comes up
+    start("broker", config)
+    # Then the worker registers and says READY=1 with its state
+    ready = fake_systemd.until("READY")
+    assert ready["STATUS"].startswith("worker instance 7: registered with tcp://127.0.0.1:")
+    assert "lanes 1/1" in ready["STATUS"]
+    # And `ndpipe status` shows its instance
+    shown = subprocess.run([sys.executable, "-m", "ndpipe.cli", "status", "--config", str(config)],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "instance 7" in shown.stdout, shown.stdout + shown.stderr
+    # When systemd stops it
+    worker.send_signal(signal.SIGTERM)
+    # Then it says STOPPING=1 as draining begins, and exits 0
+    stopping = fake_systemd.until("STOPPING")
+    assert "draining" in stopping["STATUS"]
+    assert worker.wait(20) == 0
+    assert "worker instance 7 starting: 1 lanes" in (tmp_short / "worker-0.log").read_text()
