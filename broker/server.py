@@ -8,6 +8,7 @@ it does not wait for nothing. Nothing a peer sends can stop the loop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -26,8 +27,9 @@ from ndpipe.broker.guard import Guard
 from ndpipe.broker.iterate import Runs, Send
 from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig, SecurityConfig
-from ndpipe.errors import ConfigError, ProtocolError
+from ndpipe.errors import AddressInUse, ConfigError, ProtocolError
 from ndpipe.runtime import StopSignal, limit_malloc_arenas, trim_heap
+from ndpipe.sdnotify import Notifier, Rate
 from ndpipe.security import tag
 from ndpipe.transport import (
     ZERO_COPY_MIN,
@@ -51,8 +53,10 @@ class Broker:
     """Bind both sockets, then :meth:`run` until :meth:`stop` (or a signal) asks it to end."""
 
     def __init__(self, config: BrokerConfig | None = None, context: zmq.Context[Any] | None = None,
-                 sec: SecurityConfig | None = None) -> None:
+                 sec: SecurityConfig | None = None, notify: Notifier | None = None) -> None:
         self.cfg = config or BrokerConfig()
+        self.notify = notify or Notifier()  # systemd's READY/STATUS/WATCHDOG; does nothing outside a unit
+        self._rate = Rate()
         self.sec = sec or SecurityConfig()
         self.curve = security.server_curve(self.sec)  # ConfigError before anything opens
         self.ctx = context or zmq.Context()
@@ -84,8 +88,9 @@ class Broker:
         return sock
 
     def bind(self) -> None:
-        """Bind both endpoints; one that cannot be bound is a ConfigError naming its key, and so is
-        one other hosts could reach in plaintext (unless ``security.insecure`` says so)."""
+        """Bind both endpoints, then tell systemd READY=1; one that cannot be bound is a ConfigError
+        naming its key (AddressInUse when another process holds it: retryable), and so is one other
+        hosts could reach in plaintext (unless ``security.insecure`` says so)."""
         exposed = security.insecure_binds(self.sec, {"frontend": self.cfg.frontend, "backend": self.cfg.backend})
         if exposed:
             raise ConfigError(f"{', '.join(exposed)}: binds a non-loopback TCP address with security.curve off: "
@@ -95,11 +100,14 @@ class Broker:
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
-                raise ConfigError(f"broker.{key}: cannot bind {endpoint}: {exc} (another broker running?)") from exc
+                kind = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
+                raise kind(f"broker.{key}: cannot bind {endpoint}: {exc} (another broker running?)") from exc
         log.info("broker %s: masters on %s, workers on %s", self.state.broker_id.hex(),
                  self.cfg.frontend, self.cfg.backend)
+        self.notify.ready(f"masters on {self.cfg.frontend}, workers on {self.cfg.backend}")
 
     def close(self) -> None:
+        self.notify.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         if self.guard is not None:
@@ -120,7 +128,7 @@ class Broker:
         tick = interval / EXPIRY_TICKS  # expiry checks run finer than heartbeats: faster requeue
         next_beat = next_tick = time.monotonic() + tick
         while not stop.requested:
-            timeout = max(0.0, next_tick - time.monotonic())
+            timeout = max(0.0, min(next_tick, self.notify.due) - time.monotonic())
             events = dict(poller.poll(int(timeout * 1000)))
             if stop.fd in events:
                 stop.clear()
@@ -142,11 +150,17 @@ class Broker:
                     self._flush(now)
             except Exception:  # a bug must not stop the broker; the next pass retries
                 log.exception("error in dispatch or housekeeping")
+            self.notify.tick(now, self._status_line)
+        self.notify.stopping()
         c = self.state.counters
         log.info("broker stopping: %d completed, %d failed, %d requeued, %d queued, %d in flight",
                  c["completed"], c["failed"], c["requeued"],
                  sum(len(q) for q in self.state.queues.values()),
                  sum(len(w.inflight) for w in self.state.lanes.values()))
+
+    def _status_line(self, now: float) -> str:
+        """systemd's STATUS= (``systemctl status``): peers, queue and throughput at a glance."""
+        return status.line(self.state, self._rate.update(self.state.counters["completed"], now))
 
     def _guard_events(self, stop: StopSignal, events: dict[Any, int]) -> None:
         """CurveZMQ: answer waiting ZAP requests; on SIGHUP reload the allow-lists and forget the
@@ -446,8 +460,9 @@ class Broker:
         params = {"heartbeat_interval": self.cfg.heartbeat_interval, "liveness": self.cfg.liveness,
                   "broker_id": self.state.broker_id.hex(), "key": host.key, "id": host.name}
         self._to_worker(rid, [P.WORKER, P.WELCOME, msgpack.packb(params, use_bin_type=True)])
-        log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s", ready.name, ",".join(ready.services),
-                 ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"))
+        instance = f" instance {ready.info['instance']}" if ready.info.get("instance") else ""  # ndpipe-worker@N
+        log.info("worker %s ready: %s, %d lanes × %d credit, host %s pid %s%s", ready.name, ",".join(ready.services),
+                 ready.lanes, ready.credit, ready.info.get("host"), ready.info.get("pid"), instance)
 
     def _revoke(self, peers: list[tuple[bool, bytes]], now: float) -> None:
         """Forget at once the peers whose key a reload removed: a worker's tasks go back to the queue
@@ -559,11 +574,12 @@ class Broker:
                             len(handed))
 
 
-def serve(config: BrokerConfig, stop: StopSignal | None = None, sec: SecurityConfig | None = None) -> None:
+def serve(config: BrokerConfig, stop: StopSignal | None = None, sec: SecurityConfig | None = None,
+          notify: Notifier | None = None) -> None:
     """Entry point used by the CLI and the demo: bind, serve until signalled, close. SIGHUP reloads the
-    allow-lists."""
+    allow-lists. ``notify``: systemd's notifier (the CLI passes the one $NOTIFY_SOCKET asks for)."""
     limit_malloc_arenas()  # before the zmq context starts its I/O thread
-    broker = Broker(config, sec=sec)
+    broker = Broker(config, sec=sec, notify=notify)
     with stop or StopSignal(reload=(signal.SIGHUP,)) as sig:
         try:
             broker.bind()

@@ -42,3 +42,11 @@ def own(state: BrokerState, master: bytes) -> dict[str, Any]:
     return {"broker_id": state.broker_id.hex(), "heartbeat_interval": state.heartbeat_interval,
             "liveness": state.liveness, "masters": 1, "tasks": len(mine), "services": services,
             "workers": [], "iterations": [], "counters": {}, "restricted": True}
+
+
+def line(state: BrokerState, rate: float) -> str:
+    """One line for systemd's STATUS= (``systemctl status ndpipe-broker``); O(services + lanes)."""
+    queued = sum(len(q) for q in state.queues.values())
+    inflight = sum(len(lane.inflight) for lane in state.lanes.values())
+    return (f"masters {len(state.masters)}, workers {len(state.hosts)} ({len(state.lanes)} lanes), "
+            f"queued {queued}, in flight {inflight}, {rate:.0f} tasks/s")

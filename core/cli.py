@@ -1,12 +1,16 @@
 """The ``ndpipe`` command: one entry point, one subcommand per role.
 
-Exit codes (named so scripts can rely on them): 0 OK, 1 a task failed, 2 bad usage or config,
-3 broker unreachable, 130 interrupted.
+Exit codes (named so scripts can rely on them): 0 OK (``EXIT_OK``), 1 a task failed (``EXIT_TASK``),
+2 bad usage or config (``EXIT_CONFIG``: retrying cannot help, the units do not restart on it),
+3 broker unreachable (``EXIT_UNREACHABLE``), 75 an endpoint to bind is in use (``EXIT_TEMPFAIL``,
+EX_TEMPFAIL of sysexits.h: try again later; the units restart on it), 130 interrupted
+(``EXIT_INTERRUPTED``).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -20,11 +24,12 @@ from pydantic import BaseModel, ValidationError
 
 from ndpipe import __version__
 from ndpipe.config import Config, default_config_path, dump_config, load_config
-from ndpipe.errors import BrokerUnreachable, ConfigError, NdpipeError, TaskError
+from ndpipe.errors import AddressInUse, BrokerUnreachable, ConfigError, NdpipeError, TaskError
 from ndpipe.logsetup import setup_logging
 from ndpipe.runtime import follow_parent
+from ndpipe.sdnotify import Notifier
 
-EXIT_OK, EXIT_TASK, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_TASK, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_TEMPFAIL, EXIT_INTERRUPTED = 0, 1, 2, 3, 75, 130
 log = logging.getLogger("ndpipe.cli")
 Section = TypeVar("Section", bound=BaseModel)
 
@@ -54,24 +59,33 @@ def _overridden(section: str, model: Section, flags: dict[str, tuple[str, Any]])
         raise ConfigError("\n".join(problems)) from None
 
 
+def _daemon_start() -> Notifier:
+    """What both daemons do first: systemd's notifier, taken out of the environment so lanes and
+    handlers inherit none of it; and Python tracebacks on SIGABRT, which is how systemd's watchdog
+    ends a stuck loop, so the journal shows where it was stuck."""
+    follow_parent(os.environ)
+    faulthandler.enable()
+    return Notifier.from_environ(os.environ)
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from ndpipe.broker import serve
 
-    follow_parent(os.environ)
+    notify = _daemon_start()
     cfg = _load(args)
-    serve(cfg.broker, sec=cfg.security)
+    serve(cfg.broker, sec=cfg.security, notify=notify)
     return EXIT_OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from ndpipe.worker import serve
 
-    follow_parent(os.environ)
+    notify = _daemon_start()
     cfg = _load(args)
     worker = _overridden("worker", cfg.worker, {"processes": ("--processes", args.processes),
                                                 "broker": ("--broker", args.broker),
                                                 "app_dir": ("--app-dir", args.app_dir)})
-    serve(worker, sec=cfg.security)
+    serve(worker, sec=cfg.security, notify=notify)
     return EXIT_OK
 
 
@@ -173,8 +187,9 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
     print(f"{'worker / lane':34} {'host':16} {'pid':>7} {'slots':>5} {'busy':>5} {'cpu%':>6} {'rss MiB':>8}")
     for w in status["workers"]:
         st, info = w.get("stats", {}), w.get("info", {})
+        instance = f"  instance {info['instance']}" if info.get("instance") else ""  # ndpipe-worker@N
         print(f"{w['id'][:34]:34} {str(info.get('host', '?'))[:16]:16} {info.get('pid', '?'):>7} {w['slots']:5} "
-              f"{w['inflight']:5} {st.get('cpu', 0):6} {st.get('rss', 0) / 2**20:8.1f}")
+              f"{w['inflight']:5} {st.get('cpu', 0):6} {st.get('rss', 0) / 2**20:8.1f}{instance}")
         usage = {entry.get("pid"): entry for entry in st.get("lanes", []) if isinstance(entry, dict)}
         for lane in w.get("lanes", []):  # pid and in-flight from the broker, cpu and RSS from the daemon
             use = usage.get(lane["pid"], {})
@@ -407,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except AddressInUse as exc:
+        print(f"ndpipe: {exc}; exit {EXIT_TEMPFAIL}: try again later", file=sys.stderr)
+        return EXIT_TEMPFAIL
     except ConfigError as exc:
         print(f"ndpipe: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

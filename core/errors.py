@@ -18,6 +18,12 @@ class ConfigError(NdpipeError):
     """The YAML file or an environment override is invalid; the message names file and key."""
 
 
+class AddressInUse(ConfigError):
+    """An endpoint to bind is held by another process (EADDRINUSE). Often brief (a previous broker still
+    stopping, a port taken at boot), so the CLI exits 75 (EX_TEMPFAIL) and the unit restarts it,
+    where other config errors exit 2 and are not retried."""
+
+
 class ProtocolError(NdpipeError):
     """A multipart message does not follow PROTOCOL.md (frame count, header, command, sizes)."""
 

@@ -108,7 +108,9 @@ def test_demo_runs_and_checks_its_result() -> None:
     assert "ranks bit-identical to the same steps in one process" in done.stdout
 
 
-def test_broker_reports_an_endpoint_in_use() -> None:
+def test_broker_reports_an_endpoint_in_use_as_retryable() -> None:
+    """Issue 13, finding 7: a port held briefly (at boot) is exit 75, which the units restart on, not
+    exit 2, which they do not."""
     import socket
 
     with socket.socket() as taken:
@@ -117,6 +119,14 @@ def test_broker_reports_an_endpoint_in_use() -> None:
         port = taken.getsockname()[1]
         done = ndpipe("broker", env={"NDPIPE_BROKER__FRONTEND": f"tcp://127.0.0.1:{port}",
                                      "NDPIPE_BROKER__BACKEND": "ipc:///tmp/ndpipe-unused-backend"})
+    assert done.returncode == 75 and "broker.frontend" in done.stderr and "cannot bind" in done.stderr
+
+
+def test_other_bind_errors_stay_config_errors() -> None:
+    # Given an address this host does not have (TEST-NET-1), allowed in plaintext
+    done = ndpipe("broker", env={"NDPIPE_BROKER__FRONTEND": "tcp://192.0.2.1:5555", "NDPIPE_SECURITY__INSECURE": "true",
+                                 "NDPIPE_BROKER__BACKEND": "ipc:///tmp/ndpipe-unused-backend"})
+    # Then it is exit 2: restarting cannot fix it
     assert done.returncode == 2 and "broker.frontend" in done.stderr and "cannot bind" in done.stderr
 
 

@@ -43,6 +43,7 @@ from ndpipe.config import SecurityConfig, WorkerConfig
 from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.link import BrokerLink
 from ndpipe.runtime import StopSignal
+from ndpipe.sdnotify import Notifier, Rate
 from ndpipe.transport import Throttle, configure, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
 from ndpipe.worker.cache import Entry, Fetches, RefCache
@@ -53,6 +54,7 @@ log = logging.getLogger("ndpipe.worker")
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_QUICK_DEATHS = 5  # lanes dying before HELLO in a row: the handlers cannot even load
 DEADLINE_GRACE = 1.0  # seconds past a deadline before the daemon's backstop kills a lane
+INSTANCE_ENV = "NDPIPE_WORKER_INSTANCE"  # set by ndpipe-worker@.service to %i: shown in logs, STATUS and status
 
 
 @dataclass
@@ -91,8 +93,12 @@ class WorkerDaemon:
     """Run with :meth:`run`; ``stop.request()`` or SIGTERM ends it gracefully."""
 
     def __init__(self, config: WorkerConfig | None = None, context: zmq.Context[Any] | None = None,
-                 sec: SecurityConfig | None = None) -> None:
+                 sec: SecurityConfig | None = None, notify: Notifier | None = None) -> None:
         self.cfg = config or WorkerConfig()
+        self.notify = notify or Notifier()  # systemd's READY (once registered), STATUS, WATCHDOG
+        self.instance = os.environ.get(INSTANCE_ENV, "").strip()
+        self.label = f"worker instance {self.instance}" if self.instance else "worker"
+        self._rate = Rate()
         self.curve = security.client_curve(sec or SecurityConfig())  # the daemon's and its lanes' key pair
         self.services = {name: spec.handler for name, spec in self.cfg.services.items()}
         self.timeouts = {name: spec.timeout for name, spec in self.cfg.services.items()}
@@ -327,7 +333,8 @@ class WorkerDaemon:
         self.sock, self.key = sock, None
         self.poller.register(sock, zmq.POLLIN)
         info = {"id": self.name, "services": sorted(self.services), "lanes": self.nlanes, "credit": self.credit,
-                "host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+                "host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
+                **({"instance": self.instance} if self.instance else {})}
         self._send_broker([P.WORKER, P.READY, msgpack.packb(info)])
         if self.draining:  # a re-registration while stopping must not attract new work
             self._send_broker([P.WORKER, P.DRAIN])
@@ -354,11 +361,12 @@ class WorkerDaemon:
             self.key = key
             self.link.adopt(float(params.get("heartbeat_interval", self.link.interval)),
                             int(params.get("liveness", self.link.liveness)), now)
-            log.info("registered with broker %s at %s as %s: %d lanes (heartbeat %.2f s × %d)",
+            log.info("%s registered with broker %s at %s as %s: %d lanes (heartbeat %.2f s × %d)", self.label,
                      params.get("broker_id"), self.cfg.broker, self.name, self.nlanes, self.link.interval,
                      self.link.liveness)
             for lane in self.lanes.values():
                 self._join(lane)
+            self.notify.ready(self._status_line(now))
         elif command == P.DISCONNECT:
             log.warning("broker does not know this worker: registering again")
             self._connect(now)
@@ -409,8 +417,8 @@ class WorkerDaemon:
     def run(self, stop: StopSignal) -> None:
         """Serve until stopped, then drain and hand back."""
         self.poller.register(stop.fd, zmq.POLLIN)
-        log.info("worker %s (ndpipe %s) starting: broker %s, %d lanes × %d credit, services %s%s", self.name,
-                 __version__, self.cfg.broker, self.nlanes, self.credit, ", ".join(self.services),
+        log.info("%s %s (ndpipe %s) starting: broker %s, %d lanes × %d credit, services %s%s", self.label,
+                 self.name, __version__, self.cfg.broker, self.nlanes, self.credit, ", ".join(self.services),
                  ", CurveZMQ on" if self.curve else "")
         for index in range(self.nlanes):
             self._spawn(index)
@@ -425,8 +433,9 @@ class WorkerDaemon:
                         lane.conn.send_bytes(P.L_DRAIN)
                     except OSError:
                         pass
-                log.info("stopping: %d lanes finish what they hold (up to %.0f s)", len(self.lanes),
+                log.info("%s stopping: %d lanes finish what they hold (up to %.0f s)", self.label, len(self.lanes),
                          self.cfg.drain_timeout)
+                self.notify.stopping(self._status_line(time.monotonic()))
             now = time.monotonic()
             if self.draining and (not self.lanes or now >= drain_until):
                 break
@@ -443,11 +452,29 @@ class WorkerDaemon:
             self._expire_fetches(now)
             if self.sock is not None and self.link.beat_due(now):
                 self._heartbeat(now)
+            self.notify.tick(now, self._status_line)
         self._send_broker([P.WORKER, P.DISCONNECT])
         t = self.totals.plus(read_slot(lane.slot) for lane in self.lanes.values())
-        log.info("worker stopped: %d tasks done (%d of them failed), %d timed out, %d crashed and were requeued; "
-                 "%d lanes still busy handed their tasks back", t.done, t.failed, t.timed_out, t.crashed,
+        log.info("%s stopped: %d tasks done (%d of them failed), %d timed out, %d crashed and were requeued; "
+                 "%d lanes still busy handed their tasks back", self.label, t.done, t.failed, t.timed_out, t.crashed,
                  len(self.lanes))
+
+    def _status_line(self, now: float) -> str:
+        """systemd's STATUS= (``systemctl status ndpipe-worker@N``): lanes, work and the broker link."""
+        views = [read_slot(lane.slot) for lane in self.lanes.values()]
+        done = self.totals.plus(views).done
+        if self.draining:
+            link = "draining"
+        elif self.key is not None:
+            link = f"registered with {self.cfg.broker}"
+        elif self.sock is not None:
+            link = f"waiting for broker {self.cfg.broker}"
+        else:
+            link = "lanes starting"
+        alive = sum(1 for lane in self.lanes.values() if lane.ready)
+        running = sum(1 for view in views if view.state == RUNNING)
+        return (f"{self.label}: {link}; lanes {alive}/{self.nlanes}, running {running}, done {done}, "
+                f"{self._rate.update(done, now):.1f} tasks/s")
 
     def _dispatch_events(self, events: dict[Any, int], now: float) -> None:
         if self.sock is not None and self.sock in events:
@@ -484,13 +511,16 @@ class WorkerDaemon:
         if self.sock is not None:
             self.sock.close(linger=1000)  # let the last reports and DISCONNECT reach the broker
         self.cache.close()
+        self.notify.close()
         if self._own_ctx:
             self.ctx.term()
 
 
-def serve(config: WorkerConfig, stop: StopSignal | None = None, sec: SecurityConfig | None = None) -> None:
-    """Entry point for the CLI and tests. Signals stay handled until the clean-up is done."""
-    daemon = WorkerDaemon(config, sec=sec)
+def serve(config: WorkerConfig, stop: StopSignal | None = None, sec: SecurityConfig | None = None,
+          notify: Notifier | None = None) -> None:
+    """Entry point for the CLI and tests. Signals stay handled until the clean-up is done. ``notify``:
+    systemd's notifier (the CLI passes the one $NOTIFY_SOCKET asks for)."""
+    daemon = WorkerDaemon(config, sec=sec, notify=notify)
     with stop or StopSignal() as sig:
         try:
             daemon.run(sig)
