@@ -197,7 +197,7 @@ class BrokerState:
             heapq.heappush(self._deadlines, (deadline, tid))
         self._dirty.add(service)
         self.counters["submitted"] += 1
-        tally = self.tallies.of(service)
+        tally = self.tallies.get(service) or self.tallies.of(service)
         tally.submitted += 1
         tally.bytes_from_masters += nbytes
         return None
@@ -464,8 +464,8 @@ class BrokerState:
             self.counters["dropped"] += 1
             return None
         self._release(task)
-        tally = self.tallies.of(task.service)
-        nbytes = payload_bytes(result) if result else 0
+        tally = self.tallies.get(task.service) or self.tallies.of(task.service)
+        nbytes = sum(map(len, result)) if result else 0
         tally.bytes_from_workers += nbytes
         if task.stage + 1 < len(task.stages):
             if task.master in self.masters:  # nobody waits for a pipeline whose master left: it ends here
