@@ -17,7 +17,7 @@ from ndpipe.broker.records import Task
 
 
 def payload_bytes(payload: list[Any]) -> int:
-    return sum(len(frame) for frame in payload)
+    return sum(map(len, payload))
 
 
 @dataclass

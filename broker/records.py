@@ -37,6 +37,7 @@ class Task:
     master_tid: bytes = b""  # the id its master gave it: what the master's replies carry
     nbytes: int = 0  # payload bytes counted in the broker's byte budget (ndpipe.broker.budget)
     account: bytes = b""  # whom they count against: the master's key with curve on, else its routing id
+    born: float = 0.0  # monotonic time of its SUBMIT: the latency histogram times it to its result
 
 
 def task_key(master: bytes, tid: bytes) -> bytes:

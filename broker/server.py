@@ -25,6 +25,7 @@ from ndpipe.broker import status
 from ndpipe.broker.budget import ByteBudget
 from ndpipe.broker.guard import Guard
 from ndpipe.broker.iterate import Runs, Send
+from ndpipe.broker.metrics import BrokerMetrics
 from ndpipe.broker.state import BrokerState, Task
 from ndpipe.config import BrokerConfig, SecurityConfig
 from ndpipe.errors import AddressInUse, ConfigError, ProtocolError
@@ -76,6 +77,7 @@ class Broker:
         self._malformed = Throttle(log)
         self._undeliverable = Throttle(log)
         self._old = Throttle(log)
+        self.metrics: BrokerMetrics | None = None  # broker.metrics: the Prometheus listener, once bound
 
     def _router(self, domain: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -102,12 +104,17 @@ class Broker:
             except zmq.ZMQError as exc:
                 kind = AddressInUse if exc.errno == errno.EADDRINUSE else ConfigError
                 raise kind(f"broker.{key}: cannot bind {endpoint}: {exc} (another broker running?)") from exc
+        if self.cfg.metrics:
+            self.metrics = BrokerMetrics(self.cfg.metrics)
+            self.metrics.refresh(self)
         log.info("broker %s: masters on %s, workers on %s", self.state.broker_id.hex(),
                  self.cfg.frontend, self.cfg.backend)
         self.notify.ready(f"masters on {self.cfg.frontend}, workers on {self.cfg.backend}")
 
     def close(self) -> None:
         self.notify.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         if self.guard is not None:
@@ -430,7 +437,7 @@ class Broker:
             held = self.state.tasks.get(tid)
             if held is not None and held.stages:  # the next stage's input: small frames copied, as at SUBMIT
                 body = [f if len(f) >= ZERO_COPY_MIN else frame_bytes(f) for f in body]
-            task = self.state.complete(rid, tid, body)
+            task = self.state.complete(rid, tid, body, now)
             if task is not None:
                 self._to_master(task.master, [P.MASTER, P.RESULT, task.master_tid, *body])
         else:
@@ -561,6 +568,8 @@ class Broker:
         if self.guard is not None:
             self.guard.forget(set(self.state.masters), {*self.state.lanes, *self.state.hosts})
         trim_heap()
+        if self.metrics is not None:
+            self.metrics.refresh(self)
         for wid in list(self.state.hosts):
             try:
                 send_frames(self.backend, [wid, P.WORKER, P.HEARTBEAT], zmq.NOBLOCK)

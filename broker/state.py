@@ -51,6 +51,7 @@ from ndpipe.broker.records import (
     Task,
     task_key,
 )
+from ndpipe.broker.tally import Tallies
 
 log = logging.getLogger("ndpipe.broker")
 __all__ = ["DONE", "INFLIGHT", "QUEUED", "BrokerState", "Failure", "HostRecord", "LaneRecord", "ServiceQueue",
@@ -107,6 +108,7 @@ class BrokerState:
             ("submitted", "completed", "failed", "requeued", "duplicates", "rejected", "cancelled", "dropped",
              "staged", "parts", "fetched_bytes"), 0
         )
+        self.tallies = Tallies(max_services)  # per service, for metrics (ndpipe.broker.metrics)
 
     @property
     def expiry(self) -> float:
@@ -185,7 +187,7 @@ class BrokerState:
             return P.QUEUE_FULL
         deadline = now + timeout_ms / 1000.0 if timeout_ms else None
         task = Task(tid, service, master, payload, max_attempts or self.max_attempts, timeout_ms, deadline,
-                    flags=flags, stages=stages, master_tid=master_tid, account=account)
+                    flags=flags, stages=stages, master_tid=master_tid, account=account, born=now)
         self.budget.add(task, nbytes)
         self.tasks[tid] = task
         if flags & P.FLAG_STREAM:
@@ -195,6 +197,9 @@ class BrokerState:
             heapq.heappush(self._deadlines, (deadline, tid))
         self._dirty.add(service)
         self.counters["submitted"] += 1
+        tally = self.tallies.get(service) or self.tallies.of(service)
+        tally.submitted += 1
+        tally.bytes_from_masters += nbytes
         return None
 
     def reject(self) -> None:
@@ -394,7 +399,7 @@ class BrokerState:
             details = {"message": f"{why} after {task.parts} parts of the stream were delivered; it is not "
                                   "run again (its first parts would come twice)", "parts": task.parts}
             self.failures.append(Failure(task, P.STREAM_BROKEN, details))
-            self.counters["failed"] += 1
+            self._failed(task, P.STREAM_BROKEN)
             return False
         if not penalize:
             task.attempt -= 1
@@ -402,14 +407,23 @@ class BrokerState:
             self._finish(task)
             details = {"message": f"{why}, {task.attempt} of {task.max_attempts} attempts", "attempts": task.attempt}
             self.failures.append(Failure(task, P.MAX_ATTEMPTS, details))
-            self.counters["failed"] += 1
+            self._failed(task, P.MAX_ATTEMPTS)
             return False
         task.state = QUEUED
         task.worker = None
         self.queues[task.service].push(task, front=True)
         self._dirty.add(task.service)
         self.counters["requeued"] += 1
+        self.tallies.of(task.service).requeued += 1
         return True
+
+    def _failed(self, task: Task, code: str) -> None:
+        """Count a task that ends with an error sent to its master (TIMEOUT also as timed out)."""
+        self.counters["failed"] += 1
+        tally = self.tallies.of(task.service)
+        tally.fail(code)
+        if code == P.TIMEOUT:
+            tally.timed_out += 1
 
     def _finish(self, task: Task) -> None:
         if task.flags & P.FLAG_STREAM:
@@ -439,15 +453,20 @@ class BrokerState:
             lane.inflight.discard(task.tid)
             self._offer(lane)
 
-    def complete(self, lid: bytes, tid: bytes, result: list[Any] | None = None) -> Task | None:
+    def complete(self, lid: bytes, tid: bytes, result: list[Any] | None = None, now: float | None = None
+                 ) -> Task | None:
         """A lane answered; return the task to deliver, or None if the answer is not the holder's
         (late, from a lane presumed dead, or unknown: the task is then still owed by its holder) or
-        it was a pipeline stage before the last (``result`` becomes the next stage's input)."""
+        it was a pipeline stage before the last (``result`` becomes the next stage's input). ``now``
+        times the task (submit to result) for the latency histogram."""
         task = self._holder(lid, tid)
         if task is None:
             self.counters["dropped"] += 1
             return None
         self._release(task)
+        tally = self.tallies.get(task.service) or self.tallies.of(task.service)
+        nbytes = sum(map(len, result)) if result else 0
+        tally.bytes_from_workers += nbytes
         if task.stage + 1 < len(task.stages):
             if task.master in self.masters:  # nobody waits for a pipeline whose master left: it ends here
                 self._next_stage(task, result or [])
@@ -456,6 +475,10 @@ class BrokerState:
             return None
         self._finish(task)
         self.counters["completed"] += 1
+        tally.completed += 1
+        tally.bytes_to_masters += nbytes
+        if now is not None:
+            tally.observe(now - task.born)
         return task
 
     def _next_stage(self, task: Task, result: list[Any]) -> None:
@@ -493,7 +516,7 @@ class BrokerState:
             self._requeue(task, True, why or "compute process died while running the task")
             return None
         self._finish(task)
-        self.counters["failed"] += 1
+        self._failed(task, code)
         return task
 
     # ---- array refs: bytes fetched from a task's master ---------------------------------------------
@@ -534,6 +557,7 @@ class BrokerState:
             heap = self._free.get(service)
             if not queue or not heap:
                 continue
+            tally = self.tallies.of(service)
             while len(queue):
                 best = self._pop_free(heap)
                 if best is None:
@@ -545,6 +569,7 @@ class BrokerState:
                 task.state = INFLIGHT
                 task.worker = best.wid
                 task.attempt += 1
+                tally.bytes_to_workers += task.nbytes
                 best.inflight.add(task.tid)
                 best.last_dispatch = now
                 self._served[service] = next(self._seq)
@@ -659,7 +684,7 @@ class BrokerState:
         while (task := queue.pop()) is not None:
             self._finish(task)
             self.failures.append(Failure(task, P.UNAVAILABLE, details))
-            self.counters["failed"] += 1
+            self._failed(task, P.UNAVAILABLE)
 
     def _time_out(self, task: Task) -> None:
         if task.state == QUEUED:
@@ -668,7 +693,7 @@ class BrokerState:
             self._settle_running(task, self.cancels)
         details = {"message": f"no result within {task.timeout_ms} ms (attempt {task.attempt})"}
         self.failures.append(Failure(task, P.TIMEOUT, details))
-        self.counters["failed"] += 1
+        self._failed(task, P.TIMEOUT)
 
     def prune(self) -> None:
         """Forget services with nothing queued and no workers (names come and go with jobs)."""

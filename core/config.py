@@ -30,6 +30,7 @@ CONFIG_ENV = "NDPIPE_CONFIG"
 AUTO_MEMORY_SHARE = 0.8  # worker.memory_limit "auto": this share of the host's physical memory per lane
 MAX_TIMEOUT = (2**32 - 1) / 1000  # seconds: timeouts travel as uint32 milliseconds (OPTIONS, META)
 _EXPECTED = "expected tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+_LISTEN = "expected HOST:PORT (e.g. 127.0.0.1:9109), or '' for off"
 _TCP = re.compile(r"tcp://(?P<host>.+):(?P<port>[0-9]{1,5})", re.ASCII)
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*", re.ASCII)
@@ -54,15 +55,37 @@ def _check_endpoint(value: str, *, bind: bool) -> str:
         if bind:
             return value
         raise PydanticCustomError("endpoint", "'*' only works for binding; name the broker's host")
+    if not _good_host(host):
+        raise PydanticCustomError("endpoint", f"bad HOST (name, IPv4, [IPv6] or *); {_EXPECTED}")
+    return value
+
+
+def _good_host(host: str) -> bool:
+    """A literal address (IPv6 in brackets) or a syntactically valid DNS name; resolving it is left to
+    the bind or connect, which may run where the config check does not."""
     try:
         if host.startswith("[") and host.endswith("]"):
             ipaddress.IPv6Address(host[1:-1])
         elif re.fullmatch(r"[0-9.]+", host):
             ipaddress.IPv4Address(host)
         elif not _HOSTNAME.fullmatch(host):
-            raise ValueError(host)
+            return False
     except ValueError:
-        raise PydanticCustomError("endpoint", f"bad HOST (name, IPv4, [IPv6] or *); {_EXPECTED}") from None
+        return False
+    return True
+
+
+def _check_listen(value: str) -> str:
+    """``metrics``: "" (off) or HOST:PORT for the Prometheus HTTP listener (port 0: any free port)."""
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port, re.ASCII):
+        raise PydanticCustomError("listen", _LISTEN)
+    if int(port) > 65535:
+        raise PydanticCustomError("listen", "port must be 0..65535")
+    if not _good_host(host):
+        raise PydanticCustomError("listen", f"bad HOST (name, IPv4 or [IPv6]); {_LISTEN}")
     return value
 
 
@@ -87,6 +110,7 @@ def _check_service_name(value: str) -> str:
 BindEndpoint = Annotated[str, AfterValidator(partial(_check_endpoint, bind=True))]
 ConnectEndpoint = Annotated[str, AfterValidator(partial(_check_endpoint, bind=False))]
 Handler = Annotated[str, AfterValidator(_check_handler)]
+Listen = Annotated[str, AfterValidator(_check_listen)]
 ServiceName = Annotated[str, AfterValidator(_check_service_name)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT, strict=True)] | None
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -118,6 +142,7 @@ class BrokerConfig(BaseModel):
     max_queued_bytes_per_master: int = _num(1 << 30, ge=0, le=2**63 - 1)
     max_queued_bytes_per_service: int = _num(2 << 30, ge=0, le=2**63 - 1)
     max_slots_per_key: int = _num(16384, ge=1, le=2**31 - 1)  # with security.curve: slots one worker key may register
+    metrics: Listen = ""  # HOST:PORT of a Prometheus /metrics listener (ndpipe.metrics); "" = off
 
 
 class ServiceSpec(BaseModel):
@@ -155,6 +180,7 @@ class WorkerConfig(BaseModel):
     # A directory put first on sys.path (the daemon's and its lanes') so handlers import from it, as
     # uvicorn's --app-dir; null = only what is installed in ndpipe's environment.
     app_dir: str | None = None
+    metrics: Listen = ""  # HOST:PORT of a Prometheus /metrics listener (ndpipe.metrics); "" = off
 
     @field_validator("services", mode="before")
     @classmethod

@@ -49,6 +49,7 @@ from ndpipe.worker import compute
 from ndpipe.worker.cache import Entry, Fetches, RefCache
 from ndpipe.worker.lane import LINK_LOST, RUNNING, LaneArgs, LaneSlot, SlotView, read_slot
 from ndpipe.worker.lane import main as lane_main
+from ndpipe.worker.metrics import LaneTally, WorkerMetrics, death_cause
 
 log = logging.getLogger("ndpipe.worker")
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -129,6 +130,8 @@ class WorkerDaemon:
         self._mp = mp.get_context("spawn")
         self.cache = RefCache(self.cfg.cache_bytes)  # arrays sent once (Master.put), for all lanes
         self.fetches = Fetches()
+        self.tally = LaneTally()  # lane deaths, restarts, reports: for worker.metrics
+        self.metrics: WorkerMetrics | None = None  # the Prometheus listener, once :meth:`listen` bound it
 
     # ---- lanes ----------------------------------------------------------------------------------
     def _spawn(self, index: int) -> None:
@@ -287,6 +290,7 @@ class WorkerDaemon:
                          "task's answer (a result frame over the broker's max_frame_bytes?)", pid=pid, exitcode=code)
         else:
             log.info("lane %d (pid %s) ended (%s)", lane.index, pid, why)
+        self.tally.ended(death_cause(code, lane.killed), view.done, respawn=not self.draining)
         self._send_broker([P.WORKER, P.LANE_GONE, msgpack.packb({"lane": lane.index, "pid": pid})])
         self.quick_deaths = 0 if lane.ready else self.quick_deaths + 1
         if self.quick_deaths > MAX_QUICK_DEATHS:
@@ -318,6 +322,7 @@ class WorkerDaemon:
     def _report(self, tid: bytes, code: str, kind: str, message: str, **extra: Any) -> None:
         """A W_ERROR the daemon originates for its lane (the lane could not say it)."""
         details = {"message": message, "type": kind, **extra}
+        self.tally.report(code)
         self._send_broker([P.WORKER, P.W_ERROR, tid, code.encode(), msgpack.packb(details)])
 
     # ---- broker ---------------------------------------------------------------------------------
@@ -414,8 +419,15 @@ class WorkerDaemon:
                 "processes": self.nlanes, "lanes": lanes}
 
     # ---- loop -----------------------------------------------------------------------------------
+    def listen(self) -> None:
+        """Bind ``worker.metrics`` if set (a ConfigError naming it if the port is taken): before any
+        lane starts or READY is sent, so a daemon that registers can be scraped."""
+        if self.cfg.metrics and self.metrics is None:
+            self.metrics = WorkerMetrics(self.cfg.metrics)
+
     def run(self, stop: StopSignal) -> None:
         """Serve until stopped, then drain and hand back."""
+        self.listen()
         self.poller.register(stop.fd, zmq.POLLIN)
         log.info("%s %s (ndpipe %s) starting: broker %s, %d lanes × %d credit, services %s%s", self.label,
                  self.name, __version__, self.cfg.broker, self.nlanes, self.credit, ", ".join(self.services),
@@ -453,6 +465,8 @@ class WorkerDaemon:
             if self.sock is not None and self.link.beat_due(now):
                 self._heartbeat(now)
             self.notify.tick(now, self._status_line)
+            if self.metrics is not None:
+                self.metrics.refresh(self, now)
         self._send_broker([P.WORKER, P.DISCONNECT])
         t = self.totals.plus(read_slot(lane.slot) for lane in self.lanes.values())
         log.info("%s stopped: %d tasks done (%d of them failed), %d timed out, %d crashed and were requeued; "
@@ -512,6 +526,8 @@ class WorkerDaemon:
             self.sock.close(linger=1000)  # let the last reports and DISCONNECT reach the broker
         self.cache.close()
         self.notify.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self._own_ctx:
             self.ctx.term()
 
