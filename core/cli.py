@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -116,6 +117,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     np.save(args.output, result, allow_pickle=False)
     if not args.quiet:
         print(f"{args.output}: {result.dtype} {result.shape}")
+    return EXIT_OK
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    """The master daemon: run the job files dropped in spool.dir/inbox (ndpipe.master.spool)."""
+    from ndpipe.master.spool import serve
+    from ndpipe.runtime import StopSignal
+
+    follow_parent(os.environ)
+    cfg = _load(args)
+    spool = _overridden("spool", cfg.spool, {"dir": ("--dir", args.dir)})
+    try:
+        from ndpipe.master.spooljob import make_dirs
+
+        make_dirs(Path(spool.dir))
+    except OSError as exc:
+        raise ConfigError(f"spool.dir {spool.dir}: cannot create the spool's directories: "
+                          f"{exc.strerror or exc} (set spool.dir or --dir)") from None
+    with StopSignal() as stop, _master(args, cfg) as master:
+        serve(spool, master, stop)
     return EXIT_OK
 
 
@@ -273,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("spool", parents=[common], help="master daemon: run job files dropped in a directory",
+                       description="Watch SPOOL/inbox for NAME.job.yaml files (service or pipeline, a .npy "
+                                   "input), run each exactly once, write SPOOL/outbox/NAME.npy atomically and "
+                                   "move the inputs to SPOOL/done/ or SPOOL/failed/ (with NAME.error). A journal "
+                                   "in SPOOL makes a restart lose no job and rerun no finished one. SIGTERM "
+                                   "finishes the jobs in flight (spool.drain_timeout) and exits 0. See "
+                                   "docs/spool.md.")
+    p.add_argument("--dir", help="spool root holding inbox/, outbox/, done/, failed/ and the journal "
+                                 "(overrides spool.dir)")
+    p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
+    p.set_defaults(func=cmd_spool)
 
     p = sub.add_parser("status", parents=[common], help="show the broker's services, queues and workers")
     p.add_argument("--broker", help="broker frontend endpoint (overrides master.broker)")
