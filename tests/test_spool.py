@@ -275,7 +275,8 @@ def spool_cmd(config: Path, root: Path) -> subprocess.Popen[bytes]:
         log.close()
 
 
-def test_the_daemon_runs_call_scatter_and_pipeline_jobs_and_exits_0_on_sigterm(make_cluster, tmp_short: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_runs_call_scatter_and_pipeline_jobs_and_drains_on_sigterm(  # type: ignore[no-untyped-def]
+        make_cluster, tmp_short: Path) -> None:
     # Given a cluster and a spool config naming it
     c = make_cluster(broker=STEADY)
     c.start_broker()
@@ -306,8 +307,12 @@ def test_the_daemon_runs_call_scatter_and_pipeline_jobs_and_exits_0_on_sigterm(m
         assert "invalid YAML" in (root / "failed" / "bad.error").read_text()
         wait_until(lambda: sorted(os.listdir(root / "inbox")) == [], 10, "inbox emptied")
         assert proc.poll() is None
+        # And SIGTERM with a job in flight lets it finish (drain), then exits 0
+        drop(root, "slow", {"service": "spin", "input": "slow.npy"}, np.array(1.0))  # spin(1.0 s)
+        wait_until(lambda: "job slow started" in (tmp_short / "spool.log").read_text(), 20, "the slow job started")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+        assert (root / "outbox" / "slow.npy").exists() and (root / "done" / "slow.job.yaml").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -321,3 +326,6 @@ def test_a_bad_dir_flag_is_a_config_error(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "ndpipe.cli", "spool", "--dir", str(tmp_path / "file" / "x")],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "spool.dir" in done.stderr and "--dir" in done.stderr
+    empty = subprocess.run([sys.executable, "-m", "ndpipe.cli", "spool", "--dir", ""], capture_output=True,
+                           text=True, timeout=30)
+    assert empty.returncode == 2 and "--dir: spool.dir: " in empty.stderr, empty.stderr
