@@ -295,9 +295,9 @@ def test_the_daemon_runs_call_scatter_and_pipeline_jobs_and_drains_on_sigterm(  
     try:
         def finished() -> bool:
             assert proc.poll() is None, (tmp_short / "spool.log").read_text()
-            return len(outputs(root)) == 3 and (root / "failed" / "fails.error").exists()
+            return len(outputs(root)) == 3 and all((root / "failed" / f"{n}.error").exists() for n in ("fails", "bad"))
 
-        wait_until(finished, 40, "three outputs and one failure")
+        wait_until(finished, 40, "three outputs, a failure and a refusal")  # bad waits for a slot: it is read then
         # Then each output is right and whole, inputs moved on, errors explained, the daemon still up
         from ndpipe.examples.handlers import normalize
 
