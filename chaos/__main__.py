@@ -19,11 +19,11 @@ from ndpipe.chaos.checker import Report
 from ndpipe.chaos.scenarios import Params
 
 MODULES = ("ndpipe.chaos.scenarios", "ndpipe.chaos.partition", "ndpipe.chaos.load", "ndpipe.chaos.links",
-           "ndpipe.chaos.stages", "ndpipe.chaos.iterations")
+           "ndpipe.chaos.stages", "ndpipe.chaos.iterations", "ndpipe.chaos.spool")
 ORDER = ("workers_killed", "worker_frozen", "task_hangs", "broker_crashes", "partition", "master_dies",
          "overload", "garbage", "worker_oom", "master_frozen", "master_link_cut", "master_link_silent",
          "pipeline_killed", "cache_pressure", "stream_killed", "iterate_lane_killed", "iterate_worker_frozen",
-         "iterate_master_killed")
+         "iterate_master_killed", "spool_killed")
 
 
 def scenarios() -> dict[str, Callable[[Params], Report]]:

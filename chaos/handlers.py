@@ -264,3 +264,18 @@ def bad_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) ->
         if how == "state":
             return {**state, "s": {3}}, {}, 0.0
     return state, {}, float(state.get("metric", 1.0))
+
+
+class Spooled:
+    """The spool scenario's handler (resident, so ``log_dir`` comes from YAML): logs a start for the job
+    whose id is the input's first element, sleeps ``seconds``, returns ``2 x + 1``."""
+
+    def __init__(self, log_dir: str = "", seconds: float = 0.0) -> None:
+        self.log_dir, self.seconds = log_dir, seconds
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        _log_start(self.log_dir, int(x.flat[0]))
+        if self.seconds:
+            time.sleep(self.seconds)
+        out: np.ndarray = 2 * x + 1
+        return out

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -140,6 +141,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     np.save(args.output, result, allow_pickle=False)
     if not args.quiet:
         print(f"{args.output}: {result.dtype} {result.shape}")
+    return EXIT_OK
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    """The master daemon: run the job files dropped in spool.dir/inbox (ndpipe.master.spool)."""
+    from ndpipe.master.spool import serve
+    from ndpipe.runtime import StopSignal
+
+    follow_parent(os.environ)
+    cfg = _load(args)
+    spool = _overridden("spool", cfg.spool, {"dir": ("--dir", args.dir)})
+    try:
+        from ndpipe.master.spooljob import make_dirs
+
+        make_dirs(Path(spool.dir))
+    except OSError as exc:
+        raise ConfigError(f"spool.dir {spool.dir}: cannot create the spool's directories: "
+                          f"{exc.strerror or exc} (set spool.dir or --dir)") from None
+    with StopSignal() as stop, _master(args, cfg) as master:
+        serve(spool, master, stop)
     return EXIT_OK
 
 
@@ -363,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="ENDPOINT", help="broker frontend endpoint (overrides master.broker)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     p.set_defaults(func=cmd_submit)
+
+    p = _sub(sub, "spool", "master daemon: run job files dropped in a directory",
+             "Watch SPOOL/inbox for NAME.job.yaml files (a service or a pipeline, a .npy input), run each "
+             "exactly once, write SPOOL/outbox/NAME.npy atomically and move the inputs to SPOOL/done/ or "
+             "SPOOL/failed/ (with NAME.error). A journal in SPOOL makes a restart lose no job and rerun no "
+             "finished one. SIGTERM finishes the jobs in flight (spool.drain_timeout) and exits 0. See "
+             "docs/spool.md.",
+             ("ndpipe spool --config /etc/ndpipe/config.yaml",
+              "ndpipe spool --dir ./spool --broker tcp://broker-host:5555"), [common])
+    p.add_argument("--dir", metavar="DIR", help="spool root holding inbox/, outbox/, done/, failed/ and the "
+                   "journal (overrides spool.dir)")
+    p.add_argument("--broker", metavar="ENDPOINT", help="broker frontend endpoint (overrides master.broker)")
+    p.set_defaults(func=cmd_spool)
 
     p = _sub(sub, "status", "show the broker's services, queues and workers",
              "Ask the broker for its view: per service what is queued and in flight, each worker and lane "

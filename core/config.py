@@ -269,6 +269,28 @@ class SecurityConfig(BaseModel):
     admins: str | None = None  # broker: … allowed to read the full STATUS
 
 
+class SpoolConfig(BaseModel):
+    """``ndpipe spool``: a master daemon running job files dropped in ``dir``/inbox (ndpipe.master.spool).
+
+    ``dir`` holds inbox/, outbox/, done/, failed/ and the journal; under systemd it is the unit's
+    StateDirectory. The broker endpoint and keys come from the ``master`` and ``security`` sections."""
+
+    model_config = _FROZEN
+    dir: str = "/var/lib/ndpipe-spool"
+    poll_interval: float = _num(1.0, ge=0.01, le=3600)  # seconds between scans of inbox/
+    concurrency: int = _num(4, ge=1, le=1024)  # jobs in flight at once
+    shards: int = _num(16, ge=1, le=65536)  # a scatter job's shards when its file names none
+    drain_timeout: float = _num(30.0, ge=0, le=86400)  # SIGTERM: seconds in-flight jobs may still take
+    retry_interval: float = _num(5.0, gt=0, le=3600)  # broker unreachable: seconds before a job is resent
+
+    @field_validator("dir")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("spool_dir", "must name a directory")
+        return value
+
+
 class Config(BaseModel):
     """The whole file. Every section has defaults, so an empty file is a working single-host setup."""
 
@@ -278,6 +300,7 @@ class Config(BaseModel):
     master: MasterConfig = Field(default_factory=MasterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
 
 
 # SafeLoader that rejects duplicate keys, where PyYAML would silently keep the last one. Built with

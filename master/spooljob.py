@@ -1,0 +1,280 @@
+"""The spool's files: job files (parsed and validated), the journal, and atomic writes and moves.
+
+Socket-free on purpose (STYLE.md, habit 2): everything :mod:`ndpipe.master.spool` decides about a
+job's files happens here, so the crash-point tests run it without a broker. A job file is hostile
+input: it is read with a size bound, through a YAML loader that refuses aliases and duplicate keys,
+validated by a frozen pydantic model, and its ``input`` must name a regular file inside inbox/.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from ndpipe import protocol
+from ndpipe.config import _FROZEN, ServiceName, Timeout
+from ndpipe.config import _Loader as _ConfigLoader
+
+JOB_SUFFIX = ".job.yaml"
+MAX_JOB_BYTES = 64 << 10  # a job file names a service and a file: anything bigger is not one
+DIR_MODE = 0o700
+
+
+class JobError(Exception):
+    """A job file or its input cannot be run; the message names the file and the key."""
+
+
+class JobSpec(BaseModel):
+    """``NAME.job.yaml``: what to run on which input. Exactly one of ``service`` and ``pipeline``."""
+
+    model_config = _FROZEN
+    service: ServiceName | None = None
+    pipeline: list[ServiceName] | None = Field(None, min_length=2, max_length=protocol.MAX_STAGES)
+    input: str
+    mode: Literal["call", "scatter"] = "call"
+    shards: int | None = Field(None, ge=1, le=65536, strict=True)
+    axis: int = Field(0, strict=True)
+    timeout: Timeout = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> JobSpec:
+        if (self.service is None) == (self.pipeline is None):
+            raise ValueError("name exactly one of 'service' and 'pipeline'")
+        if self.pipeline is not None and self.mode == "scatter":
+            raise ValueError("mode 'scatter' runs one service; a pipeline runs in mode 'call'")
+        if self.mode == "call" and self.shards is not None:
+            raise ValueError("'shards' needs mode 'scatter'")
+        return self
+
+
+# The config's loader (duplicate keys refused), and no aliases: `&a [*a, *a, …]` nests exponentially,
+# and a validation error would repr the whole expansion.
+_Loader: Any = type("_JobLoader", (_ConfigLoader,), {})
+
+
+def _compose_node(self: Any, parent: Any, index: Any) -> Any:
+    if self.check_event(yaml.AliasEvent):
+        event = self.peek_event()
+        raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job file",
+                                          event.start_mark)
+    return yaml.composer.Composer.compose_node(self, parent, index)
+
+
+_Loader.compose_node = _compose_node
+
+
+def job_name(file_name: str) -> str | None:
+    """``NAME`` of ``NAME.job.yaml``; None for anything else, and for dot-files (drops in progress)."""
+    if file_name.startswith(".") or not file_name.endswith(JOB_SUFFIX) or file_name == JOB_SUFFIX:
+        return None
+    return file_name[: -len(JOB_SUFFIX)]
+
+
+def _open_regular(path: Path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, not following a symlink and never blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise JobError(f"{what} {path.name}: no such file") from None
+    except OSError as exc:
+        raise JobError(f"{what} {path.name}: cannot open ({exc.strerror or exc}; a symlink is refused)") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobError(f"{what} {path.name}: not a regular file")
+        data = f.read(-1 if limit is None else limit + 1)
+    if limit is not None and len(data) > limit:
+        raise JobError(f"{what} {path.name}: larger than {limit} bytes; a job file names a service and an input")
+    return data
+
+
+def _problems(exc: ValidationError, label: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(JobSpec.model_fields), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(JobSpec.model_fields)
+            problem = f"unknown key ({hint})"
+        elif err["type"] == "missing":
+            problem = "missing required key"
+        else:
+            shown = repr(err["input"])
+            problem = f"{err['msg']} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+        lines.append(f"{label}: {key}: {problem}")
+    return "\n".join(lines)
+
+
+def parse_job(inbox: Path, name: str) -> JobSpec:
+    """Read and validate ``inbox/NAME.job.yaml`` (JobError naming the file and key)."""
+    label = name + JOB_SUFFIX
+    raw = _open_regular(inbox / label, "job file", MAX_JOB_BYTES)
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as exc:
+        raise JobError(f"{label}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise JobError(f"{label}: {where}invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{label}: must be a mapping with 'service' (or 'pipeline') and 'input', "
+                       f"got {type(data).__name__}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise JobError(_problems(exc, label)) from None
+    input_path(inbox, spec, label)
+    return spec
+
+
+def input_path(inbox: Path, spec: JobSpec, label: str) -> Path:
+    """``inbox/<input>``, refused unless it is a plain name of a file directly in inbox/ (no
+    ``..``, no absolute path, no directory, no symlink out)."""
+    given = spec.input
+    if not given or "/" in given or "\\" in given or given in (".", "..") or given.startswith(".") or "\0" in given:
+        raise JobError(f"{label}: input: must be the name of a file in inbox/ (no directories, no '..'), "
+                       f"got {given!r:.80}")
+    return inbox / given
+
+
+def load_input(inbox: Path, name: str, spec: JobSpec) -> np.ndarray:
+    """The job's input array: a .npy file, no pickle, no object dtype (JobError saying what is wrong)."""
+    label = name + JOB_SUFFIX
+    path = input_path(inbox, spec, label)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise JobError(f"{label}: input: {spec.input} not found in inbox/ (write it before the job file)") from None
+    except OSError as exc:
+        raise JobError(f"{label}: input: {spec.input}: cannot open ({exc.strerror or exc}; a symlink is refused)"
+                       ) from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobError(f"{label}: input: {spec.input} is not a regular file")
+        try:
+            data = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise JobError(f"{label}: input: {spec.input}: not a .npy array without pickled objects: {exc}") from None
+    if not isinstance(data, np.ndarray):
+        raise JobError(f"{label}: input: {spec.input}: a .npz archive; give one array as .npy")
+    if spec.mode == "scatter" and (data.ndim == 0 or not -data.ndim <= spec.axis < data.ndim):
+        raise JobError(f"{label}: axis: {spec.axis} is out of range for an array of shape {data.shape}")
+    return data
+
+
+# ---- durable file operations ----------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry, not only the data)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """``write(file)`` into a dot-file beside ``path``, fsync, rename onto ``path``, fsync the
+    directory: ``path`` either does not exist or holds all of it (the rename is the commit)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8", "replace")))
+
+
+def move(src: Path, dest_dir: Path, inode: int | None = None) -> bool:
+    """Move ``src`` into ``dest_dir`` (keeping its name unless one is there already: then
+    ``NAME.<n>``); False if ``src`` is gone, or is not the file ``inode`` says it was (replaced by
+    a new drop, which the scanner then sees on its own)."""
+    try:
+        st = src.lstat()
+    except FileNotFoundError:
+        return False
+    if inode is not None and st.st_ino != inode:
+        return False
+    dest, n = dest_dir / src.name, 1
+    while os.path.lexists(dest):
+        dest, n = dest_dir / f"{src.name}.{n}", n + 1
+    os.replace(src, dest)
+    return True
+
+
+def clean_temps(directory: Path) -> int:
+    """Remove the dot-file temporaries a killed writer left in ``directory``; how many."""
+    removed = 0
+    for entry in os.scandir(directory):
+        if entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+# ---- the journal --------------------------------------------------------------------------------------
+class Journal:
+    """Append-only JSON lines, one fsync per record: ``{"job", "state", ...}`` with state
+    ``started`` (with the input's name and the job file's inode), ``done`` or ``failed``.
+
+    A kill -9 can tear only the last line; it is cut off at open. Each start rewrites the file with
+    the last record of each job (atomically), so it grows with jobs, not with restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, dict[str, Any]] = {}
+        torn = False
+        if path.exists():
+            text = path.read_bytes()
+            end = text.rfind(b"\n") + 1
+            torn = end != len(text)
+            for line in text[:end].splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    torn = True
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("job"), str):
+                    self.last[record["job"]] = record
+        self.torn = torn
+        body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.last.values())
+        write_text(path, body)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def record(self, job: str, state: str, **extra: Any) -> None:
+        entry = {"job": job, "state": state, **extra}
+        self._f.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.last[job] = entry
+
+    def state(self, job: str) -> str | None:
+        record = self.last.get(job)
+        return None if record is None else str(record["state"])
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def make_dirs(root: Path) -> dict[str, Path]:
+    """The spool's directories (created 0700 if missing); a ConfigError-worthy OSError propagates."""
+    dirs = {name: root / name for name in ("inbox", "outbox", "done", "failed")}
+    root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    for path in dirs.values():
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+    return dirs
