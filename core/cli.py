@@ -17,6 +17,7 @@ import os
 import sys
 import textwrap
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,7 +106,13 @@ def cmd_master(args: argparse.Namespace) -> int:
     add_app_dir(args.app_dir, "--app-dir")
     job = resolve(args.job)
     with _master(args, cfg) as master:
-        result = job(master, *args.job_args)
+        try:
+            result = job(master, *args.job_args)
+        except Exception as exc:  # the job's own error: its traceback from the job's frames on, not the CLI's
+            trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if
+                                                       exc.__traceback__ else None))
+            print(f"ndpipe: job {args.job} failed:\n{trace}", end="", file=sys.stderr)
+            return EXIT_TASK
     if result is not None:
         print(result)
     return EXIT_OK

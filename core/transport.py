@@ -7,7 +7,9 @@ silently dropping, and a frame-count cap enforced while reading.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +27,26 @@ ZERO_COPY_MIN = 64 * 1024  # below this, copying a frame is cheaper than zero-co
 # Plain ints: pyzmq's enum flags cost ~0.5 µs per `|`, and `sock.rcvmore` ~2 µs per frame.
 _NOBLOCK, _SNDMORE, _RCVMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def unresolved(endpoint: str) -> str:
+    """Why a tcp:// endpoint's host cannot be connected to at all ("host 'x' does not resolve: …"), or
+    "" (it resolves, is a literal address, or is not tcp). libzmq retries such a connect silently
+    forever, so a peer that never answers asks here once, when it first notices the silence."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not host or host == "*":
+        return ""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return ""
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, port or None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        return f"host {host!r} does not resolve: {getattr(exc, 'strerror', None) or exc}"
+    return ""
 
 
 def readable(sock: zmq.Socket[Any]) -> bool:

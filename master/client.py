@@ -61,6 +61,7 @@ from ndpipe.master.state import Pending
 from ndpipe.master.stream import Stream
 from ndpipe.refs import Ref, make_ref
 from ndpipe.security import client_curve
+from ndpipe.transport import unresolved
 
 log = logging.getLogger("ndpipe.master")
 
@@ -355,7 +356,9 @@ class Master:
             with self._lock:
                 if not self._closed and self._error is None:
                     self._post(StatusWithdrawn(request))
-            raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s") from exc
+            why = unresolved(self.endpoint)
+            raise BrokerUnreachable(f"no status from {self.endpoint} within {timeout} s"
+                                    + (f": {why}" if why else "")) from exc
 
     def put(self, array: Any) -> Ref:
         """Send an array once: a small content-addressed :class:`~ndpipe.refs.Ref` to pass in any

@@ -34,7 +34,7 @@ from ndpipe.errors import BrokerUnreachable, DecodeError, NdpipeError, ProtocolE
 from ndpipe.link import BrokerLink
 from ndpipe.master.iterate import IterRun, resolve
 from ndpipe.refs import raw_bytes
-from ndpipe.transport import unpack_map
+from ndpipe.transport import unpack_map, unresolved
 
 log = logging.getLogger("ndpipe.master")
 Frames = list[Any]
@@ -79,6 +79,7 @@ class MasterState:
         self.resend_due = False  # an event may have lost messages: resend at the next PONG
         self.lost_since: float | None = None
         self.refused = ""  # why the last CURVE handshake failed (the I/O loop's link monitor), if it did
+        self.unresolved = ""  # why the broker's host name does not resolve, if it does not (at the last silence)
         self.limits = Limits(max_frames=cfg.max_frames)
         self.counters = {"late_answers": 0, "resends": 0, "fetches": 0}
         self.refs: dict[bytes, tuple[bytes, Any, int]] = {}  # put(): digest -> (description, array, puts)
@@ -302,15 +303,17 @@ class MasterState:
         if self.link.silent(now):
             if self.lost_since is None:
                 self.lost_since = self.link.last_heard
+                self.unresolved = unresolved(self.endpoint)  # asked once per silence: a name lookup may block
                 log.warning("broker %s silent for %.1f s: reconnecting%s", self.endpoint, now - self.link.last_heard,
-                            f" ({self.refused})" if self.refused else "")
+                            f" ({self.refused or self.unresolved})" if self.refused or self.unresolved else "")
             out.reconnect = True
             self.link.reconnected(now)  # a full liveness period (at least the back-off) for the new socket
             self.resend_due = True
         limit = self.cfg.broker_timeout
         if self.lost_since is not None and limit is not None and now - self.lost_since > limit:
             why = (f"{self.refused}: check security.broker_key, and that this key is in the broker's "
-                   "security.masters" if self.refused else "is `ndpipe broker` running there?")
+                   "security.masters" if self.refused else
+                   f"{self.unresolved}" if self.unresolved else "is `ndpipe broker` running there?")
             self.fail_all(BrokerUnreachable(
                 f"broker {self.endpoint} unreachable for {now - self.lost_since:.1f} s "
                 f"(master.broker_timeout = {limit} s); {why}"))

@@ -167,3 +167,27 @@ def test_status_watch_repeats_and_survives_a_broker_restart(make_cluster: Any) -
             proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert ndpipe("status", "--watch", "0", "--config", str(c.config_path)).returncode == 2
+
+
+def test_a_host_that_does_not_resolve_is_named_as_such(tmp_path: Path) -> None:
+    """Findings 2 and 9: a broker host name that does not resolve only showed "silent … reconnecting"."""
+    done = ndpipe("status", "--broker", "tcp://no-such-host.invalid:5555", "--timeout", "1")
+    assert done.returncode == 3, done.stderr
+    assert "host 'no-such-host.invalid' does not resolve" in done.stderr and "Traceback" not in done.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("master:\n  broker: tcp://no-such-host.invalid:5555\n  heartbeat_interval: 0.1\n  liveness: 2\n"
+                   "  broker_timeout: 0.6\n")
+    np.save(tmp_path / "x.npy", np.zeros(4))
+    done = ndpipe("submit", "echo", "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                  "--config", str(cfg), "--quiet")
+    assert done.returncode == 3 and "does not resolve" in done.stderr, done.stderr
+
+
+def test_a_jobs_own_exception_shows_the_jobs_frames_not_the_clis(tmp_path: Path) -> None:
+    """Finding 9: a job's exception came out as a raw traceback through the CLI's own frames."""
+    (tmp_path / "myjob.py").write_text("def job(master):\n    raise ValueError('bad input in my job')\n")
+    done = ndpipe("master", "myjob:job", "--app-dir", str(tmp_path), "--broker", "ipc:///nonexistent/ndpipe")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("ndpipe: job myjob:job failed:\nTraceback")
+    assert "myjob.py\", line 2, in job" in done.stderr and "ValueError: bad input in my job" in done.stderr
+    assert "cli.py" not in done.stderr

@@ -44,7 +44,7 @@ from ndpipe.errors import NdpipeError, ProtocolError
 from ndpipe.link import BrokerLink
 from ndpipe.runtime import StopSignal
 from ndpipe.sdnotify import Notifier, Rate
-from ndpipe.transport import Throttle, configure, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import Throttle, configure, recv_bounded, send_frames, unpack_map, unresolved
 from ndpipe.worker import compute
 from ndpipe.worker.cache import Entry, Fetches, RefCache
 from ndpipe.worker.lane import LINK_LOST, RUNNING, LaneArgs, LaneSlot, SlotView, read_slot
@@ -387,8 +387,9 @@ class WorkerDaemon:
 
     def _heartbeat(self, now: float) -> None:
         if self.link.silent(now):
-            log.warning("broker silent for %.1f s: reconnecting (back-off %.1f s)", now - self.link.last_heard,
-                        self.link.backoff)
+            why = unresolved(self.cfg.broker)  # libzmq retries a name that does not resolve without a word
+            log.warning("broker silent for %.1f s: reconnecting (back-off %.1f s)%s", now - self.link.last_heard,
+                        self.link.backoff, f"; {why}" if why else "")
             self._connect(now)
             return
         self._send_broker([P.WORKER, P.HEARTBEAT, msgpack.packb(self._stats())])
