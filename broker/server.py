@@ -461,6 +461,7 @@ class Broker:
         if self.guard is not None:
             refused = self.guard.ready_refusal(self.state, rid, self.peer_key, ready, self.cfg.max_slots_per_key)
             if refused:  # unanswered: the daemon tries again after its liveness
+                self.guard.counters["messages_refused"] += 1
                 self._malformed.warning("refused READY from key %s: %s", self.peer_key.decode(), refused)
                 return
         host = self.state.worker_ready(rid, ready.services, ready.credit, now, ready.info, ready.lanes, ready.name)

@@ -127,7 +127,7 @@ def insecure_binds(sec: SecurityConfig, endpoints: dict[str, str]) -> list[str]:
 
 INSECURE_HINT = ("anyone who can reach it could submit, register as a worker and read every payload. "
                  "Turn on CurveZMQ: 'ndpipe keys generate broker --dir /etc/ndpipe/keys' (and one pair per "
-                 "master and worker host), then set security.curve: true (see README, 'Several hosts'); "
+                 "master and worker host), then set security.curve: true (see README, 'Run it across machines'); "
                  "or set security.insecure: true to accept plaintext on a network you trust")
 
 

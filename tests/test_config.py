@@ -508,3 +508,17 @@ def test_setup_logging_rejects_bad_values() -> None:
         setup_logging("LOUD")
     with pytest.raises(ConfigError, match="logging.format"):
         setup_logging("INFO", "xml")
+
+
+def test_memory_limit_defaults_to_most_of_the_host_so_one_handler_cannot_take_it_all() -> None:
+    """Issue 12, attack 5: memory_limit defaulted to 0 (none), and a 15 MiB payload pushed one compute
+    process to 1.2 GiB. The default is now "auto": 80 % of physical memory per lane; 0 still means none."""
+    import psutil
+
+    from ndpipe.config import WorkerConfig
+
+    auto = WorkerConfig()
+    assert auto.memory_limit == "auto"
+    assert auto.lane_memory_limit == int(psutil.virtual_memory().total * 0.8)
+    assert WorkerConfig(memory_limit=0).lane_memory_limit == 0
+    assert WorkerConfig(memory_limit=1 << 30).lane_memory_limit == 1 << 30

@@ -501,6 +501,46 @@ def test_a_routing_id_taken_over_by_another_key_speaks_for_nobody(secure: Any) -
         ctx.term()
 
 
+def test_one_worker_key_registers_at_most_max_slots_per_key(make_cluster: Any) -> None:
+    """Attack 1 with a listed key: a READY claiming very many slots drew 497 of 500 tasks. One key's
+    daemons now register at most broker.max_slots_per_key slots in all; a READY past it is refused
+    (unanswered) and the work keeps going to the workers that are within it."""
+    c = make_cluster(broker={**STEADY, "max_slots_per_key": 4}, curve=True)
+    c.start(workers=1, processes=1)  # the harness's worker key: 1 lane × 1 credit
+    rogue = _pair(c, "rogue")
+    shutil.copy(c.keys / "extra" / "rogue.key", c.keys / "workers")
+    _reload(c, 1)
+    ctx = zmq.Context()
+    opened: list[zmq.Socket[Any]] = []
+
+    def ready(name: str, lanes: int) -> zmq.Socket[Any]:
+        sock, monitor = _dealer(ctx, c.backend, rogue, _broker_key(c))
+        opened.extend((sock, monitor))
+        sock.send_multipart([P.WORKER, P.READY, msgpack.packb({"services": ["echo"], "lanes": lanes, "credit": 1,
+                                                               "id": name})])
+        return sock
+
+    try:
+        with c.master() as m:
+            greedy = ready("greedy", 5)  # 5 slots > 4
+            wait_until(lambda: "slots would pass broker.max_slots_per_key = 4" in c.logs(tail=10**6),
+                       what="the greedy READY refused")
+            assert not greedy.poll(500)  # no WELCOME
+            assert [w["id"] for w in m.status()["workers"]] != ["greedy"] and m.status()["services"]["echo"][
+                "slots"] == 1
+            assert [m.submit("echo", i).result(timeout=30) for i in range(20)] == list(range(20))
+            modest = ready("modest", 4)  # exactly the bound: taken
+            assert modest.poll(20_000) and modest.recv_multipart()[1] == P.WELCOME
+            refused = m.status()["counters"]["messages_refused"]
+            more = ready("more", 1)  # the same key past the bound, while "modest" is alive (3 s without a heartbeat)
+            wait_until(lambda: m.status()["counters"]["messages_refused"] == refused + 1, what="the next READY refused")
+            assert not more.poll(0)  # and never welcomed
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        ctx.term()
+
+
 def test_a_worker_key_cannot_take_over_another_keys_worker_by_its_name(secure: Any) -> None:
     """A READY under a registered name replaces that worker (how a daemon re-registers); with curve on
     only the key that registered it may do so."""
