@@ -26,7 +26,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -34,7 +33,6 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import msgpack
-import psutil
 import zmq
 
 from ndpipe import __version__, logsetup, security
@@ -50,31 +48,13 @@ from ndpipe.worker.cache import Entry, Fetches, RefCache
 from ndpipe.worker.lane import LINK_LOST, RUNNING, LaneArgs, LaneSlot, SlotView, read_slot
 from ndpipe.worker.lane import main as lane_main
 from ndpipe.worker.metrics import LaneTally, WorkerMetrics, death_cause
+from ndpipe.worker.usage import Totals, Usage
 
 log = logging.getLogger("ndpipe.worker")
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_QUICK_DEATHS = 5  # lanes dying before HELLO in a row: the handlers cannot even load
 DEADLINE_GRACE = 1.0  # seconds past a deadline before the daemon's backstop kills a lane
 INSTANCE_ENV = "NDPIPE_WORKER_INSTANCE"  # set by ndpipe-worker@.service to %i: shown in logs, STATUS and status
-
-
-@dataclass
-class Totals:
-    """Tasks the lanes ran, for the shutdown line: answered (failed among them), and the ones the daemon
-    reported because their lane died running them."""
-
-    done: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    crashed: int = 0
-
-    def plus(self, views: Iterable[SlotView]) -> Totals:
-        """These totals with what the live lanes' slots say so far."""
-        out = Totals(self.done, self.failed, self.timed_out, self.crashed)
-        for view in views:
-            out.done += view.done
-            out.failed += view.failed
-        return out
 
 
 @dataclass(eq=False)
@@ -124,7 +104,7 @@ class WorkerDaemon:
         self.quick_deaths = 0
         self.totals = Totals()  # what lanes that ended had done (a respawned lane counts from 0)
         self.poller = zmq.Poller()
-        self._ps: dict[int, psutil.Process] = {}
+        self.usage = Usage()  # CPU and RSS of the daemon and each lane, for heartbeats and status
         self._malformed = Throttle(log)
         self._dropped = Throttle(log)
         self._mp = mp.get_context("spawn")
@@ -395,29 +375,9 @@ class WorkerDaemon:
         self._send_broker([P.WORKER, P.HEARTBEAT, msgpack.packb(self._stats())])
         self.link.beaten(now)
 
-    def _usage(self, pid: int) -> tuple[float, int]:
-        try:
-            proc = self._ps.get(pid) or self._ps.setdefault(pid, psutil.Process(pid))
-            return proc.cpu_percent(None), proc.memory_info().rss
-        except psutil.Error:
-            self._ps.pop(pid, None)
-            return 0.0, 0
-
     def _stats(self) -> dict[str, Any]:
-        cpu, rss = self._usage(os.getpid())
-        lanes = []
-        for lane in self.lanes.values():
-            pid = lane.proc.pid or 0
-            lane_cpu, lane_rss = self._usage(pid)
-            cpu, rss = cpu + lane_cpu, rss + lane_rss
-            view = read_slot(lane.slot)
-            lanes.append({"lane": lane.index, "pid": pid, "cpu": round(lane_cpu, 1), "rss": lane_rss,
-                          "running": view.state == RUNNING, "done": view.done})
-        live = {os.getpid(), *(lane.proc.pid for lane in self.lanes.values())}
-        for pid in set(self._ps) - live:  # replaced lanes
-            del self._ps[pid]
-        return {"cpu": round(cpu, 1), "rss": int(rss), "running": sum(1 for entry in lanes if entry["running"]),
-                "processes": self.nlanes, "lanes": lanes}
+        lanes = [(lane.index, lane.proc.pid or 0, read_slot(lane.slot)) for lane in self.lanes.values()]
+        return self.usage.stats(os.getpid(), self.nlanes, lanes)
 
     # ---- loop -----------------------------------------------------------------------------------
     def listen(self) -> None:
