@@ -241,6 +241,23 @@ def slow_ring_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: i
     return ring_step(state, inbox, round)
 
 
+class WeightedRing:
+    """A resident step (a class service, built once per lane with ``init``): the ring's averaging with
+    the received row weighted by ``weight`` (0.5 is ``ring_step``'s plain mean)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = float(weight)
+
+    def __call__(self, state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
+        x = np.asarray(state["x"], dtype=np.float64)
+        change = float("inf")
+        if inbox:
+            (_src, received), = inbox
+            new = (1.0 - self.weight) * x + self.weight * received
+            change, x = float(np.max(np.abs(new - x))), new
+        return {**state, "x": x}, {(int(state["i"]) + 1) % int(state["n"]): x}, change
+
+
 def bad_step(state: dict[str, Any], inbox: list[tuple[int, Any]], round: int) -> Any:
     """Misbehaves at ``state["at"]`` (round) in partition ``state["i"] == 1`` as ``state["how"]`` says."""
     if round == state.get("at", 0) and state.get("i") == 1:

@@ -425,7 +425,8 @@ def iterating(make_cluster):  # type: ignore[no-untyped-def]
     c = make_cluster(broker={**STEADY, "unroutable_timeout": 1.0}, services={
         "ring": "ndpipe.examples.exchange:ring_step", "slow_ring": "ndpipe.chaos.handlers:slow_ring_step",
         "bad": "ndpipe.chaos.handlers:bad_step", "pagerank": "ndpipe.examples.pagerank:step",
-        "heat": "ndpipe.examples.heat:step"})
+        "heat": "ndpipe.examples.heat:step",
+        "weighted_ring": {"handler": "ndpipe.chaos.handlers:WeightedRing", "init": {"weight": 0.25}}})
     c.start_broker()
     c.workers = [c.start_worker(processes=2), c.start_worker(processes=2)]
     with c.master() as m:
@@ -463,6 +464,18 @@ def test_ring_pagerank_and_heat_match_one_process(iterating) -> None:  # type: i
         assert len(list(run)) == 41  # round 0 sends the first halos; rounds 1..40 sweep
         assert np.array_equal(np.vstack([s["u"] for s in run.result(30)]), heat.reference(grid, 40))
         assert m.status()["iterations"] == []  # ended runs are forgotten everywhere
+
+
+def test_a_resident_class_can_be_the_step(iterating) -> None:  # type: ignore[no-untyped-def]
+    """The contract: `step` is a normal service, a function or a resident class built with its YAML init."""
+    from ndpipe.chaos.handlers import WeightedRing
+    from ndpipe.examples.rounds import run_local
+
+    with iterating.master() as m:
+        run = m.iterate("weighted_ring", ring_states(5), max_rounds=40, tol=0.0)
+        assert len(list(run)) == 40
+        assert same(run.result(30), run_local(WeightedRing(0.25), ring_states(5), 40, 0.0)[0])
+        assert not same(run.result(30), ring_local(ring_states(5), 40, 0.0))  # the init's weight took effect
 
 
 def test_a_lane_killed_mid_run_rolls_back_and_ends_bit_identical(iterating) -> None:  # type: ignore[no-untyped-def]
