@@ -156,7 +156,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
     from ndpipe.master.spool import serve
     from ndpipe.runtime import StopSignal
 
-    follow_parent(os.environ)
+    notify = _daemon_start()
     cfg = _load(args)
     spool = _overridden("spool", cfg.spool, {"dir": ("--dir", args.dir)})
     try:
@@ -167,7 +167,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
         raise ConfigError(f"spool.dir {spool.dir}: cannot create the spool's directories: "
                           f"{exc.strerror or exc} (set spool.dir or --dir)") from None
     with StopSignal() as stop, _master(args, cfg) as master:
-        serve(spool, master, stop)
+        serve(spool, master, stop, notify)
     return EXIT_OK
 
 

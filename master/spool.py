@@ -92,6 +92,7 @@ from ndpipe.master.spooljob import (
     write_text,
 )
 from ndpipe.runtime import StopSignal
+from ndpipe.sdnotify import Notifier
 
 log = logging.getLogger("ndpipe.spool")
 
@@ -351,22 +352,33 @@ def _input_if_named(inbox: Path, name: str) -> str:
         return ""
 
 
-def serve(cfg: SpoolConfig, master: Any, stop: StopSignal) -> dict[str, int]:
-    """Run the spool until ``stop`` is requested, then drain; the counts of what it did."""
+def serve(cfg: SpoolConfig, master: Any, stop: StopSignal, notify: Notifier | None = None) -> dict[str, int]:
+    """Run the spool until ``stop`` is requested, then drain; the counts of what it did. ``notify``:
+    systemd's READY once the journal is recovered, WATCHDOG from this loop, STOPPING on the drain."""
+    notify = notify or Notifier()
     spool = Spool(cfg, MasterRunner(master, cfg.shards), wake=stop.wake)
     log.info("spool %s: watching %s every %g s, %d jobs at a time, broker %s", spool.root, spool.inbox,
              cfg.poll_interval, cfg.concurrency, getattr(master, "endpoint", "?"))
+    notify.ready(f"watching {spool.inbox}")
+
+    def status(now: float) -> str:
+        c = spool.counts
+        return (f"{len(spool.inflight)} jobs running, {c['done']} done, {c['failed']} failed, "
+                f"{c['refused']} refused, {c['retries']} retries")
+
     next_scan = 0.0
     try:
         while not stop.requested:
             now = time.monotonic()
+            notify.tick(now, status)
             if now >= next_scan or now >= spool.next_retry():
                 spool.scan(now)
                 next_scan = now + cfg.poll_interval
             if spool.reap(time.monotonic()) and spool.backlog:
                 next_scan = 0.0  # a slot freed and jobs are waiting: scan again now
                 continue
-            _sleep(stop, min(next_scan, spool.next_retry()) - time.monotonic())
+            _sleep(stop, min(next_scan, spool.next_retry(), notify.due) - time.monotonic())
+        notify.stopping(f"finishing {len(spool.inflight)} jobs (up to {cfg.drain_timeout:g} s)")
         deadline = time.monotonic() + cfg.drain_timeout
         while spool.inflight and time.monotonic() < deadline:
             spool.reap(time.monotonic())

@@ -278,3 +278,21 @@ def test_worker_is_ready_only_once_registered(fake_systemd: FakeSystemd, config:
     assert worker.wait(20) == 0
     log = (tmp_short / "worker-0.log").read_text()
     assert re.search(r"worker instance 7 \S+ \(ndpipe [^)]+\) starting: broker ", log), log
+
+
+def test_spool_is_ready_once_recovered_pings_and_says_stopping(fake_systemd: FakeSystemd, config: Path,
+                                                              start: Any, tmp_short: Path) -> None:
+    # Given a spool daemon (no broker needed to recover its journal) under a 1 s watchdog
+    data = yaml.safe_load(config.read_text())
+    data["spool"] = {"dir": str(tmp_short / "spool"), "poll_interval": 0.1}
+    config.write_text(yaml.safe_dump(data))
+    spool = start("spool", config, **notify_env(fake_systemd))
+    # Then READY=1 once its directories and journal are in order, naming the inbox
+    ready = fake_systemd.until("READY")
+    assert ready["READY"] == "1" and ready["STATUS"] == f"watching {tmp_short / 'spool' / 'inbox'}"
+    assert fake_systemd.until("WATCHDOG") == {"WATCHDOG": "1"}
+    assert fake_systemd.until("STATUS")["STATUS"].startswith("0 jobs running, 0 done, 0 failed")
+    # When systemd stops it: STOPPING=1 and exit 0
+    spool.send_signal(signal.SIGTERM)
+    assert fake_systemd.until("STOPPING")["STATUS"] == "finishing 0 jobs (up to 30 s)"
+    assert spool.wait(20) == 0

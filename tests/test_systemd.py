@@ -25,8 +25,7 @@ from tests.conftest import in_ci
 pytestmark = pytest.mark.timeout(60)
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
-UNITS = ("ndpipe-broker.service", "ndpipe-worker@.service")  # the daemons that speak sd_notify
-SHIPPED = (*UNITS, "ndpipe-spool.service")  # every unit: verified as shipped and scored
+UNITS = ("ndpipe-broker.service", "ndpipe-worker@.service", "ndpipe-spool.service")  # all speak sd_notify
 EXEC = "/opt/ndpipe/bin/ndpipe"
 MAX_EXPOSURE = 2.0
 HOST_UNITS = Path("/usr/lib/systemd/system")
@@ -83,7 +82,7 @@ def test_the_installed_root_holds_the_shipped_files_unchanged(installed_root: Pa
         assert (installed_root / "etc/systemd/system" / path.relative_to(SYSTEMD_DIR)).read_bytes() == path.read_bytes()
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", UNITS)
 def test_unit_verifies_without_messages(analyze: str, installed_root: Path, name: str) -> None:
     # Given a unit as shipped, installed with its curve.conf drop-in (an instance, for the template)
     unit = name.replace("@.", "@2.")
@@ -101,7 +100,7 @@ def test_verify_would_see_a_missing_executable(analyze: str, installed_root: Pat
     assert result.returncode != 0 and f"{EXEC} is not executable" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", UNITS)
 def test_security_exposure_is_low(analyze: str, name: str) -> None:
     # Given a unit file as shipped
     path = SYSTEMD_DIR / name
@@ -117,7 +116,7 @@ def test_security_exposure_is_low(analyze: str, name: str) -> None:
 def test_common_settings(name: str) -> None:
     # Given a unit file as shipped
     unit = parse_unit(SYSTEMD_DIR / name)
-    role = "worker" if "worker" in name else "broker"
+    role = name.removesuffix(".service").removesuffix("@").removeprefix("ndpipe-")
     # Then it runs the installed CLI with the shared config and the documented policy
     assert unit["ExecStart"] == [f"{EXEC} {role} --config /etc/ndpipe/config.yaml"]
     assert unit["EnvironmentFile"][0] == "-/etc/ndpipe/ndpipe.env"
