@@ -312,6 +312,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        msgcost.estimate(header, max(limits.object_bytes_floor, limits.max_amplification * size))\n",
         "        pass\n",
         ("tests/test_msgcost.py::test_the_amplification_payload_is_refused_before_it_is_decoded",)),
+    # ---- issue 13: the spool (a master daemon) ----
+    Mutation(
+        "spool-reruns-committed-job", "A spool restarted after kill -9 runs no finished job twice",
+        "at restart the spool ignores a committed output and runs the job again", "master/spool.py",
+        '            if (self.outbox / f"{name}.npy").exists():\n',
+        "            if False:\n",
+        ("tests/test_spool.py::test_a_crash_at_each_point_leaves_one_output_and_reruns_only_unfinished_work"
+         "[moved-1]",)),
+    Mutation(
+        "spool-output-not-atomic", "A spool output is whole or absent, never half written",
+        "a committed output holds half its bytes (as a write in place cut short by a kill would)",
+        "master/spooljob.py",
+        "    os.replace(tmp, path)\n",
+        "    os.replace(tmp, path)\n    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])\n",
+        ("tests/test_spool.py::test_a_job_runs_once_its_output_is_whole_and_its_inputs_move_to_done",
+         f"{CHAOS}[spool_killed]")),
 )
 
 
