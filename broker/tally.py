@@ -19,6 +19,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+from ndpipe import protocol as P
+
 # Upper bounds (seconds) of the latency buckets, submit -> result; +Inf is implied. From a tiny task
 # on one host (~0.2 ms) to a long compute (a minute).
 LATENCY_BOUNDS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -48,6 +50,9 @@ class Tally:
         self.latency_sum += seconds
 
     def fail(self, code: str) -> None:
+        """Counted by wire code; a code outside ERROR_CODES (a worker may send any) counts as OTHER, so
+        a hostile worker cannot grow the labels, and the scrape, without bound."""
+        code = code if code in P.ERROR_CODES else "OTHER"
         self.failed[code] = self.failed.get(code, 0) + 1
 
 

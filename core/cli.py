@@ -108,6 +108,8 @@ def cmd_master(args: argparse.Namespace) -> int:
     with _master(args, cfg) as master:
         try:
             result = job(master, *args.job_args)
+        except NdpipeError:
+            raise  # ndpipe's own (no broker: exit 3, a bad config: 2): the exit codes scripts rely on
         except Exception as exc:  # the job's own error: its traceback from the job's frames on, not the CLI's
             trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if
                                                        exc.__traceback__ else None))
@@ -188,9 +190,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                     status: dict[str, Any] | None = master.status(timeout=args.timeout)
                 except BrokerUnreachable as exc:
                     status, error = None, str(exc)
-                print(clear + time.strftime("%Y-%m-%d %H:%M:%S") + f"  every {args.watch:g} s, Ctrl-C to stop")
+                if not args.json:  # --json: one JSON document per look, nothing between them (| jq works)
+                    print(clear + time.strftime("%Y-%m-%d %H:%M:%S") + f"  every {args.watch:g} s, Ctrl-C to stop")
                 if status is None:
-                    print(f"ndpipe: {error} (still watching)")
+                    print(f"ndpipe: {error} (still watching)", file=sys.stderr if args.json else sys.stdout)
                 else:
                     _print_status(status, args.json)
                 sys.stdout.flush()

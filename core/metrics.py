@@ -29,7 +29,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import HistogramMetricFamily, Metric
 
-from ndpipe.errors import ConfigError
+from ndpipe.errors import AddressInUse, ConfigError
 
 log = logging.getLogger("ndpipe.metrics")
 S = TypeVar("S")
@@ -71,7 +71,7 @@ class SnapshotCollector(Generic[S]):
 class MetricsServer:
     """prometheus_client's HTTP server on ``listen`` for one collector, in a daemon thread, until
     :meth:`close`. Binding happens in the constructor (before the daemon says it is ready); a
-    failure is a ConfigError naming ``key``."""
+    failure is a ConfigError naming ``key`` (AddressInUse, exit 75, for a port in use)."""
 
     def __init__(self, key: str, listen: str, collector: SnapshotCollector[S]) -> None:
         self.key = key
@@ -84,7 +84,8 @@ class MetricsServer:
         except OSError as exc:  # EADDRINUSE, EADDRNOTAVAIL, a name that does not resolve (gaierror)
             busy = exc.errno == errno.EADDRINUSE
             hint = " (another process on that port? every daemon needs its own)" if busy else ""
-            raise ConfigError(f"{key}: cannot listen on {listen}: {exc.strerror or exc}{hint}") from exc
+            kind = AddressInUse if busy else ConfigError  # in use: exit 75, which the units retry
+            raise kind(f"{key}: cannot listen on {listen}: {exc.strerror or exc}{hint}") from exc
         self._server: WSGIServer = server
         self._thread: threading.Thread = thread
         self.port: int = int(server.server_address[1])

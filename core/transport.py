@@ -187,6 +187,36 @@ class Throttle:
             self._next = now + self.every
 
 
+class Repeats:
+    """Which failures earn an INFO line: the first of each kind (service, code, exception type), then at
+    most one a second with the count of those since, so a master sending bad input to every task does
+    not turn each lane's journal into a copy of its traffic (each one is still at DEBUG)."""
+
+    EVERY = 1.0
+
+    def __init__(self) -> None:
+        self._next: dict[Any, float] = {}
+        self._skipped: dict[Any, int] = {}
+        self._last: Any = None
+
+    def due(self, kind: Any) -> bool:
+        kind = repr(kind)
+        now, self._last = time.monotonic(), kind
+        if now >= self._next.get(kind, 0.0):
+            if len(self._next) > 1000:  # kinds are user data: bounded
+                self._next.clear()
+                self._skipped.clear()
+            self._next[kind] = now + self.EVERY
+            return True
+        self._skipped[kind] = self._skipped.get(kind, 0) + 1
+        return False
+
+    def since(self) -> str:
+        """For the line just allowed: how many of its kind were not logged at INFO before it."""
+        skipped = self._skipped.pop(self._last, 0)
+        return f" ({skipped} more like it since the last such line)" if skipped else ""
+
+
 class LinkWatch:
     """Notices when a connect-side socket's link dropped and came back.
 

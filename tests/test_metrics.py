@@ -21,7 +21,7 @@ from ndpipe.broker.server import Broker
 from ndpipe.broker.state import BrokerState
 from ndpipe.broker.tally import LATENCY_BOUNDS, OTHER, Tallies, Tally
 from ndpipe.config import BrokerConfig, WorkerConfig, load_config
-from ndpipe.errors import ConfigError, TaskError
+from ndpipe.errors import AddressInUse, ConfigError, TaskError
 from ndpipe.metrics import SnapshotCollector
 from ndpipe.worker.daemon import WorkerDaemon
 from ndpipe.worker.metrics import death_cause
@@ -109,31 +109,31 @@ def busy_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def test_port_in_use_is_a_config_error_naming_the_key(busy_port: int) -> None:
+def test_port_in_use_is_address_in_use_naming_the_key(busy_port: int) -> None:
     cfg = BrokerConfig(frontend="inproc://m-f2", backend="inproc://m-b2", metrics=f"127.0.0.1:{busy_port}")
     broker = Broker(cfg)
     try:
-        with pytest.raises(ConfigError, match=rf"^broker\.metrics: cannot listen on 127\.0\.0\.1:{busy_port}: "):
+        with pytest.raises(AddressInUse, match=rf"^broker\.metrics: cannot listen on 127\.0\.0\.1:{busy_port}: "):
             broker.bind()
     finally:
         broker.close()
     daemon = WorkerDaemon(WorkerConfig(processes=1, metrics=f"127.0.0.1:{busy_port}"))
     try:
-        with pytest.raises(ConfigError, match=r"^worker\.metrics: .*in use"):
+        with pytest.raises(AddressInUse, match=r"^worker\.metrics: .*in use"):
             daemon.listen()
     finally:
         daemon.close()
 
 
-def test_cli_broker_exits_2_naming_the_key_when_the_port_is_taken(tmp_short: Path, busy_port: int) -> None:
+def test_cli_broker_exits_75_naming_the_key_when_the_port_is_taken(tmp_short: Path, busy_port: int) -> None:
     # Given a config whose broker.metrics port another process holds
     path = tmp_short / "c.yaml"
     path.write_text(f"broker: {{frontend: 'ipc://{tmp_short}/f', backend: 'ipc://{tmp_short}/b', "
                     f"metrics: '127.0.0.1:{busy_port}'}}\n")
-    # When the broker starts, Then it exits 2 and says which key
+    # When the broker starts, Then it exits 75 (retried by the units: the port may free up) and says which key
     done = subprocess.run([sys.executable, "-m", "ndpipe.cli", "broker", "--config", str(path)],
                           capture_output=True, timeout=30)
-    assert done.returncode == 2
+    assert done.returncode == 75
     assert b"broker.metrics: cannot listen on" in done.stderr
 
 
@@ -288,3 +288,14 @@ def test_broker_and_worker_metrics_count_what_happened(make_cluster) -> None:  #
         assert value(w, "ndpipe_worker_lane_cpu_seconds_total", lane=lane) is not None
     # And the lanes the broker counts agree
     assert wait_until(lambda: value(scrape(bport), "ndpipe_lanes_alive") == 2, what="2 lanes at the broker")
+
+
+def test_failure_codes_outside_the_protocols_count_as_other() -> None:
+    """A worker may send any code of 1..32 letters: counted by its own name it could grow the labels
+    (and every scrape) without bound."""
+    from ndpipe.broker.tally import Tally
+
+    tally = Tally()
+    for code in ("HANDLER_ERROR", "TIMEOUT", "MADE_UP_ONE", "MADE_UP_TWO", "HANDLER_ERROR"):
+        tally.fail(code)
+    assert tally.failed == {"HANDLER_ERROR": 2, "TIMEOUT": 1, "OTHER": 2}

@@ -103,6 +103,7 @@ class WorkerDaemon:
         self.draining = False
         self.quick_deaths = 0
         self.totals = Totals()  # what lanes that ended had done (a respawned lane counts from 0)
+        self.dns_note: str | None = None  # why the broker's host does not resolve; None: not asked this silence
         self.poller = zmq.Poller()
         self.usage = Usage()  # CPU and RSS of the daemon and each lane, for heartbeats and status
         self._malformed = Throttle(log)
@@ -344,6 +345,7 @@ class WorkerDaemon:
             if not isinstance(key, bytes) or len(key) != P.KEY_BYTES:
                 raise ProtocolError(f"WELCOME without a key of {P.KEY_BYTES} octets")
             self.key = key
+            self.dns_note = None
             self.link.adopt(float(params.get("heartbeat_interval", self.link.interval)),
                             int(params.get("liveness", self.link.liveness)), now)
             log.info("%s registered with broker %s at %s as %s: %d lanes (heartbeat %.2f s × %d)", self.label,
@@ -367,7 +369,9 @@ class WorkerDaemon:
 
     def _heartbeat(self, now: float) -> None:
         if self.link.silent(now):
-            why = unresolved(self.cfg.broker)  # libzmq retries a name that does not resolve without a word
+            if self.dns_note is None:  # once per silence: a lookup may block for the resolver's timeout
+                self.dns_note = unresolved(self.cfg.broker)  # libzmq retries such a name without a word
+            why = self.dns_note
             log.warning("broker silent for %.1f s: reconnecting (back-off %.1f s)%s", now - self.link.last_heard,
                         self.link.backoff, f"; {why}" if why else "")
             self._connect(now)

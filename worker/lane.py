@@ -51,7 +51,7 @@ from ndpipe.errors import DecodeError, ProtocolError
 from ndpipe.logsetup import setup_logging
 from ndpipe.refs import Ref
 from ndpipe.runtime import die_with_parent
-from ndpipe.transport import LinkWatch, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
+from ndpipe.transport import LinkWatch, Repeats, Throttle, configure, readable, recv_bounded, send_frames, unpack_map
 from ndpipe.worker import compute
 from ndpipe.worker.partitions import Partitions
 
@@ -171,6 +171,7 @@ class Lane:
         self._bad = Throttle(log)
         self._service_index = {name: i for i, name in enumerate(args.services)}  # for the slot (the daemon's logs)
         self._debug = log.isEnabledFor(logging.DEBUG)  # one line per task: asked once, not per task
+        self._failures = Repeats()  # failures at INFO: once a second per service and exception type
 
     # ---- control ---------------------------------------------------------------------------------
     def _join(self, params: dict[str, Any]) -> None:
@@ -356,10 +357,10 @@ class Lane:
             failed = bool(reply) and reply[0] == P.W_ERROR
             if failed:
                 self.slot.failed += 1
+        if self.sock is not None and reply:  # the answer first: a slow journal must not delay it
+            send_frames(self.sock, [P.WORKER, *reply])
         if failed or self._debug:
             self._log_task(task, reply, time.monotonic() - started, failed)
-        if self.sock is not None and reply:
-            send_frames(self.sock, [P.WORKER, *reply])
 
     def _log_task(self, task: P.TaskMsg, reply: list[Any], seconds: float, failed: bool) -> None:
         """A failure at INFO with the exception's first line (an operator's journal shows what broke and
@@ -373,9 +374,10 @@ class Lane:
                 outcome = f"{bytes(reply[2]).decode(errors='replace')}: {kind}: {first[0] if first else ''}"
             except Exception:  # what we built ourselves; a surprise here must not lose the answer
                 outcome = "failed"
-        level = logging.INFO if failed else logging.DEBUG
-        log.log(level, "lane %d: task %s %r %s in %.1f ms", self.args.index, task.tid.hex(), task.service,
-                f"failed ({outcome})" if failed else outcome, seconds * 1000)
+        level = logging.INFO if failed and self._failures.due((task.service, outcome.split(":")[:2])) else logging.DEBUG
+        log.log(level, "lane %d: task %s %r %s in %.1f ms%s", self.args.index, task.tid.hex(), task.service,
+                f"failed ({outcome})" if failed else outcome, seconds * 1000,
+                self._failures.since() if level == logging.INFO else "")
 
     def _step(self, call: StepCall) -> None:
         """One round of this lane's partitions of a run, under the run's round_timeout (a hung step ends
