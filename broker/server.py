@@ -81,7 +81,12 @@ class Broker:
 
     def _router(self, domain: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
-        configure(sock, self.cfg.hwm, self.cfg.max_frame_bytes, router=True)
+        # No ROUTER_HANDOVER on the workers' socket with curve on: libzmq hands an id over before any
+        # message, so a listed key presenting a connected daemon's id would receive its tasks. Nothing
+        # there needs it: daemons and lanes take a fresh random id per connection (PROTOCOL.md §13).
+        # Masters keep their id across sockets (the broker knows them by it), so their socket keeps it.
+        handover = not (self.curve and domain == security.WORKERS)
+        configure(sock, self.cfg.hwm, self.cfg.max_frame_bytes, router=True, handover=handover)
         security.server(sock, self.curve, domain)
         # Read ahead little per peer: what a peer sends faster than the broker reads waits in that
         # peer's own socket (its DEALER's HWM, then the kernel), not in the broker's memory. A flood of

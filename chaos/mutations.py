@@ -312,6 +312,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        msgcost.estimate(header, max(limits.object_bytes_floor, limits.max_amplification * size))\n",
         "        pass\n",
         ("tests/test_msgcost.py::test_the_amplification_payload_is_refused_before_it_is_decoded",)),
+    Mutation(
+        "worker-id-handed-over", "With curve on, no socket takes over a connected worker's routing id",
+        "the workers' socket keeps ROUTER_HANDOVER with curve on (an impostor under a daemon's id gets its "
+        "messages)", "broker/server.py",
+        "        handover = not (self.curve and domain == security.WORKERS)\n",
+        "        handover = True\n",
+        (f"{T_SEC}::test_a_socket_presenting_a_connected_workers_id_gets_nothing",)),
     # ---- issue 13: the spool (a master daemon) ----
     Mutation(
         "spool-reruns-committed-job", "A spool restarted after kill -9 runs no finished job twice",

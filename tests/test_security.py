@@ -541,6 +541,34 @@ def test_one_worker_key_registers_at_most_max_slots_per_key(make_cluster: Any) -
         ctx.term()
 
 
+def test_a_socket_presenting_a_connected_workers_id_gets_nothing(secure: Any) -> None:
+    """Attack 3 as the issue ran it: a new socket under a worker's routing id (an admin's STATUS shows
+    a daemon's) received the messages meant for it. With curve on the workers' socket hands no id over:
+    libzmq leaves the impostor's connection unread and unwritten, the worker keeps its link and work."""
+    rogue = _pair(secure, "rogue")
+    shutil.copy(secure.keys / "extra" / "rogue.key", secure.keys / "workers")
+    _reload(secure, 1)
+    ctx = zmq.Context()
+    opened: list[zmq.Socket[Any]] = []
+    try:
+        with secure.master() as m:
+            [worker] = m.status()["workers"]
+            thief, monitor = _dealer(ctx, secure.backend, rogue, _broker_key(secure), bytes.fromhex(worker["conn"]))
+            opened += [thief, monitor]
+            _await_event(monitor, {zmq.EVENT_HANDSHAKE_SUCCEEDED})  # its key is listed: the handshake passes
+            thief.send_multipart([P.WORKER, P.HEARTBEAT])  # and what it says under that id is not read
+            assert [m.submit("echo", i).result(timeout=30) for i in range(20)] == list(range(20))
+            [after] = m.status()["workers"]
+            assert after["conn"] == worker["conn"] and m.status()["counters"]["requeued"] == 0
+            # The broker heartbeats that id every 0.5 s: with the id handed over, the impostor got them
+            # (and the worker lost its link). Three intervals, not one message:
+            assert not thief.poll(1500)
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        ctx.term()
+
+
 def test_a_worker_key_cannot_take_over_another_keys_worker_by_its_name(secure: Any) -> None:
     """A READY under a registered name replaces that worker (how a daemon re-registers); with curve on
     only the key that registered it may do so."""
