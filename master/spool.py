@@ -62,6 +62,7 @@ loop through :class:`~ndpipe.runtime.StopSignal`'s pipe), sleep until the next d
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -89,6 +90,7 @@ from ndpipe.master.spooljob import (
     move,
     parse_job,
     save_array,
+    task_count,
     write_text,
 )
 from ndpipe.runtime import StopSignal
@@ -106,7 +108,22 @@ class Running:
 
 
 Start = Callable[[JobSpec, np.ndarray], Running]
-Step = Callable[[str, str], None]  # (crash point, job): the tests' fault injection; a no-op in the daemon
+Step = Callable[[str, str], None]  # (crash point, job): the tests' fault injection; the daemon's watchdog ping
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # the outbox's disk is full: not the job's fault, it runs again later
+
+
+class SpoolFatal(NdpipeError):
+    """The daemon cannot go on (not a job's fault): it exits 1, systemd restarts it, the journal resumes."""
+
+
+class MasterClosed(SpoolFatal):
+    """The Master's I/O thread is gone: no job can run; the job stays journaled and reruns at the restart."""
+
+
+def _closed(exc: BaseException) -> bool:
+    """An error of a Master that closed under us (``master is closed``, ``master closed before …``)."""
+    return isinstance(exc, MasterClosed) or (
+        isinstance(exc, NdpipeError) and str(exc).startswith(("master is closed", "master closed")))
 
 
 class MasterRunner:
@@ -115,6 +132,7 @@ class MasterRunner:
 
     def __init__(self, master: Any, shards: int) -> None:
         self.master, self.shards = master, shards
+        self.window: int = int(master.window)  # tasks outstanding at once: the spool's jobs must fit in it
 
     def __call__(self, spec: JobSpec, x: np.ndarray) -> Running:
         if spec.pipeline is not None:
@@ -143,35 +161,40 @@ def _no_step(point: str, job: str) -> None:
 
 class Spool:
     """The spool's state and file steps, socket-free: ``start`` sends a job's tasks (the daemon's
-    :class:`MasterRunner`, or a fake in tests), ``step`` is called after every durable step."""
+    :class:`MasterRunner`, or a fake in tests), ``step`` is called after every durable step and
+    between jobs (``"next"``). ``window``: the master's; None (a fake) for no bound."""
 
     def __init__(self, cfg: SpoolConfig, start: Start, wake: Callable[[], None] = lambda: None,
-                 step: Step = _no_step) -> None:
+                 step: Step = _no_step, window: int | None = None) -> None:
         self.cfg, self.start, self.wake, self.step = cfg, start, wake, step
+        self.window = window if window is not None else getattr(start, "window", None)
         self.root = Path(cfg.dir)
         self.dirs = make_dirs(self.root)
         self.inbox, self.outbox = self.dirs["inbox"], self.dirs["outbox"]
-        for name in ("outbox", "failed"):
-            clean_temps(self.dirs[name])
+        clean_temps(self.root)  # the journal's compaction temporary
         self.journal = Journal(self.root / "journal.jsonl")
         if self.journal.torn:
             log.warning("journal %s: a torn last record (a kill mid-write) was dropped", self.journal.path)
         self.inflight: dict[str, Job] = {}
         self.retry_at: dict[str, float] = {}
-        self.backlog = False  # the last scan left jobs for want of a free slot
+        self.backlog = False  # the last scan left jobs for want of a free slot (concurrency or window)
         self.counts = {"done": 0, "failed": 0, "refused": 0, "recovered": 0, "retries": 0}
-        self._recover()
+        self._recover()  # before the outbox's temporaries go: a ``committed`` one is an output to rename
+        for name in ("outbox", "failed"):
+            clean_temps(self.dirs[name])
 
     # ---- restart -------------------------------------------------------------------------------------
     def _recover(self) -> None:
         """Finish the bookkeeping of every job a kill left journaled ``started`` (module docstring)."""
         for name, record in list(self.journal.last.items()):
-            if record["state"] != "started":
+            state = record["state"]
+            if state not in ("started", "committed"):
                 continue
             inode = record.get("ino")
-            if (self.outbox / f"{name}.npy").exists():
+            if state == "committed" or (self.outbox / f"{name}.npy").is_file():
                 log.info("job %s: its output was committed before the restart; finishing its bookkeeping, "
                          "not running it again", name)
+                self._finish_rename(name, str(record.get("tmp", "")))
                 self._archive(name, str(record.get("input", "")), inode, self.dirs["done"])
                 self.journal.record(name, "done", recovered=True)
                 self.step("journaled", name)
@@ -198,29 +221,61 @@ class Spool:
                     except FileNotFoundError:
                         continue
                     entries.append((st.st_mtime_ns, name, st.st_ino))
+        seen = {name for _, name, _ in entries}
+        for name in [n for n in self.retry_at if n not in seen]:
+            del self.retry_at[name]  # its job file is gone: nothing to retry
         started, self.backlog = 0, False
         for _, name, inode in sorted(entries):
-            if name in self.inflight:
-                if self.inflight[name].inode != inode:
-                    self._duplicate(name, "a job of that name is running")
+            self.step("next", name)
+            try:
+                outcome = self._consider(name, inode, now)
+            except (OSError, MemoryError) as exc:
+                self._job_error(name, exc, now)
                 continue
-            if self.retry_at.get(name, now) > now:
-                continue
-            state = self.journal.state(name)
-            if state in ("done", "failed"):
-                self._duplicate(name, f"a job of that name has {state} already")
-                continue
-            if len(self.inflight) >= self.cfg.concurrency:
+            if outcome is None:
                 self.backlog = True
                 break
-            started += self._begin(name, inode)
+            started += outcome
         return started
 
-    def _begin(self, name: str, inode: int) -> int:
+    def _consider(self, name: str, inode: int, now: float) -> int | None:
+        """Start the job if it may start now: 1 if started, 0 if not (refused, waiting), None if it must
+        wait for a free slot (the scan stops there: the oldest job goes first)."""
+        if name in self.inflight:
+            if self.inflight[name].inode != inode:
+                self._duplicate(name, "a job of that name is running")
+            return 0
+        if self.retry_at.get(name, now) > now:
+            return 0
+        state = self.journal.state(name)
+        if state in ("done", "failed"):
+            self._duplicate(name, f"a job of that name has {state} already")
+            return 0
+        if len(self.inflight) >= self.cfg.concurrency:
+            return None
+        return self._begin(name, inode)
+
+    def tasks_in_flight(self) -> int:
+        return sum(len(job.running.futures) for job in self.inflight.values())
+
+    def _job_error(self, name: str, exc: BaseException, now: float) -> None:
+        """An OSError or MemoryError in a job's files: refuse that job (never the daemon); if even that
+        fails (a full disk), try again in ``retry_interval``."""
+        try:
+            self._refuse(name, f"{name}{JOB_SUFFIX}: {type(exc).__name__}: {exc}", move_files=True)
+        except (OSError, MemoryError) as again:
+            self.retry_at[name] = now + self.cfg.retry_interval
+            log.error("job %s: %s; and it cannot be moved to failed/ (%s): trying again in %g s", name, exc, again,
+                      self.cfg.retry_interval)
+
+    def _begin(self, name: str, inode: int) -> int | None:
         self.retry_at.pop(name, None)
         try:
-            spec = parse_job(self.inbox, name)
-            x = load_input(self.inbox, name, spec)
+            spec = parse_job(self.inbox, name, self.window, self.cfg.shards)
+            if self.window is not None and self.inflight and \
+                    self.tasks_in_flight() + task_count(spec, self.cfg.shards) > self.window:
+                return None  # its tasks would wait for a window slot inside the loop: start it later
+            x = load_input(self.inbox, name, spec, self.cfg.max_input_bytes)
         except JobError as exc:
             self._refuse(name, str(exc), move_files=True)
             return 0
@@ -230,6 +285,8 @@ class Spool:
         try:
             running = self.start(spec, x)
         except (NdpipeError, ValueError) as exc:  # refused at submit: an array over max_frame_bytes, …
+            if _closed(exc):
+                raise MasterClosed(f"job {name}: {exc}") from exc  # not the job's fault: it reruns after a restart
             self._fail(name, spec.input, inode, exc, 0.0)
             return 0
         self.step("sent", name)
@@ -250,36 +307,78 @@ class Spool:
             failed = next((f for f in futures if f.done() and f.exception() is not None), None)
             if failed is None and not all(f.done() for f in futures):
                 continue
+            self.step("next", name)
             del self.inflight[name]
             finished += 1
-            seconds = now - job.started
-            if failed is not None:
-                for f in futures:
-                    f.cancel()
-                exc = failed.exception()
-                assert exc is not None
-                if isinstance(exc, BrokerUnreachable):
-                    self.retry_at[name] = now + self.cfg.retry_interval
-                    self.counts["retries"] += 1
-                    log.warning("job %s: %s; sending it again in %g s", name, exc, self.cfg.retry_interval)
-                    continue
-                self._fail(name, job.spec.input, job.inode, exc, seconds)
-                continue
             try:
-                output = _as_output(job.running.combine([f.result() for f in futures]))
-            except (ValueError, TypeError) as exc:
-                self._fail(name, job.spec.input, job.inode, exc, seconds)
-                continue
-            self._succeed(job, output, seconds)
+                self._finish(job, failed, now)
+            except (OSError, MemoryError) as exc:  # not committed (after it, the error propagates: see _succeed)
+                self._file_error(job, exc, now)
         return finished
 
+    def _finish(self, job: Job, failed: Future[Any] | None, now: float) -> None:
+        name, seconds = job.name, now - job.started
+        if failed is not None:
+            for f in job.running.futures:
+                f.cancel()
+            exc = failed.exception()
+            assert exc is not None
+            if _closed(exc):
+                raise MasterClosed(f"job {name}: {exc}") from exc
+            if isinstance(exc, BrokerUnreachable):
+                self._retry(name, str(exc), now)
+                return
+            self._fail(name, job.spec.input, job.inode, exc, seconds)
+            return
+        try:
+            output = _as_output(job.running.combine([f.result() for f in job.running.futures]))
+        except (ValueError, TypeError) as exc:
+            self._fail(name, job.spec.input, job.inode, exc, seconds)
+            return
+        self._succeed(job, output, seconds)
+
+    def _retry(self, name: str, why: str, now: float) -> None:
+        self.retry_at[name] = now + self.cfg.retry_interval
+        self.counts["retries"] += 1
+        log.warning("job %s: %s; sending it again in %g s", name, why, self.cfg.retry_interval)
+
+    def _file_error(self, job: Job, exc: OSError | MemoryError, now: float) -> None:
+        """Writing a job's output failed before its commit: a full disk (ENOSPC, EDQUOT) runs the job
+        again in ``retry_interval``; any other error (EACCES, ENAMETOOLONG, MemoryError) fails it."""
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            self._retry(job.name, f"cannot write its output ({exc})", now)
+            return
+        try:
+            self._fail(job.name, job.spec.input, job.inode, exc, now - job.started)
+        except (OSError, MemoryError) as again:
+            self.retry_at[job.name] = now + self.cfg.retry_interval
+            log.error("job %s: %s; and it cannot be moved to failed/ (%s): running it again in %g s", job.name,
+                      exc, again, self.cfg.retry_interval)
+
     def _succeed(self, job: Job, output: np.ndarray, seconds: float) -> None:
+        """Commit the output: journal ``committed`` with the durable temporary's name, then rename it.
+        An error before that record is the job's (:meth:`_file_error`); after it, the output is
+        committed and the error propagates: the restart's recovery finishes the job."""
         path = self.outbox / f"{job.name}.npy"
-        save_array(path, output)
-        self.step("output", job.name)
-        self._archive(job.name, job.spec.input, job.inode, self.dirs["done"])
-        self.step("moved", job.name)
-        self.journal.record(job.name, "done")
+        committed = False
+
+        def commit(tmp: Path) -> None:
+            nonlocal committed
+            self.journal.record(job.name, "committed", input=job.spec.input, ino=job.inode, tmp=tmp.name)
+            committed = True
+            self.step("committed", job.name)
+
+        try:
+            save_array(path, output, commit)
+            self.step("output", job.name)
+            self._archive(job.name, job.spec.input, job.inode, self.dirs["done"])
+            self.step("moved", job.name)
+            self.journal.record(job.name, "done")
+        except (OSError, MemoryError) as exc:
+            if committed:
+                raise SpoolFatal(f"job {job.name}: its output is committed, but {type(exc).__name__}: {exc}; "
+                                 "exiting so that the restart's recovery finishes its bookkeeping") from exc
+            raise
         self.step("journaled", job.name)
         self.counts["done"] += 1
         log.info("job %s done in %.3f s: %s %s %s", job.name, seconds, path, output.dtype, output.shape)
@@ -298,26 +397,34 @@ class Spool:
     def _refuse(self, name: str, why: str, move_files: bool) -> None:
         """A job that cannot run (its file, its input): failed/NAME.error says why; never raises."""
         write_text(self.dirs["failed"] / f"{name}.error", f"JobError: {why}\n")
-        if move_files:
+        if move_files:  # its input only if named after it: OTHER.npy may be another pending job's
             spec_input = _input_if_named(self.inbox, name)
-            self._archive(name, spec_input, None, self.dirs["failed"])
+            self._archive(name, spec_input if spec_input == f"{name}.npy" else "", None, self.dirs["failed"])
         self.journal.record(name, "failed", refused=True)
         self.counts["refused"] += 1
         log.warning("job %s refused: %s", name, why.replace("\n", "; "))
 
     def _duplicate(self, name: str, why: str) -> None:
-        """A second drop of a used name: moved aside with its own .error; its input is left alone (it
-        may be the first job's)."""
-        tag = f"{name}.dup-{time.time_ns()}"
+        """A second drop of a used name: moved aside with its own .error, with its input NAME.npy
+        unless the first job is still running (then that file may be the first job's)."""
+        tag = f"{name[:200]}.dup-{time.time_ns()}"  # short enough for NAME_MAX with any suffix
         src = self.inbox / f"{name}{JOB_SUFFIX}"
+        own = f"{name}.npy"
+        moves = name not in self.inflight and _input_if_named(self.inbox, name) == own
         write_text(self.dirs["failed"] / f"{tag}.error",
                    f"JobError: {name}{JOB_SUFFIX}: duplicate job name: {why}; rename the job to run it again "
-                   "(its input, if any, was left in inbox/)\n")
+                   f"({f'its input is failed/{tag}.npy' if moves else 'its input, if any, was left in inbox/'})\n")
+        if moves:
+            try:
+                os.replace(self.inbox / own, self.dirs["failed"] / f"{tag}.npy")
+            except FileNotFoundError:
+                pass
         try:
             os.replace(src, self.dirs["failed"] / f"{tag}{JOB_SUFFIX}")
         except FileNotFoundError:
             pass
         fsync_dir(self.dirs["failed"])
+        fsync_dir(self.inbox)
         self.counts["refused"] += 1
         log.warning("job %s refused: duplicate job name (%s)", name, why)
 
@@ -329,7 +436,19 @@ class Spool:
         fsync_dir(dest)
         fsync_dir(self.inbox)
 
+    def _finish_rename(self, name: str, tmp_name: str) -> None:
+        """Recovery of a ``committed`` job: rename its temporary output if the kill came before that."""
+        if not tmp_name or "/" in tmp_name or not tmp_name.startswith(".tmp-"):
+            return
+        tmp = self.outbox / tmp_name
+        if tmp.is_file():
+            os.replace(tmp, self.outbox / f"{name}.npy")
+            fsync_dir(self.outbox)
+
     def next_retry(self) -> float:
+        """When a retry is due; +inf while no slot is free (the reap of a job rescans: no busy loop)."""
+        if len(self.inflight) >= self.cfg.concurrency or self.backlog:
+            return float("inf")
         return min(self.retry_at.values(), default=float("inf"))
 
     def close(self) -> None:
@@ -354,9 +473,16 @@ def _input_if_named(inbox: Path, name: str) -> str:
 
 def serve(cfg: SpoolConfig, master: Any, stop: StopSignal, notify: Notifier | None = None) -> dict[str, int]:
     """Run the spool until ``stop`` is requested, then drain; the counts of what it did. ``notify``:
-    systemd's READY once the journal is recovered, WATCHDOG from this loop, STOPPING on the drain."""
+    systemd's READY once the journal is recovered, WATCHDOG from this loop and from every file step
+    (one pass may load and save several arrays), STOPPING on the drain. :class:`SpoolFatal` (the
+    master closed) propagates: the caller exits 1, and the jobs in flight rerun after the restart."""
     notify = notify or Notifier()
-    spool = Spool(cfg, MasterRunner(master, cfg.shards), wake=stop.wake)
+    notifier = notify
+
+    def ping(point: str, job: str) -> None:  # paced by the notifier: cheap to call at every step
+        notifier.watchdog(time.monotonic())
+
+    spool = Spool(cfg, MasterRunner(master, cfg.shards), wake=stop.wake, step=ping)
     log.info("spool %s: watching %s every %g s, %d jobs at a time, broker %s", spool.root, spool.inbox,
              cfg.poll_interval, cfg.concurrency, getattr(master, "endpoint", "?"))
     notify.ready(f"watching {spool.inbox}")
