@@ -360,10 +360,11 @@ class Spool:
         An error before that record is the job's (:meth:`_file_error`); after it, the output is
         committed and the error propagates: the restart's recovery finishes the job."""
         path = self.outbox / f"{job.name}.npy"
-        committed = False
+        committed, temporary = False, None
 
         def commit(tmp: Path) -> None:
-            nonlocal committed
+            nonlocal committed, temporary
+            temporary = tmp
             self.journal.record(job.name, "committed", input=job.spec.input, ino=job.inode, tmp=tmp.name)
             committed = True
             self.step("committed", job.name)
@@ -378,6 +379,8 @@ class Spool:
             if committed:
                 raise SpoolFatal(f"job {job.name}: its output is committed, but {type(exc).__name__}: {exc}; "
                                  "exiting so that the restart's recovery finishes its bookkeeping") from exc
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)  # the journal could not say "committed": not an output
             raise
         self.step("journaled", job.name)
         self.counts["done"] += 1

@@ -227,18 +227,18 @@ def write_atomic(path: Path, write: Any, before_rename: Callable[[Path], None] |
     """``write(file)`` into a dot-file beside ``path``, fsync, rename onto ``path``, fsync the
     directory: ``path`` either does not exist or holds all of it (the rename is the commit).
     ``before_rename(tmp)`` runs once the temporary is durable (the spool journals it there); a
-    failure before the rename removes the temporary."""
+    failure while writing removes the temporary, one in ``before_rename`` is its caller's to clean."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if before_rename is not None:
+        before_rename(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
