@@ -6,7 +6,7 @@ Layout under ``spool.dir`` (created 0700 at start; /var/lib/ndpipe-spool under s
     outbox/   NAME.npy                            results, each written whole or not at all
     done/     NAME.job.yaml, its input            inputs of finished jobs
     failed/   NAME.job.yaml, its input, NAME.error   inputs of failed or refused jobs, and why
-    journal.jsonl                                 one record per job start and end, fsynced
+    journal.jsonl                                 one record per job start, commit and end, fsynced
 
 **Job file.** ``NAME.job.yaml``: ``service: S`` or ``pipeline: [A, B, C]``, ``input: NAME.npy`` (a
 file directly in inbox/), optional ``mode: call | scatter`` (scatter: ``shards``, default
@@ -14,20 +14,28 @@ file directly in inbox/), optional ``mode: call | scatter`` (scatter: ``shards``
 whole pipeline). Write the input first, then the job file as a dot-file renamed into place
 (``.NAME.job.yaml`` → ``NAME.job.yaml``): the daemon ignores dot-files, so it never reads half a job.
 A file that is not a valid job (bad YAML, over 64 KiB, aliases, an unknown key, an input outside
-inbox/, missing, pickled or of object dtype, a name already used) goes to failed/ with NAME.error
-naming the file and the key; the daemon goes on. A name is a job's identity for the spool's
-lifetime: a second drop of a name is refused (rename it to run it again).
+inbox/, missing, pickled or of object dtype, over ``spool.max_input_bytes`` by file size or .npy
+header, more tasks than ``master.window``, a name already used) goes to failed/ with NAME.error
+naming the file and the key; the daemon goes on. A refused job's input moves with it only if it is
+NAME.npy (OTHER.npy may be another pending job's: it stays in inbox/). A name is a job's identity:
+a second drop of a name is refused (rename it to run it again), with its own NAME.npy unless the
+first is still running; the journal remembers the last 10,000 finished names (``KEEP_FINISHED``).
+A job starts only while its tasks fit in the master's window beside those in flight (a wait for a
+window slot inside ``master.call`` would stop the loop: no watchdog, no SIGTERM).
 
 **Why polling.** A scan of inbox/ with ``os.scandir`` every ``poll_interval`` costs microseconds,
 works on NFS, in containers and on any OS (inotify does none of these reliably), needs no
 dependency, and the rename commit point makes it race-free; a job lasts far longer than the poll.
 
 **Exactly once across kill -9.** The handler is run *at least* once; its output appears *exactly*
-once, because the one step that makes it visible is a rename: the array is written to a dot-file in
-outbox/, fsynced, renamed to NAME.npy, and the directory fsynced. A job is journaled ``started``
-before its tasks are sent; after the output's rename its inputs move to done/ and it is journaled
-``done``. At start the daemon removes dot-file temporaries, compacts the journal (a torn last line
-is dropped), and for every job journaled ``started`` looks at the files, which are the truth:
+once, because the one step that makes it visible is a rename: the array is written to a dot-file
+(``.tmp-PID-N``) in outbox/ and fsynced, the job is journaled ``committed`` with that name, the file
+is renamed to NAME.npy and the directory fsynced. A job is journaled ``started`` before its tasks
+are sent; after the rename its inputs move to done/ and it is journaled ``done``. At start the
+daemon compacts the journal (a torn last line is dropped), finishes every job journaled
+``committed`` (renaming its temporary if it is still there; the output need not be in outbox/ any
+more: a consumer may have taken it), looks at the files for every job journaled ``started``, and
+then removes the remaining temporaries:
 
 ======================================== ============================ ==================================
 kill -9 after …                          on disk                      at restart
@@ -37,9 +45,11 @@ journal ``started``                      + journal: started           no output:
 tasks sent, some answered                (answers lost with the       no output: run again (the tasks
                                          master)                      run twice; same result if the
                                                                       handler is deterministic)
-the temporary output written             + outbox/.NAME.npy.tmp-PID   temporary removed; run again
-**the output renamed** (commit)          + outbox/NAME.npy            output there: **not rerun**;
+the temporary output written             + outbox/.tmp-PID-N          temporary removed; run again
+**journal ``committed``** (commit)       + journal: committed, tmp    temporary renamed: **not rerun**;
                                                                       inputs → done/, journal done
+the output renamed                       + outbox/NAME.npy (or taken  **not rerun**; inputs → done/,
+                                         away by a consumer)          journal done
 inputs moved                             done/: job, input            journal done
 journal ``done``                         finished                     nothing; NAME again: duplicate
 ======================================== ============================ ==================================
@@ -52,7 +62,12 @@ its rerun; the outbox still gets one, whole. Handlers must not have side effects
 **Failures.** A task error (TaskFailed with its remote traceback, TaskTimeout, ServiceUnavailable,
 TaskCrashed, a result that is not an array) fails the job: failed/NAME.error holds the error, the
 inputs move to failed/. An unreachable broker is not the job's fault: the job waits
-``retry_interval`` and is sent again (logged at WARNING), for as long as it takes.
+``retry_interval`` and is sent again (logged at WARNING), for as long as it takes; so does a job
+whose output cannot be written for a full disk (ENOSPC, EDQUOT: it runs again, its result was not
+kept). Any other OSError or a MemoryError in a job's files (EACCES, ENAMETOOLONG) fails or refuses
+that job; if even failed/ cannot be written it is tried again in ``retry_interval``. An error after
+the ``committed`` record, and a closed Master (its I/O thread died), are :class:`SpoolFatal`: the
+daemon exits 1 without failing a job, systemd restarts it, and the journal resumes.
 
 **Signals.** SIGTERM or SIGINT: no new job is taken, jobs in flight get ``drain_timeout`` seconds to
 finish, the rest stay journaled ``started`` and rerun at the next start; exit 0. One loop
@@ -82,8 +97,14 @@ from ndpipe.master.spooljob import (
     JobError,
     JobSpec,
     Journal,
+    MasterClosed,
+    SpoolFatal,
+    as_output,
     clean_temps,
+    finish_rename,
     fsync_dir,
+    input_if_named,
+    is_closed,
     job_name,
     load_input,
     make_dirs,
@@ -93,6 +114,8 @@ from ndpipe.master.spooljob import (
     task_count,
     write_text,
 )
+
+__all__ = ["MasterClosed", "MasterRunner", "Running", "Spool", "SpoolFatal", "serve"]
 from ndpipe.runtime import StopSignal
 from ndpipe.sdnotify import Notifier
 
@@ -110,20 +133,6 @@ class Running:
 Start = Callable[[JobSpec, np.ndarray], Running]
 Step = Callable[[str, str], None]  # (crash point, job): the tests' fault injection; the daemon's watchdog ping
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # the outbox's disk is full: not the job's fault, it runs again later
-
-
-class SpoolFatal(NdpipeError):
-    """The daemon cannot go on (not a job's fault): it exits 1, systemd restarts it, the journal resumes."""
-
-
-class MasterClosed(SpoolFatal):
-    """The Master's I/O thread is gone: no job can run; the job stays journaled and reruns at the restart."""
-
-
-def _closed(exc: BaseException) -> bool:
-    """An error of a Master that closed under us (``master is closed``, ``master closed before …``)."""
-    return isinstance(exc, MasterClosed) or (
-        isinstance(exc, NdpipeError) and str(exc).startswith(("master is closed", "master closed")))
 
 
 class MasterRunner:
@@ -194,7 +203,7 @@ class Spool:
             if state == "committed" or (self.outbox / f"{name}.npy").is_file():
                 log.info("job %s: its output was committed before the restart; finishing its bookkeeping, "
                          "not running it again", name)
-                self._finish_rename(name, str(record.get("tmp", "")))
+                finish_rename(self.outbox, name, str(record.get("tmp", "")))
                 self._archive(name, str(record.get("input", "")), inode, self.dirs["done"])
                 self.journal.record(name, "done", recovered=True)
                 self.step("journaled", name)
@@ -285,7 +294,7 @@ class Spool:
         try:
             running = self.start(spec, x)
         except (NdpipeError, ValueError) as exc:  # refused at submit: an array over max_frame_bytes, …
-            if _closed(exc):
+            if is_closed(exc):
                 raise MasterClosed(f"job {name}: {exc}") from exc  # not the job's fault: it reruns after a restart
             self._fail(name, spec.input, inode, exc, 0.0)
             return 0
@@ -323,7 +332,7 @@ class Spool:
                 f.cancel()
             exc = failed.exception()
             assert exc is not None
-            if _closed(exc):
+            if is_closed(exc):
                 raise MasterClosed(f"job {name}: {exc}") from exc
             if isinstance(exc, BrokerUnreachable):
                 self._retry(name, str(exc), now)
@@ -331,7 +340,7 @@ class Spool:
             self._fail(name, job.spec.input, job.inode, exc, seconds)
             return
         try:
-            output = _as_output(job.running.combine([f.result() for f in job.running.futures]))
+            output = as_output(job.running.combine([f.result() for f in job.running.futures]))
         except (ValueError, TypeError) as exc:
             self._fail(name, job.spec.input, job.inode, exc, seconds)
             return
@@ -401,7 +410,7 @@ class Spool:
         """A job that cannot run (its file, its input): failed/NAME.error says why; never raises."""
         write_text(self.dirs["failed"] / f"{name}.error", f"JobError: {why}\n")
         if move_files:  # its input only if named after it: OTHER.npy may be another pending job's
-            spec_input = _input_if_named(self.inbox, name)
+            spec_input = input_if_named(self.inbox, name)
             self._archive(name, spec_input if spec_input == f"{name}.npy" else "", None, self.dirs["failed"])
         self.journal.record(name, "failed", refused=True)
         self.counts["refused"] += 1
@@ -413,7 +422,7 @@ class Spool:
         tag = f"{name[:200]}.dup-{time.time_ns()}"  # short enough for NAME_MAX with any suffix
         src = self.inbox / f"{name}{JOB_SUFFIX}"
         own = f"{name}.npy"
-        moves = name not in self.inflight and _input_if_named(self.inbox, name) == own
+        moves = name not in self.inflight and input_if_named(self.inbox, name) == own
         write_text(self.dirs["failed"] / f"{tag}.error",
                    f"JobError: {name}{JOB_SUFFIX}: duplicate job name: {why}; rename the job to run it again "
                    f"({f'its input is failed/{tag}.npy' if moves else 'its input, if any, was left in inbox/'})\n")
@@ -439,15 +448,6 @@ class Spool:
         fsync_dir(dest)
         fsync_dir(self.inbox)
 
-    def _finish_rename(self, name: str, tmp_name: str) -> None:
-        """Recovery of a ``committed`` job: rename its temporary output if the kill came before that."""
-        if not tmp_name or "/" in tmp_name or not tmp_name.startswith(".tmp-"):
-            return
-        tmp = self.outbox / tmp_name
-        if tmp.is_file():
-            os.replace(tmp, self.outbox / f"{name}.npy")
-            fsync_dir(self.outbox)
-
     def next_retry(self) -> float:
         """When a retry is due; +inf while no slot is free (the reap of a job rescans: no busy loop)."""
         if len(self.inflight) >= self.cfg.concurrency or self.backlog:
@@ -456,22 +456,6 @@ class Spool:
 
     def close(self) -> None:
         self.journal.close()
-
-
-def _as_output(result: Any) -> np.ndarray:
-    """A job's output must be a numeric array (saved without pickle)."""
-    array = np.asarray(result)
-    if array.dtype.hasobject:
-        raise TypeError(f"the result is not a numeric array (a {type(result).__name__} that makes an object array)")
-    return array
-
-
-def _input_if_named(inbox: Path, name: str) -> str:
-    """The input a refused job names, if its file parses that far (to move it along); else ""."""
-    try:
-        return str(parse_job(inbox, name).input)
-    except JobError:
-        return ""
 
 
 def serve(cfg: SpoolConfig, master: Any, stop: StopSignal, notify: Notifier | None = None) -> dict[str, int]:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from ndpipe import protocol
 from ndpipe.config import _FROZEN, ServiceName, Timeout
 from ndpipe.config import _Loader as _ConfigLoader
+from ndpipe.errors import NdpipeError
 
 JOB_SUFFIX = ".job.yaml"
 MAX_JOB_BYTES = 64 << 10  # a job file names a service and a file: anything bigger is not one
@@ -35,6 +36,20 @@ _TEMPS = itertools.count()
 
 class JobError(Exception):
     """A job file or its input cannot be run; the message names the file and the key."""
+
+
+class SpoolFatal(NdpipeError):
+    """The daemon cannot go on (not a job's fault): it exits 1, systemd restarts it, the journal resumes."""
+
+
+class MasterClosed(SpoolFatal):
+    """The Master's I/O thread is gone: no job can run; the job stays journaled and reruns at the restart."""
+
+
+def is_closed(exc: BaseException) -> bool:
+    """An error of a Master that closed under us (``master is closed``, ``master closed before …``)."""
+    return isinstance(exc, MasterClosed) or (
+        isinstance(exc, NdpipeError) and str(exc).startswith(("master is closed", "master closed")))
 
 
 class JobSpec(BaseModel):
@@ -205,6 +220,32 @@ def load_input(inbox: Path, name: str, spec: JobSpec, max_bytes: int | None = No
     if spec.mode == "scatter" and (data.ndim == 0 or not -data.ndim <= spec.axis < data.ndim):
         raise JobError(f"{label}: axis: {spec.axis} is out of range for an array of shape {data.shape}")
     return data
+
+
+def as_output(result: Any) -> np.ndarray:
+    """A job's output must be a numeric array (saved without pickle)."""
+    array = np.asarray(result)
+    if array.dtype.hasobject:
+        raise TypeError(f"the result is not a numeric array (a {type(result).__name__} that makes an object array)")
+    return array
+
+
+def input_if_named(inbox: Path, name: str) -> str:
+    """The input a refused job names, if its file parses that far (to move it along); else ""."""
+    try:
+        return str(parse_job(inbox, name).input)
+    except JobError:
+        return ""
+
+
+def finish_rename(outbox: Path, name: str, tmp_name: str) -> None:
+    """Recovery of a ``committed`` job: rename its temporary output if the kill came before that."""
+    if not tmp_name or "/" in tmp_name or not tmp_name.startswith(".tmp-"):
+        return
+    tmp = outbox / tmp_name
+    if tmp.is_file():
+        os.replace(tmp, outbox / f"{name}.npy")
+        fsync_dir(outbox)
 
 
 # ---- durable file operations ----------------------------------------------------------------------
