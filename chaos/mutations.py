@@ -323,7 +323,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "spool-reruns-committed-job", "A spool restarted after kill -9 runs no finished job twice",
         "at restart the spool ignores a committed output and runs the job again", "master/spool.py",
-        '            if (self.outbox / f"{name}.npy").exists():\n',
+        '            if state == "committed" or (self.outbox / f"{name}.npy").is_file():\n',
         "            if False:\n",
         ("tests/test_spool.py::test_a_crash_at_each_point_leaves_one_output_and_reruns_only_unfinished_work"
          "[moved-1]",)),

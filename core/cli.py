@@ -155,7 +155,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_spool(args: argparse.Namespace) -> int:
     """The master daemon: run the job files dropped in spool.dir/inbox (ndpipe.master.spool)."""
-    from ndpipe.master.spool import serve
+    from ndpipe.master.spool import SpoolFatal, serve
     from ndpipe.runtime import StopSignal
 
     notify = _daemon_start()
@@ -169,7 +169,11 @@ def cmd_spool(args: argparse.Namespace) -> int:
         raise ConfigError(f"spool.dir {spool.dir}: cannot create the spool's directories: "
                           f"{exc.strerror or exc} (set spool.dir or --dir)") from None
     with StopSignal() as stop, _master(args, cfg) as master:
-        serve(spool, master, stop, notify)
+        try:
+            serve(spool, master, stop, notify)
+        except SpoolFatal as exc:  # not a job's fault (the master closed): systemd restarts it, the journal resumes
+            log.error("spool: %s; exiting (the jobs in flight rerun at the next start)", exc)
+            return EXIT_TASK
     return EXIT_OK
 
 

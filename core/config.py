@@ -282,6 +282,7 @@ class SpoolConfig(BaseModel):
     shards: int = _num(16, ge=1, le=65536)  # a scatter job's shards when its file names none
     drain_timeout: float = _num(30.0, ge=0, le=86400)  # SIGTERM: seconds in-flight jobs may still take
     retry_interval: float = _num(5.0, gt=0, le=3600)  # broker unreachable: seconds before a job is resent
+    max_input_bytes: int = _num(4 << 30, ge=1, le=1 << 50)  # a job's input file and array, checked before loading
 
     @field_validator("dir")
     @classmethod

@@ -9,9 +9,12 @@ validated by a frozen pydantic model, and its ``input`` must name a regular file
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
+import math
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +25,31 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from ndpipe import protocol
 from ndpipe.config import _FROZEN, ServiceName, Timeout
 from ndpipe.config import _Loader as _ConfigLoader
+from ndpipe.errors import NdpipeError
 
 JOB_SUFFIX = ".job.yaml"
 MAX_JOB_BYTES = 64 << 10  # a job file names a service and a file: anything bigger is not one
 DIR_MODE = 0o700
+KEEP_FINISHED = 10_000  # finished jobs the journal keeps at compaction: duplicates of these are refused
+_TEMPS = itertools.count()
 
 
 class JobError(Exception):
     """A job file or its input cannot be run; the message names the file and the key."""
+
+
+class SpoolFatal(NdpipeError):
+    """The daemon cannot go on (not a job's fault): it exits 1, systemd restarts it, the journal resumes."""
+
+
+class MasterClosed(SpoolFatal):
+    """The Master's I/O thread is gone: no job can run; the job stays journaled and reruns at the restart."""
+
+
+def is_closed(exc: BaseException) -> bool:
+    """An error of a Master that closed under us (``master is closed``, ``master closed before …``)."""
+    return isinstance(exc, MasterClosed) or (
+        isinstance(exc, NdpipeError) and str(exc).startswith(("master is closed", "master closed")))
 
 
 class JobSpec(BaseModel):
@@ -112,8 +132,14 @@ def _problems(exc: ValidationError, label: str) -> str:
     return "\n".join(lines)
 
 
-def parse_job(inbox: Path, name: str) -> JobSpec:
-    """Read and validate ``inbox/NAME.job.yaml`` (JobError naming the file and key)."""
+def task_count(spec: JobSpec, default_shards: int) -> int:
+    """The most tasks the job sends at once (a scatter's shards; else 1: a pipeline is one task)."""
+    return (spec.shards or default_shards) if spec.mode == "scatter" else 1
+
+
+def parse_job(inbox: Path, name: str, window: int | None = None, default_shards: int = 1) -> JobSpec:
+    """Read and validate ``inbox/NAME.job.yaml`` (JobError naming the file and key). ``window``: the
+    master's; a job of more tasks could never be sent whole, and would block the daemon's loop."""
     label = name + JOB_SUFFIX
     raw = _open_regular(inbox / label, "job file", MAX_JOB_BYTES)
     try:
@@ -132,6 +158,9 @@ def parse_job(inbox: Path, name: str) -> JobSpec:
     except ValidationError as exc:
         raise JobError(_problems(exc, label)) from None
     input_path(inbox, spec, label)
+    if window is not None and task_count(spec, default_shards) > window:
+        raise JobError(f"{label}: shards: {task_count(spec, default_shards)} tasks (shards, or spool.shards when the "
+                       f"file names none) exceed master.window ({window}); ask for at most {window} shards")
     return spec
 
 
@@ -145,8 +174,29 @@ def input_path(inbox: Path, spec: JobSpec, label: str) -> Path:
     return inbox / given
 
 
-def load_input(inbox: Path, name: str, spec: JobSpec) -> np.ndarray:
-    """The job's input array: a .npy file, no pickle, no object dtype (JobError saying what is wrong)."""
+def _check_size(f: Any, size: int, limit: int, label: str, given: str) -> None:
+    """Refuse an input over ``limit`` bytes from its file size and its .npy header, before loading it."""
+    too_big = f"{label}: input: {given}: %s bytes, over spool.max_input_bytes ({limit}); split the job or raise it"
+    if size > limit:
+        raise JobError(too_big % f"{size}")
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, EOFError, OSError):
+        f.seek(0)
+        return  # not a .npy header: np.load says what it is
+    f.seek(0)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limit:
+        raise JobError(too_big % f"an array of shape {shape} and dtype {dtype}: {nbytes}")
+
+
+def load_input(inbox: Path, name: str, spec: JobSpec, max_bytes: int | None = None) -> np.ndarray:
+    """The job's input array: a .npy file, no pickle, no object dtype, at most ``max_bytes`` (JobError
+    saying what is wrong)."""
     label = name + JOB_SUFFIX
     path = input_path(inbox, spec, label)
     try:
@@ -159,6 +209,8 @@ def load_input(inbox: Path, name: str, spec: JobSpec) -> np.ndarray:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise JobError(f"{label}: input: {spec.input} is not a regular file")
+        if max_bytes is not None:
+            _check_size(f, os.fstat(fd).st_size, max_bytes, label, spec.input)
         try:
             data = np.load(f, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
@@ -168,6 +220,32 @@ def load_input(inbox: Path, name: str, spec: JobSpec) -> np.ndarray:
     if spec.mode == "scatter" and (data.ndim == 0 or not -data.ndim <= spec.axis < data.ndim):
         raise JobError(f"{label}: axis: {spec.axis} is out of range for an array of shape {data.shape}")
     return data
+
+
+def as_output(result: Any) -> np.ndarray:
+    """A job's output must be a numeric array (saved without pickle)."""
+    array = np.asarray(result)
+    if array.dtype.hasobject:
+        raise TypeError(f"the result is not a numeric array (a {type(result).__name__} that makes an object array)")
+    return array
+
+
+def input_if_named(inbox: Path, name: str) -> str:
+    """The input a refused job names, if its file parses that far (to move it along); else ""."""
+    try:
+        return str(parse_job(inbox, name).input)
+    except JobError:
+        return ""
+
+
+def finish_rename(outbox: Path, name: str, tmp_name: str) -> None:
+    """Recovery of a ``committed`` job: rename its temporary output if the kill came before that."""
+    if not tmp_name or "/" in tmp_name or not tmp_name.startswith(".tmp-"):
+        return
+    tmp = outbox / tmp_name
+    if tmp.is_file():
+        os.replace(tmp, outbox / f"{name}.npy")
+        fsync_dir(outbox)
 
 
 # ---- durable file operations ----------------------------------------------------------------------
@@ -180,20 +258,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Any) -> None:
+def temp_path(path: Path) -> Path:
+    """A dot-file beside ``path`` whose name is short whatever ``path``'s (a 246-byte job name plus a
+    suffix would pass NAME_MAX); :func:`clean_temps` finds it by its ``.tmp-`` prefix."""
+    return path.with_name(f".tmp-{os.getpid()}-{next(_TEMPS)}")
+
+
+def write_atomic(path: Path, write: Any, before_rename: Callable[[Path], None] | None = None) -> None:
     """``write(file)`` into a dot-file beside ``path``, fsync, rename onto ``path``, fsync the
-    directory: ``path`` either does not exist or holds all of it (the rename is the commit)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    directory: ``path`` either does not exist or holds all of it (the rename is the commit).
+    ``before_rename(tmp)`` runs once the temporary is durable (the spool journals it there); a
+    failure while writing removes the temporary, one in ``before_rename`` is its caller's to clean."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if before_rename is not None:
+        before_rename(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
-    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+def save_array(path: Path, array: np.ndarray, before_rename: Callable[[Path], None] | None = None) -> None:
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False), before_rename)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -230,12 +322,15 @@ def clean_temps(directory: Path) -> int:
 # ---- the journal --------------------------------------------------------------------------------------
 class Journal:
     """Append-only JSON lines, one fsync per record: ``{"job", "state", ...}`` with state
-    ``started`` (with the input's name and the job file's inode), ``done`` or ``failed``.
+    ``started`` (with the input's name and the job file's inode), ``committed`` (with the durable
+    temporary output's name, just before its rename), ``done`` or ``failed``.
 
     A kill -9 can tear only the last line; it is cut off at open. Each start rewrites the file with
-    the last record of each job (atomically), so it grows with jobs, not with restarts."""
+    the last record of each job (atomically), keeping every unfinished job and the last ``keep``
+    finished ones (``done``/``failed``): it grows with neither restarts nor the spool's age, and a
+    duplicate of an older name is no longer recognised (it runs)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep: int = KEEP_FINISHED) -> None:
         self.path = path
         self.last: dict[str, dict[str, Any]] = {}
         torn = False
@@ -250,8 +345,12 @@ class Journal:
                     torn = True
                     continue
                 if isinstance(record, dict) and isinstance(record.get("job"), str):
+                    self.last.pop(record["job"], None)  # re-inserted: the order is that of last records
                     self.last[record["job"]] = record
         self.torn = torn
+        finished = [job for job, r in self.last.items() if r.get("state") in ("done", "failed")]
+        for job in finished[: max(0, len(finished) - keep)]:
+            del self.last[job]
         body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.last.values())
         write_text(path, body)
         self._f = open(path, "a", encoding="utf-8")
@@ -261,6 +360,7 @@ class Journal:
         self._f.write(json.dumps(entry, sort_keys=True) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
+        self.last.pop(job, None)
         self.last[job] = entry
 
     def state(self, job: str) -> str | None:

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from ndpipe.config import SpoolConfig
-from ndpipe.errors import BrokerUnreachable, TaskFailed
-from ndpipe.master.spool import Running, Spool
+from ndpipe.errors import BrokerUnreachable, NdpipeError, TaskFailed
+from ndpipe.master import spool as spool_module
+from ndpipe.master.spool import MasterClosed, Running, Spool
 from ndpipe.master.spooljob import JobSpec, Journal
 from tests.conftest import STEADY, wait_until
 
@@ -76,9 +77,9 @@ def _close_spools() -> Any:
         OPEN.pop().close()
 
 
-def make(root: Path, runner: FakeRunner, step: Any = None) -> Spool:
-    cfg = SpoolConfig(dir=str(root), concurrency=8)
-    spool = Spool(cfg, runner, step=step) if step else Spool(cfg, runner)
+def make(root: Path, runner: Any, step: Any = None, window: int | None = None, **cfg_keys: Any) -> Spool:
+    cfg = SpoolConfig(dir=str(root), **{"concurrency": 8, **cfg_keys})
+    spool = Spool(cfg, runner, step=step, window=window) if step else Spool(cfg, runner, window=window)
     OPEN.append(spool)
     return spool
 
@@ -197,7 +198,7 @@ def test_an_unreachable_broker_makes_the_job_wait_not_fail(tmp_path: Path) -> No
 
 
 # (crash point, handler runs in all, whether the restart must rerun the handler)
-CRASH_POINTS = [("started", 1), ("sent", 2), ("output", 1), ("moved", 1), ("journaled", 1)]
+CRASH_POINTS = [("started", 1), ("sent", 2), ("committed", 1), ("output", 1), ("moved", 1), ("journaled", 1)]
 
 
 @pytest.mark.parametrize("point,runs", CRASH_POINTS)
@@ -249,15 +250,175 @@ def test_a_torn_journal_line_and_a_half_written_output_are_cleaned_at_start(tmp_
     runner = FakeRunner()
     drop(tmp_path, "t", {"service": "echo", "input": "t.npy"}, np.ones(2))
     (tmp_path / "outbox").mkdir()
-    (tmp_path / "outbox" / ".t.npy.tmp-4242").write_bytes(b"\x93NUMPY half")
+    (tmp_path / "outbox" / ".t.npy.tmp-4242").write_bytes(b"\x93NUMPY half")  # the old temp name
+    (tmp_path / "outbox" / ".tmp-4242-7").write_bytes(b"\x93NUMPY half")  # the new one
+    (tmp_path / ".tmp-4242-0").write_text("journal compaction cut short")
     (tmp_path / "journal.jsonl").write_text('{"job": "t", "state": "started", "input": "t.npy"}\n{"job": "t", "sta')
     spool = make(tmp_path, runner)
     assert spool.journal.torn and os.listdir(tmp_path / "outbox") == []
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     run(spool)
     assert os.listdir(tmp_path / "outbox") == ["t.npy"] and runner.runs["t.npy"] == 1
     spool.close()
     journal = Journal(tmp_path / "journal.jsonl")
     assert journal.state("t") == "done"
+    journal.close()
+
+
+def test_a_committed_output_a_consumer_took_is_not_rerun(tmp_path: Path) -> None:
+    # Given a kill after the output's rename, and a consumer that moved the output away at once
+    runner = FakeRunner()
+    drop(tmp_path, "k", {"service": "echo", "input": "k.npy"}, np.ones(2))
+
+    def crash(at: str, job: str) -> None:
+        if at == "output":
+            raise Crash(at)
+
+    with pytest.raises(Crash):
+        run(make(tmp_path, runner, step=crash))
+    os.replace(tmp_path / "outbox" / "k.npy", tmp_path / "taken.npy")
+    # When the spool restarts
+    spool = make(tmp_path, runner)
+    run(spool)
+    # Then the job is finished, not run again, and no second output appears
+    assert runner.runs["k.npy"] == 1 and spool.journal.state("k") == "done"
+    assert os.listdir(tmp_path / "outbox") == [] and sorted(os.listdir(tmp_path / "done")) == ["k.job.yaml", "k.npy"]
+
+
+class PendingRunner:
+    """One unresolved future per task (a scatter's shards), so jobs stay in flight."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def __call__(self, spec: JobSpec, x: np.ndarray) -> Running:
+        self.started.append(spec.input)
+        return Running([Future() for _ in range(spec.shards or 1)])
+
+
+def test_a_job_over_the_window_is_refused_and_a_job_that_does_not_fit_yet_waits(tmp_path: Path) -> None:
+    # Given a master window of 8 tasks, a job of 16 shards, and two of 5
+    runner = PendingRunner()
+    scatter = {"service": "echo", "mode": "scatter"}
+    drop(tmp_path, "big", {**scatter, "input": "big.npy", "shards": 16}, np.ones(16))
+    drop(tmp_path, "a", {**scatter, "input": "a.npy", "shards": 5}, np.ones(16))
+    drop(tmp_path, "b", {**scatter, "input": "b.npy", "shards": 5}, np.ones(16))
+    spool = make(tmp_path, runner, window=8)
+    # When it scans
+    spool.scan(0.0)
+    # Then the big one is refused naming its file, shards and master.window; b waits for a's tasks
+    error = (tmp_path / "failed" / "big.error").read_text()
+    assert "big.job.yaml" in error and "shards" in error and "master.window (8)" in error
+    assert runner.started == ["a.npy"] and spool.backlog and spool.next_retry() == float("inf")
+    for future in spool.inflight["a"].running.futures:
+        future.set_result(np.ones(3))
+    spool.reap(0.0)
+    spool.scan(0.0)
+    assert runner.started == ["a.npy", "b.npy"]
+
+
+def test_a_due_retry_without_a_free_slot_does_not_spin_and_a_removed_one_is_dropped(tmp_path: Path) -> None:
+    # Given a job waiting to retry (broker unreachable) and every slot busy
+    runner = FakeRunner(fail=BrokerUnreachable("no reply"))
+    drop(tmp_path, "r", {"service": "echo", "input": "r.npy"}, np.ones(2))
+    spool = make(tmp_path, runner, concurrency=1)
+    run(spool)
+    due = spool.retry_at["r"]
+    spool.inflight["busy"] = spool_module.Job("busy", JobSpec(service="echo", input="x.npy"), 0, Running([Future()]))
+    # Then the loop's next deadline is not the retry (in the past once due): a reap rescans
+    assert spool.next_retry() == float("inf")
+    del spool.inflight["busy"]
+    assert spool.next_retry() == due
+    # And a retry whose job file was removed is forgotten at the next scan
+    os.unlink(tmp_path / "inbox" / "r.job.yaml")
+    spool.scan(due + 1)
+    assert spool.retry_at == {} and spool.next_retry() == float("inf")
+
+
+def test_a_long_job_name_runs_end_to_end(tmp_path: Path) -> None:
+    name = "n" * (255 - len(".job.yaml") - 1)  # the longest name whose drop (a dot-file) fits NAME_MAX
+    runner = FakeRunner()
+    drop(tmp_path, name, {"service": "echo", "input": "in.npy"}, np.ones(2), input_name="in.npy")
+    spool = make(tmp_path, runner)
+    run(spool)
+    assert os.listdir(tmp_path / "outbox") == [f"{name}.npy"] and spool.journal.state(name) == "done"
+    drop(tmp_path, name, {"service": "echo", "input": "in.npy"}, np.ones(2), input_name="in.npy")
+    run(spool)  # a duplicate of it is refused too (its tag is shortened under NAME_MAX)
+    assert any(n.endswith(".error") for n in os.listdir(tmp_path / "failed"))
+
+
+def test_an_oversized_input_is_refused_before_it_is_loaded(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    drop(tmp_path, "big", {"service": "echo", "input": "big.npy"}, np.ones(1000))
+    run(make(tmp_path, runner, max_input_bytes=4000))
+    error = (tmp_path / "failed" / "big.error").read_text()
+    assert "big.job.yaml" in error and "spool.max_input_bytes (4000)" in error and not runner.runs
+
+
+@pytest.mark.parametrize("errno_", [13, 28], ids=["EACCES-fails", "ENOSPC-retries"])
+def test_an_unwritable_outbox_fails_or_retries_that_job_and_the_spool_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int) -> None:
+    # Given an outbox that refuses writes (EACCES) or is full (ENOSPC)
+    def refuse(path: Path, array: np.ndarray, before_rename: Any = None) -> None:
+        raise OSError(errno_, os.strerror(errno_), str(path))
+
+    monkeypatch.setattr(spool_module, "save_array", refuse)
+    runner = FakeRunner()
+    drop(tmp_path, "u", {"service": "echo", "input": "u.npy"}, np.ones(2))
+    spool = make(tmp_path, runner)
+    run(spool)
+    # Then EACCES fails the job with the error, ENOSPC keeps it to run again later; no exception
+    if errno_ == 13:
+        assert "PermissionError" in (tmp_path / "failed" / "u.error").read_text()
+        assert spool.journal.state("u") == "failed"
+    else:
+        assert "u" in spool.retry_at and spool.journal.state("u") == "started"
+        monkeypatch.undo()
+        spool.scan(spool.retry_at["u"])
+        spool.reap(0.0)
+        assert os.listdir(tmp_path / "outbox") == ["u.npy"] and runner.runs["u.npy"] == 2
+
+
+def test_a_closed_master_stops_the_spool_without_failing_the_job(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    drop(tmp_path, "m", {"service": "echo", "input": "m.npy"}, np.ones(2))
+
+    def closed(spec: JobSpec, x: np.ndarray) -> Running:
+        raise NdpipeError("master is closed: the I/O thread died")
+
+    spool = make(tmp_path, closed)
+    with pytest.raises(MasterClosed):
+        spool.scan(0.0)
+    assert os.listdir(tmp_path / "failed") == [] and spool.journal.state("m") == "started"
+    spool.close()
+    run(make(tmp_path, runner))  # the restart runs it
+    assert os.listdir(tmp_path / "outbox") == ["m.npy"]
+
+
+def test_refusals_move_only_their_own_inputs(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    drop(tmp_path, "d", {"service": "echo", "input": "d.npy"}, np.ones(2))
+    spool = make(tmp_path, runner)
+    run(spool)
+    # A duplicate's own input goes with it; a refused job's OTHER.npy input stays
+    drop(tmp_path, "d", {"service": "echo", "input": "d.npy"}, np.zeros(2))
+    drop(tmp_path, "bad", {"service": "echo", "input": "shared.npy", "shard": 1}, np.ones(2), input_name="shared.npy")
+    run(spool)
+    failed = os.listdir(tmp_path / "failed")
+    assert any(n.startswith("d.dup-") and n.endswith(".npy") for n in failed)
+    assert sorted(os.listdir(tmp_path / "inbox")) == ["shared.npy"]
+
+
+def test_the_journal_keeps_every_unfinished_job_and_the_last_finished_ones(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path, keep=3)
+    for i in range(6):
+        journal.record(f"j{i}", "done")
+    journal.record("j0", "started")  # rerun: now unfinished, and the newest
+    journal.record("s", "started")
+    journal.close()
+    journal = Journal(path, keep=3)
+    assert list(journal.last) == ["j3", "j4", "j5", "j0", "s"]
     journal.close()
 
 
