@@ -198,6 +198,14 @@ def test_an_unreachable_broker_makes_the_job_wait_not_fail(tmp_path: Path) -> No
 
 
 # (crash point, handler runs in all, whether the restart must rerun the handler)
+def crash_at(point: str) -> Any:
+    """A step hook that dies (as kill -9 would, mid-job) when the spool reaches ``point``."""
+    def crash(at: str, job: str) -> None:
+        if at == point:
+            raise Crash(at)
+    return crash
+
+
 CRASH_POINTS = [("started", 1), ("sent", 2), ("committed", 1), ("output", 1), ("moved", 1), ("journaled", 1)]
 
 
@@ -209,12 +217,8 @@ def test_a_crash_at_each_point_leaves_one_output_and_reruns_only_unfinished_work
     x = np.arange(4.0)
     drop(tmp_path, "c", {"service": "echo", "input": "c.npy"}, x)
 
-    def crash(at: str, job: str) -> None:
-        if at == point:
-            raise Crash(at)
-
     with pytest.raises(Crash):
-        run(make(tmp_path, runner, step=crash))
+        run(make(tmp_path, runner, step=crash_at(point)))
     # When a new spool starts on the same directory (the restart) and runs
     spool = make(tmp_path, runner)
     run(spool)
@@ -232,12 +236,8 @@ def test_a_crash_while_failing_a_job_leaves_one_error_and_no_output(tmp_path: Pa
     runner = FakeRunner(fail=TaskFailed("task 1: HANDLER_ERROR: boom", "1", {}))
     drop(tmp_path, "e", {"service": "fail", "input": "e.npy"}, np.ones(2))
 
-    def crash(at: str, job: str) -> None:
-        if at == point:
-            raise Crash(at)
-
     with pytest.raises(Crash):
-        run(make(tmp_path, runner, step=crash))
+        run(make(tmp_path, runner, step=crash_at(point)))
     spool = make(tmp_path, runner)
     run(spool)
     assert sorted(os.listdir(tmp_path / "failed")) == ["e.error", "e.job.yaml", "e.npy"]
@@ -270,12 +270,8 @@ def test_a_committed_output_a_consumer_took_is_not_rerun(tmp_path: Path) -> None
     runner = FakeRunner()
     drop(tmp_path, "k", {"service": "echo", "input": "k.npy"}, np.ones(2))
 
-    def crash(at: str, job: str) -> None:
-        if at == "output":
-            raise Crash(at)
-
     with pytest.raises(Crash):
-        run(make(tmp_path, runner, step=crash))
+        run(make(tmp_path, runner, step=crash_at("output")))
     os.replace(tmp_path / "outbox" / "k.npy", tmp_path / "taken.npy")
     # When the spool restarts
     spool = make(tmp_path, runner)
