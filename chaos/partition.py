@@ -378,8 +378,10 @@ def _cut(c: Cluster, hosts: Hosts, plan: Plan, victim: subprocess.Popen[bytes], 
                                                      lambda ps: victim.pid in ps and len(ps) == 2)),
                                  plan.rejoin_timeout, 0.05)
     if cut.rejoined is not None:
-        mine = cut.victims | set(c.lane_pids(victim))
-        cut.working = _wait_or_none(live(lambda: _first_start(c.log_dir, mine, cut.up)), 30, 0.1)
+        # Host 1's lanes as they are at each look: the ones that saw the rejoin may still be exiting
+        # (the broker forgot them) and their replacements not yet spawned when the rejoin is seen.
+        cut.working = _wait_or_none(live(lambda: _first_start(c.log_dir, cut.victims | set(c.lane_pids(victim)),
+                                                              cut.up)), 30, 0.1)
 
 
 def _wait_or_none(predicate: Callable[[], Any], timeout: float, every: float) -> float | None:
