@@ -441,8 +441,10 @@ def test_custom_limits() -> None:
     assert decode(frames, Limits(max_array_bytes=48, max_ndim=2, max_container_len=10))[0].shape == (2, 3)
 
 
-N = 10_000_000
-# Each about 10 MB, built lazily so test ids and failure reports stay short.
+N = 2_000_000
+# Each about 2 MB, built lazily so test ids and failure reports stay short. Decoded, any of them would
+# take 30+ MiB of Python objects, so the 8 MiB peak below still tells a refusal from a decode; and
+# tracemalloc slows the walk ~20× (10 MB headers took 12-19 s each under it, 0.5-0.8 s without).
 BIG_HEADERS: dict[str, tuple[Callable[[], bytes], str]] = {
     # Refused by the object budget (ndpipe.msgcost) before msgpack sees them, or by msgpack's limits.
     "wide-array-of-maps": (lambda: b"\xdd" + N.to_bytes(4, "big") + b"\x80" * N, "too many small objects"),

@@ -93,7 +93,7 @@ def test_progress_bar_counts_finished_shards_only(cluster: Any, tmp_path: Path, 
 
 def test_ctrl_c_leaves_the_bar_where_the_work_stopped(make_cluster: Any, tmp_path: Path) -> None:
     """Finding 8: Ctrl-C filled the bar too. Now it exits 130 with the count of shards really done."""
-    cluster = make_cluster(broker=STEADY, services={"nap": "ndpipe.chaos.handlers:nap"})
+    cluster = make_cluster(broker=STEADY, worker={"drain_timeout": 1.0}, services={"nap": "ndpipe.chaos.handlers:nap"})
     cluster.start(workers=1, processes=2)
     np.save(tmp_path / "x.npy", np.full(3, 20.0))  # three shards of a 20 s nap: none ends before the signal
     proc = subprocess.Popen([sys.executable, "-m", "ndpipe.cli", "submit", "nap", "--input", str(tmp_path / "x.npy"),
