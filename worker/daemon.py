@@ -271,7 +271,7 @@ class WorkerDaemon:
                          "task's answer (a result frame over the broker's max_frame_bytes?)", pid=pid, exitcode=code)
         else:
             log.info("lane %d (pid %s) ended (%s)", lane.index, pid, why)
-        self.tally.ended(death_cause(code, lane.killed), view.done, respawn=not self.draining)
+        self.tally.ended(death_cause(code, lane.killed), respawn=not self.draining)
         self._send_broker([P.WORKER, P.LANE_GONE, msgpack.packb({"lane": lane.index, "pid": pid})])
         self.quick_deaths = 0 if lane.ready else self.quick_deaths + 1
         if self.quick_deaths > MAX_QUICK_DEATHS:

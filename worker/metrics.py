@@ -55,11 +55,9 @@ class LaneTally:
     deaths: dict[str, int] = field(default_factory=dict)  # cause -> lanes
     reported: dict[str, int] = field(default_factory=dict)  # error code -> reports sent for its lanes
     restarts: int = 0
-    retired_done: int = 0  # tasks answered by lanes that have ended
 
-    def ended(self, cause: str, done: int, respawn: bool) -> None:
+    def ended(self, cause: str, respawn: bool) -> None:
         self.deaths[cause] = self.deaths.get(cause, 0) + 1
-        self.retired_done += done
         self.restarts += respawn
 
     def report(self, code: str) -> None:
@@ -100,7 +98,6 @@ class WorkerMetrics:
         self.collector: SnapshotCollector[WorkerSnapshot] = SnapshotCollector(families)
         self.server = MetricsServer("worker.metrics", listen, self.collector)
         self._next = 0.0
-        self._ps: dict[int, psutil.Process] = {}
 
     def refresh(self, daemon: WorkerDaemon, now: float, force: bool = False) -> None:
         """Publish a new snapshot if :data:`REFRESH` seconds passed since the last (or ``force``)."""
@@ -111,31 +108,31 @@ class WorkerMetrics:
         for lane in sorted(daemon.lanes.values(), key=lambda each: each.index):
             pid = lane.proc.pid or 0
             view = read_slot(lane.slot)
-            rss, cpu = self._usage(pid)
+            rss, cpu = _usage(daemon.usage.process(pid))
             rows.append(LaneRow(lane.index, pid, lane.ready, view.state == RUNNING, view.done, rss, cpu))
-        for pid in set(self._ps) - {row.pid for row in rows}:  # replaced lanes
-            del self._ps[pid]
         t = daemon.tally
         self.collector.publish(WorkerSnapshot(
             lanes=tuple(rows), configured=daemon.nlanes, registered=daemon.key is not None,
             deaths=tuple(sorted(t.deaths.items())), reported=tuple(sorted(t.reported.items())), restarts=t.restarts,
-            done_total=t.retired_done + sum(row.done for row in rows), cache_bytes=daemon.cache.used,
+            done_total=daemon.totals.done + sum(row.done for row in rows), cache_bytes=daemon.cache.used,
             cache_arrays=len(daemon.cache.entries), cache_limit=daemon.cache.limit,
         ))
 
-    def _usage(self, pid: int) -> tuple[int, float]:
-        """(RSS bytes, user + system CPU seconds) of a lane; zeros once it is gone."""
-        try:
-            proc = self._ps.get(pid) or self._ps.setdefault(pid, psutil.Process(pid))
-            with proc.oneshot():
-                times = proc.cpu_times()
-                return proc.memory_info().rss, times.user + times.system
-        except psutil.Error:
-            self._ps.pop(pid, None)
-            return 0, 0.0
-
     def close(self) -> None:
         self.server.close()
+
+
+def _usage(proc: psutil.Process | None) -> tuple[int, float]:
+    """(RSS bytes, user + system CPU seconds) of a lane; zeros once it is gone. Cumulative CPU time,
+    not the heartbeat's cpu_percent: a counter for Prometheus (the two do not disturb each other)."""
+    if proc is None:
+        return 0, 0.0
+    try:
+        with proc.oneshot():
+            times = proc.cpu_times()
+            return proc.memory_info().rss, times.user + times.system
+    except psutil.Error:
+        return 0, 0.0
 
 
 def families(snap: WorkerSnapshot) -> Iterator[Metric]:

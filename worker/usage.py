@@ -38,11 +38,18 @@ class Usage:
     def __init__(self) -> None:
         self._ps: dict[int, psutil.Process] = {}
 
+    def process(self, pid: int) -> psutil.Process | None:
+        """The kept handle of ``pid`` (heartbeats and metrics share it), or None for one that is gone."""
+        try:
+            return self._ps.get(pid) or self._ps.setdefault(pid, psutil.Process(pid))
+        except psutil.Error:
+            return None
+
     def sample(self, pid: int) -> tuple[float, int]:
         """(CPU %, RSS bytes) of ``pid``; (0, 0) for one that is gone."""
+        proc = self.process(pid)
         try:
-            proc = self._ps.get(pid) or self._ps.setdefault(pid, psutil.Process(pid))
-            return proc.cpu_percent(None), proc.memory_info().rss
+            return (proc.cpu_percent(None), proc.memory_info().rss) if proc is not None else (0.0, 0)
         except psutil.Error:
             self._ps.pop(pid, None)
             return 0.0, 0
